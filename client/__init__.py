@@ -1,0 +1,1 @@
+"""The institution side: ClientApp, data sources, and the institution's own checks."""

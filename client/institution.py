@@ -1,0 +1,175 @@
+"""What an institution does in a round, apart from Flower: its data, its budget, its ledger.
+
+``InstitutionData.from_node_config`` finds the institution's records (a file in
+deployment, a partition of a built-in dataset in simulation);
+``fit_round`` plans the round, refuses it if it would exceed the budget, trains
+with DP-SGD and records the round in the ledger before the update leaves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from common.datasets import load_builtin, read_table
+from common.errors import ConfigError
+from common.ledger import LedgerEntry, PrivacyLedger
+from common.models import build_mlp, get_weights, set_weights
+from common.partition import partition
+from common.schema import Schema
+from common.settings import RunSettings
+from common.training import evaluate, plan_round, train_round
+
+Weights = list[np.ndarray]
+
+
+@dataclass(frozen=True)
+class InstitutionData:
+    """One institution's records, encoded by the federation schema and split."""
+
+    name: str
+    schema: Schema
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    state_dir: Path
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the training records: the key of the privacy ledger."""
+        digest = hashlib.sha256()
+        for array in (self.train_x, self.train_y):
+            digest.update(str(array.shape).encode())
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()[:24]
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any], settings: RunSettings) -> InstitutionData:
+        """Load from ``data-path``/``schema-path`` (deployment) or a simulated partition."""
+        if "data-path" in node_config:
+            path = Path(str(node_config["data-path"]))
+            schema = Schema.load(str(node_config["schema-path"]))
+            inputs, labels = schema.transform(read_table(path), source=str(path))
+            name = str(node_config.get("name", path.stem))
+            state_dir = Path(str(node_config["state-dir"]))
+        else:
+            if "partition-id" not in node_config:
+                raise ConfigError("node config needs data-path, schema-path and state-dir (or a simulation partition-id)")
+            pid, count = int(node_config["partition-id"]), int(node_config["num-partitions"])
+            dataset = load_builtin(settings.data.dataset)
+            schema = dataset.schema
+            all_x, all_y = schema.transform(dataset.frame, source=dataset.name)
+            rows = simulated_partition(settings, dataset.frame, all_y, count)[pid]
+            inputs, labels = all_x[rows], all_y[rows]
+            name = f"{dataset.institution_noun}-{pid + 1}"
+            state_dir = Path(settings.state_root) / name
+        if "state-dir" in node_config:
+            state_dir = Path(str(node_config["state-dir"]))
+        train_x, test_x, train_y, test_y = split_holdout(inputs, labels, settings)
+        return cls(name, schema, train_x, train_y, test_x, test_y, state_dir)
+
+
+def simulated_partition(settings: RunSettings, frame: Any, labels: np.ndarray, count: int) -> list[np.ndarray]:
+    """The rows of every simulated institution: a pure function of the seed."""
+    rng = np.random.default_rng([settings.seed, 1])
+    return partition(settings.data.partition, frame, labels, count, rng)
+
+
+def split_holdout(
+    inputs: np.ndarray, labels: np.ndarray, settings: RunSettings
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """An institution's own train / held-out split, stratified where possible, seeded."""
+    counts = np.bincount(labels)
+    stratify = labels if counts[counts > 0].min() >= 2 else None
+    parts = train_test_split(
+        inputs, labels, test_size=settings.data.test_fraction, random_state=settings.seed, stratify=stratify
+    )
+    return parts[0], parts[1], parts[2], parts[3]
+
+
+@dataclass(frozen=True)
+class FitOutcome:
+    """What an institution releases after a round: the update and clear-text metrics."""
+
+    weights: Weights
+    num_examples: int
+    metrics: dict[str, bool | int | float | str] = field(default_factory=dict)
+
+
+def fit_round(
+    data: InstitutionData,
+    weights: Sequence[np.ndarray],
+    settings: RunSettings,
+    *,
+    server_round: int,
+    run_id: str,
+    budget: float,
+) -> FitOutcome:
+    """Plan, check the budget, train with DP-SGD, record in the ledger, release.
+
+    A refused round trains nothing, records nothing and releases the received
+    weights with zero weight (``num_examples = 0``), so it does not move the
+    aggregate, and the reason travels in the clear metrics.
+    """
+    privacy = settings.privacy
+    ledger = PrivacyLedger.for_dataset(data.state_dir, data.fingerprint)
+    plan = plan_round(
+        num_examples=len(data.train_y), train=settings.train, privacy=privacy, planned_rounds=settings.rounds
+    )
+    entry = LedgerEntry(
+        run_id=run_id,
+        round=server_round,
+        noise_multiplier=plan.noise_multiplier,
+        sample_rate=plan.sample_rate,
+        steps=plan.steps,
+        delta=privacy.delta,
+        recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    spent = ledger.epsilon(delta=privacy.delta)
+    after = ledger.epsilon_with(entry, delta=privacy.delta)
+    base: dict[str, bool | int | float | str] = {"institution": data.name, "delta": privacy.delta}
+    if after > budget * (1 + 1e-9):
+        reason = (
+            f"{data.name} refused round {server_round}: it would spend epsilon {after:.3f} "
+            f"of a budget of {budget:g} (already spent {spent:.3f})"
+        )
+        return FitOutcome(list(weights), 0, {**base, "epsilon": spent, "refused": reason})
+    model = build_mlp(data.schema.num_inputs, data.schema.num_classes, settings.train.hidden_units, seed=settings.seed)
+    set_weights(model, weights)
+    seed = int(np.random.SeedSequence([settings.seed, server_round, int(data.fingerprint[:8], 16)]).generate_state(1)[0])
+    train_round(
+        model,
+        data.train_x,
+        data.train_y,
+        plan=plan,
+        train=settings.train,
+        max_grad_norm=privacy.max_grad_norm,
+        seed=seed,
+    )
+    ledger.append(entry)  # before the update leaves: a released update is spent privacy
+    metrics = {
+        **base,
+        "epsilon": after,
+        "steps": plan.steps,
+        "noise-multiplier": plan.noise_multiplier,
+        "sample-rate": plan.sample_rate,
+    }
+    return FitOutcome(get_weights(model), len(data.train_y), metrics)
+
+
+def evaluate_round(data: InstitutionData, weights: Sequence[np.ndarray], settings: RunSettings) -> tuple[float, int, dict[str, Any]]:
+    """The global model's loss and metrics on this institution's held-out records."""
+    model = build_mlp(data.schema.num_inputs, data.schema.num_classes, settings.train.hidden_units, seed=settings.seed)
+    set_weights(model, weights)
+    metrics = evaluate(model, data.test_x, data.test_y)
+    loss = metrics.pop("loss")
+    return (loss if math.isfinite(loss) else 0.0), len(data.test_y), {"institution": data.name, **metrics}

@@ -1,0 +1,37 @@
+"""Client mods: SecAgg+ when the coordinator asks for it, with seeded quantization."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.app.message_type import MessageType
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+FIT_CONFIG = "fitins.config"
+
+
+def secure_aggregation_mod(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
+    """Run Flower's ``secaggplus_mod`` on SecAgg+ messages; pass plain FedAvg through.
+
+    SecAgg+'s stochastic quantization draws from numpy's global generator. When the
+    message carries the run's training config, that generator is seeded from the
+    run seed, the round and the institution, so the same seed gives the same model; the
+    masks themselves come from fresh key agreement and are never seeded.
+    """
+    if msg.metadata.message_type != MessageType.TRAIN or RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, ctx)
+    fit_config = msg.content.config_records.get(FIT_CONFIG)
+    if fit_config is None or "seed" not in fit_config:
+        return secaggplus_mod(msg, ctx, call_next)
+    saved = np.random.get_state()
+    who = str(ctx.node_config.get("name", ctx.node_config.get("partition-id", "")))
+    seed = [int(fit_config["seed"]), int(fit_config.get("server-round", 0)), zlib.crc32(who.encode())]
+    np.random.seed(np.random.SeedSequence(seed).generate_state(1)[0])
+    try:
+        return secaggplus_mod(msg, ctx, call_next)
+    finally:
+        np.random.set_state(saved)

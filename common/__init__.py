@@ -1,0 +1,1 @@
+"""Pure core of fedsilo: settings, schema, models, data, privacy accounting, training."""

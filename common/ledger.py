@@ -1,0 +1,99 @@
+"""The privacy ledger: one immutable record per round an institution trained.
+
+The ledger is data (one JSON file per dataset in the institution's state
+directory); epsilon is always computed from the whole ledger, so it accumulates
+across rounds and runs and survives a restart. Writes are atomic: a crash
+mid-write leaves the previous ledger intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from common.accounting import DPSGDEvent, epsilon_spent
+from common.errors import LedgerError
+
+LEDGER_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One round an institution trained and released an update for."""
+
+    run_id: str
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    delta: float
+    recorded_at: str
+
+    def event(self) -> DPSGDEvent:
+        """The DP-SGD event this round represents, for the accountant."""
+        return DPSGDEvent(self.noise_multiplier, self.sample_rate, self.steps)
+
+
+@dataclass(frozen=True)
+class PrivacyLedger:
+    """All rounds trained on one dataset, in order; immutable."""
+
+    path: Path
+    dataset_fingerprint: str
+    entries: tuple[LedgerEntry, ...] = ()
+
+    @classmethod
+    def for_dataset(cls, state_dir: Path, fingerprint: str) -> PrivacyLedger:
+        """Open the ledger of a dataset in a state directory (empty if new)."""
+        path = Path(state_dir) / "ledgers" / f"{fingerprint}.json"
+        if not path.exists():
+            return cls(path=path, dataset_fingerprint=fingerprint)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            entries = tuple(LedgerEntry(**e) for e in raw["entries"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise LedgerError(
+                f"privacy ledger {path} cannot be read ({err}); it is the record of "
+                "privacy already spent: restore it from a backup rather than delete it"
+            ) from err
+        if raw.get("dataset_fingerprint") != fingerprint:
+            raise LedgerError(
+                f"privacy ledger {path} belongs to dataset {raw.get('dataset_fingerprint')!r}, "
+                f"not {fingerprint!r}"
+            )
+        return cls(path=path, dataset_fingerprint=fingerprint, entries=entries)
+
+    def epsilon(self, *, delta: float) -> float:
+        """Epsilon spent on this dataset over every recorded round."""
+        return epsilon_spent((e.event() for e in self.entries), delta=delta)
+
+    def epsilon_with(self, entry: LedgerEntry, *, delta: float) -> float:
+        """Epsilon this dataset would have spent after also training ``entry``."""
+        return epsilon_spent((e.event() for e in (*self.entries, entry)), delta=delta)
+
+    def append(self, entry: LedgerEntry) -> PrivacyLedger:
+        """Persist ``entry`` atomically and return the ledger that includes it."""
+        updated = PrivacyLedger(self.path, self.dataset_fingerprint, (*self.entries, entry))
+        updated._write()
+        return updated
+
+    def _write(self) -> None:
+        payload = {
+            "version": LEDGER_VERSION,
+            "dataset_fingerprint": self.dataset_fingerprint,
+            "entries": [asdict(e) for e in self.entries],
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(payload, fh, indent=2)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

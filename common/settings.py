@@ -1,0 +1,266 @@
+"""Typed, self-validating run settings and their one adapter to Flower's flat config.
+
+Every setting has exactly one key in ``[tool.flwr.app.config]`` (pyproject.toml),
+the same key in the FitIns/EvaluateIns config the coordinator sends each round,
+and one default, written here. ``tests/common/test_settings.py`` checks that the
+defaults in pyproject.toml are these.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
+
+from common.errors import ConfigError
+
+Scalar = bool | int | float | str
+_T = TypeVar("_T")
+
+
+def _key(name: str) -> Any:
+    """Field metadata naming the run-config key of a setting."""
+    return {"key": name}
+
+
+def _check(ok: bool, key: str, value: object, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"'{key}' must be {expected}. Found {value!r}.")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local training that each institution runs in one round."""
+
+    local_epochs: int = field(default=2, metadata=_key("local-epochs"))
+    batch_size: int = field(default=32, metadata=_key("batch-size"))
+    learning_rate: float = field(default=0.5, metadata=_key("learning-rate"))
+    momentum: float = field(default=0.9, metadata=_key("momentum"))
+    hidden_layers: str = field(default="64", metadata=_key("hidden-layers"))
+
+    def __post_init__(self) -> None:
+        _check(self.local_epochs >= 1, "local-epochs", self.local_epochs, "an integer >= 1")
+        _check(self.batch_size >= 1, "batch-size", self.batch_size, "an integer >= 1")
+        _check(self.learning_rate > 0, "learning-rate", self.learning_rate, "> 0")
+        _check(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
+        try:
+            units = self.hidden_units
+        except ValueError:
+            units = (0,)
+        _check(
+            all(u > 0 for u in units),
+            "hidden-layers",
+            self.hidden_layers,
+            'comma-separated positive widths, e.g. "64" or "64,32" ("" for none)',
+        )
+
+    @property
+    def hidden_units(self) -> tuple[int, ...]:
+        """Widths of the MLP's hidden layers."""
+        return tuple(int(p) for p in self.hidden_layers.split(",") if p.strip())
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """DP-SGD settings proposed for a run.
+
+    ``noise_multiplier > 0`` fixes the noise; otherwise the noise is calibrated so
+    that the planned rounds spend ``target_epsilon``. ``target_epsilon = inf`` with
+    no noise multiplier turns DP off (a non-private baseline, epsilon = inf).
+    ``max_epsilon`` is the lifetime budget of a dataset; 0 means "the target".
+    """
+
+    target_epsilon: float = field(default=2.0, metadata=_key("target-epsilon"))
+    noise_multiplier: float = field(default=0.0, metadata=_key("noise-multiplier"))
+    delta: float = field(default=1e-5, metadata=_key("delta"))
+    max_grad_norm: float = field(default=1.0, metadata=_key("max-grad-norm"))
+    max_epsilon: float = field(default=0.0, metadata=_key("max-epsilon"))
+
+    def __post_init__(self) -> None:
+        _check(self.target_epsilon > 0, "target-epsilon", self.target_epsilon, "> 0 (inf: no DP)")
+        _check(self.noise_multiplier >= 0, "noise-multiplier", self.noise_multiplier, ">= 0")
+        _check(0 < self.delta < 1, "delta", self.delta, "in (0, 1)")
+        _check(self.max_grad_norm > 0, "max-grad-norm", self.max_grad_norm, "> 0")
+        _check(self.max_epsilon >= 0, "max-epsilon", self.max_epsilon, ">= 0 (0: the target)")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether local training uses DP-SGD at all."""
+        return self.noise_multiplier > 0 or math.isfinite(self.target_epsilon)
+
+    @property
+    def budget(self) -> float:
+        """Lifetime epsilon budget of a dataset under these settings."""
+        if self.max_epsilon > 0:
+            return self.max_epsilon
+        return self.target_epsilon if self.enabled else math.inf
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """Flower SecAgg+ settings (Bell et al., CCS 2020); see ``SecAggPlusWorkflow``."""
+
+    enabled: bool = field(default=True, metadata=_key("secure-aggregation"))
+    num_shares: float = field(default=1.0, metadata=_key("secagg-num-shares"))
+    reconstruction_threshold: float = field(
+        default=0.67, metadata=_key("secagg-reconstruction-threshold")
+    )
+    clipping_range: float = field(default=8.0, metadata=_key("secagg-clipping-range"))
+    quantization_range: int = field(default=4194304, metadata=_key("secagg-quantization-range"))
+    modulus_range: int = field(default=4294967296, metadata=_key("secagg-modulus-range"))
+    max_weight: float = field(default=1000.0, metadata=_key("secagg-max-weight"))
+    timeout: float = field(default=0.0, metadata=_key("secagg-timeout"))
+
+    def __post_init__(self) -> None:
+        _check(self.num_shares > 0, "secagg-num-shares", self.num_shares, "> 0")
+        _check(
+            self.reconstruction_threshold > 0,
+            "secagg-reconstruction-threshold",
+            self.reconstruction_threshold,
+            "> 0",
+        )
+        _check(self.clipping_range > 0, "secagg-clipping-range", self.clipping_range, "> 0")
+        _check(
+            0 < self.quantization_range < self.modulus_range,
+            "secagg-quantization-range",
+            self.quantization_range,
+            "> 0 and below secagg-modulus-range",
+        )
+        _check(
+            self.modulus_range & (self.modulus_range - 1) == 0 and self.modulus_range <= 2**32,
+            "secagg-modulus-range",
+            self.modulus_range,
+            "a power of two <= 2**32",
+        )
+        _check(self.max_weight > 0, "secagg-max-weight", self.max_weight, "> 0")
+        _check(self.timeout >= 0, "secagg-timeout", self.timeout, ">= 0 (0: wait forever)")
+
+    @staticmethod
+    def _count_or_fraction(value: float) -> int | float:
+        """Flower reads an int as a count and a float as a fraction of the clients."""
+        return int(value) if value > 1 and float(value).is_integer() else float(value)
+
+    def workflow_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``flwr.server.workflow.SecAggPlusWorkflow``."""
+        return {
+            "num_shares": self._count_or_fraction(self.num_shares),
+            "reconstruction_threshold": self._count_or_fraction(self.reconstruction_threshold),
+            "max_weight": self.max_weight,
+            "clipping_range": self.clipping_range,
+            "quantization_range": self.quantization_range,
+            "modulus_range": self.modulus_range,
+            "timeout": self.timeout or None,
+        }
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Which data a simulated federation uses and how it is split."""
+
+    dataset: str = field(default="breast-cancer", metadata=_key("dataset"))
+    partition: str = field(default="iid", metadata=_key("partition"))
+    test_fraction: float = field(default=0.2, metadata=_key("test-fraction"))
+
+    def __post_init__(self) -> None:
+        _check(0 < self.test_fraction < 1, "test-fraction", self.test_fraction, "in (0, 1)")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything a run needs, grouped; the single source of defaults."""
+
+    rounds: int = field(default=5, metadata=_key("num-server-rounds"))
+    seed: int = field(default=42, metadata=_key("seed"))
+    fraction_fit: float = field(default=1.0, metadata=_key("fraction-fit"))
+    out_dir: str = field(default="", metadata=_key("out-dir"))
+    state_root: str = field(default="", metadata=_key("state-root"))
+    train: TrainSettings = field(default_factory=TrainSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    secagg: SecAggSettings = field(default_factory=SecAggSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 1, "num-server-rounds", self.rounds, "an integer >= 1")
+        _check(0 < self.fraction_fit <= 1, "fraction-fit", self.fraction_fit, "in (0, 1]")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> RunSettings:
+        """Build settings from Flower's run config or a FitIns config.
+
+        Keys that are absent take their default; unknown keys are ignored, so a
+        config may carry other entries (the server round, say).
+        """
+        return _from_config(cls, config)
+
+    def to_config(self) -> dict[str, Scalar]:
+        """Flatten to Flower's run-config keys (the inverse of ``from_config``)."""
+        return _to_config(self)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> RunSettings:
+        """A copy with some run-config keys replaced."""
+        return RunSettings.from_config({**self.to_config(), **overrides})
+
+
+def _from_config(cls: type[_T], config: Mapping[str, Any]) -> _T:
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        if "key" not in f.metadata:
+            kwargs[f.name] = _from_config(f.default_factory, config)  # type: ignore[misc]
+            continue
+        key = f.metadata["key"]
+        if key not in config:
+            continue
+        kwargs[f.name] = _coerce(key, config[key], f.type)
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # pragma: no cover - a programming error, not user input
+        raise ConfigError(str(err)) from err
+
+
+def _coerce(key: str, value: Any, type_name: Any) -> Scalar:
+    """Convert a config value to the declared type, refusing silent changes."""
+    name = type_name if isinstance(type_name, str) else type_name.__name__
+    if name == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "false"}:
+            return value.lower() == "true"
+        raise ConfigError(f"'{key}' must be true or false. Found {value!r}.")
+    if name == "int":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"'{key}' must be an integer. Found {value!r}.")
+        if not float(value).is_integer():
+            raise ConfigError(f"'{key}' must be an integer. Found {value!r}.")
+        return int(value)
+    if name == "float":
+        if isinstance(value, bool):
+            raise ConfigError(f"'{key}' must be a number. Found {value!r}.")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"'{key}' must be a number. Found {value!r}.") from None
+        if math.isnan(number):
+            raise ConfigError(f"'{key}' must be a number. Found {value!r}.")
+        return number
+    return str(value)
+
+
+def _to_config(obj: object) -> dict[str, Scalar]:
+    out: dict[str, Scalar] = {}
+    for f in fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        if "key" in f.metadata:
+            out[f.metadata["key"]] = value
+        else:
+            out.update(_to_config(value))
+    return out
+
+
+__all__ = [
+    "DataSettings",
+    "PrivacySettings",
+    "RunSettings",
+    "SecAggSettings",
+    "TrainSettings",
+]

@@ -1,0 +1,137 @@
+"""Local training with DP-SGD (Abadi et al., CCS 2016) through Opacus, and evaluation.
+
+A round is planned before it trains (sample rate, steps, noise), so its privacy
+cost can be checked against the budget first and recorded exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.accounting import calibrate_noise
+from common.errors import ConfigError
+from common.settings import PrivacySettings, TrainSettings
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What one round of local training will do, known before it runs."""
+
+    sample_rate: float
+    steps: int
+    noise_multiplier: float  # 0.0: no DP
+
+
+def plan_round(
+    *, num_examples: int, train: TrainSettings, privacy: PrivacySettings, planned_rounds: int
+) -> RoundPlan:
+    """Plan a round; calibrate noise so ``planned_rounds`` rounds spend the target epsilon."""
+    if num_examples < 1:
+        raise ConfigError("an institution needs at least one training record")
+    batches = math.ceil(num_examples / train.batch_size)
+    sample_rate = 1.0 / batches  # Opacus's Poisson rate for this loader
+    steps = batches * train.local_epochs
+    if privacy.noise_multiplier > 0:
+        noise = privacy.noise_multiplier
+    elif math.isfinite(privacy.target_epsilon):
+        noise = calibrate_noise(
+            target_epsilon=privacy.target_epsilon,
+            delta=privacy.delta,
+            sample_rate=sample_rate,
+            steps=steps * planned_rounds,
+        )
+    else:
+        noise = 0.0
+    return RoundPlan(sample_rate=sample_rate, steps=steps, noise_multiplier=noise)
+
+
+def train_round(
+    model: nn.Module,
+    inputs: np.ndarray,
+    labels: np.ndarray,
+    *,
+    plan: RoundPlan,
+    train: TrainSettings,
+    max_grad_norm: float,
+    seed: int,
+) -> float:
+    """Train ``model`` in place for ``plan.steps`` steps; return the mean training loss.
+
+    With noise, Opacus DP-SGD with Poisson sampling, per-sample clipping to
+    ``max_grad_norm`` and Gaussian noise; without, plain mini-batch SGD over the
+    same number of steps. ``seed`` fixes batch sampling and noise.
+    """
+    sampler_gen = torch.Generator().manual_seed(seed)
+    noise_gen = torch.Generator().manual_seed(seed + 1)
+    dataset = TensorDataset(torch.as_tensor(inputs, dtype=torch.float32), torch.as_tensor(labels))
+    loader = DataLoader(dataset, batch_size=train.batch_size, shuffle=True, generator=sampler_gen)
+    optimizer = torch.optim.SGD(model.parameters(), lr=train.learning_rate, momentum=train.momentum)
+    criterion = nn.CrossEntropyLoss()
+    module: nn.Module = model
+    if plan.noise_multiplier > 0:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # secure-RNG advice; seeds come from config on purpose
+            module, optimizer, loader = PrivacyEngine(accountant="rdp").make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=max_grad_norm,
+                poisson_sampling=True,
+                noise_generator=noise_gen,
+            )
+        if not math.isclose(loader.sample_rate, plan.sample_rate):  # type: ignore[attr-defined]
+            raise RuntimeError("Opacus sample rate differs from the planned one; accounting would be wrong")
+    module.train()
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus, inputs need no grad
+    losses: list[float] = []
+    steps = 0
+    while steps < plan.steps:
+        for x, y in loader:
+            if steps == plan.steps:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            if len(y) == 0:  # an empty Poisson batch: the step still adds noise
+                loss = module(x).sum() * 0.0
+            else:
+                loss = criterion(module(x), y)
+                losses.append(float(loss.detach()))
+            loss.backward()
+            optimizer.step()
+            steps += 1
+    if plan.noise_multiplier > 0:
+        _detach_opacus(model)
+    return float(np.mean(losses)) if losses else math.nan
+
+
+def _detach_opacus(model: nn.Module) -> None:
+    """Drop per-sample gradients Opacus left on the model's parameters."""
+    for p in model.parameters():
+        for attr in ("grad_sample", "_forward_counter", "summed_grad"):
+            if hasattr(p, attr):
+                delattr(p, attr)
+        p.grad = None
+
+
+def evaluate(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Loss and accuracy (and ROC AUC for two classes, when both are present)."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.as_tensor(inputs, dtype=torch.float32))
+        target = torch.as_tensor(labels)
+        loss = float(nn.functional.cross_entropy(logits, target))
+        accuracy = float((logits.argmax(dim=1) == target).float().mean())
+    metrics = {"loss": loss, "accuracy": accuracy}
+    if logits.shape[1] == 2 and len(np.unique(labels)) == 2:
+        scores = torch.softmax(logits, dim=1)[:, 1].numpy()
+        metrics["auc"] = float(roc_auc_score(labels, scores))
+    return metrics

@@ -1,0 +1,1 @@
+"""The coordinator side: ServerApp, aggregation strategy, run directory."""

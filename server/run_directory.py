@@ -1,0 +1,163 @@
+"""The run directory: metrics.csv, checkpoints, the final model and report.json.
+
+This layout is a contract that later tools read: ``metrics.csv`` has one row per
+round; ``report.json`` has ``rounds_completed``, ``secure_aggregation``,
+``final_metrics`` and ``institutions`` (name, num_examples, epsilon, delta, ledger).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.accounting import DPSGDEvent, epsilon_spent
+from common.settings import RunSettings
+
+METRIC_COLUMNS = (
+    "round",
+    "accuracy",
+    "auc",
+    "loss",
+    "max_epsilon",
+    "institutions_trained",
+    "institutions_refused",
+    "elapsed_s",
+)
+
+
+@dataclass
+class InstitutionRecord:
+    """What the coordinator learned about one institution, all from clear-text metrics."""
+
+    name: str
+    num_examples: int = 0
+    epsilon: float = 0.0
+    delta: float = 0.0
+    ledger: list[dict[str, Any]] = field(default_factory=list)
+    refusals: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_report(self) -> dict[str, Any]:
+        events = [DPSGDEvent(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.ledger]
+        run_epsilon = epsilon_spent(events, delta=self.delta) if self.delta > 0 else 0.0
+        return {
+            "name": self.name,
+            "num_examples": self.num_examples,
+            "epsilon": _json_float(self.epsilon),
+            "epsilon_this_run": _json_float(run_epsilon),
+            "delta": self.delta,
+            "ledger": self.ledger,
+            "refusals": self.refusals,
+        }
+
+
+def _json_float(value: float) -> float | str:
+    """JSON has no infinity: write "inf" for a run without DP."""
+    return value if math.isfinite(value) else str(value)
+
+
+def _json_safe(value: Any) -> Any:
+    """Replace every non-finite float in nested data by its string."""
+    if isinstance(value, float):
+        return _json_float(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class RunDirectory:
+    """Writes one run's outputs as the rounds go."""
+
+    def __init__(self, path: Path, settings: RunSettings, model_spec: dict[str, Any], schema_path: Path) -> None:
+        self.path = path
+        self.settings = settings
+        self.model_spec = model_spec
+        self.institutions: dict[str, InstitutionRecord] = {}
+        self.rounds: list[dict[str, Any]] = []
+        self.rounds_completed = 0
+        (path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(schema_path, path / "schema.toml")
+        with open(path / "metrics.csv", "w", newline="", encoding="utf-8") as fh:
+            csv.writer(fh).writerow(METRIC_COLUMNS)
+
+    def institution(self, name: str) -> InstitutionRecord:
+        return self.institutions.setdefault(name, InstitutionRecord(name))
+
+    def record_fit(self, server_round: int, num_examples: int, metrics: dict[str, Any]) -> None:
+        """Book one institution's fit reply (trained or refused)."""
+        record = self.institution(str(metrics.get("institution", "?")))
+        record.epsilon = float(metrics.get("epsilon", record.epsilon))
+        record.delta = float(metrics.get("delta", record.delta))
+        if "refused" in metrics:
+            record.refusals.append({"round": server_round, "reason": str(metrics["refused"])})
+            return
+        record.num_examples = num_examples
+        record.ledger.append(
+            {
+                "round": server_round,
+                "noise_multiplier": float(metrics["noise-multiplier"]),
+                "sample_rate": float(metrics["sample-rate"]),
+                "steps": int(metrics["steps"]),
+            }
+        )
+
+    def save_model(self, weights: list[np.ndarray], name: str) -> Path:
+        """Write weights as a torch state dict (keys from the model spec)."""
+        state = {k: torch.as_tensor(w) for k, w in zip(self.model_spec["keys"], weights, strict=True)}
+        target = self.path / name
+        torch.save(state, target)
+        return target
+
+    def checkpoint(self, server_round: int, weights: list[np.ndarray]) -> None:
+        self.rounds_completed = server_round
+        self.save_model(weights, f"checkpoints/round-{server_round:04d}.pt")
+
+    def record_round(self, row: dict[str, Any]) -> None:
+        self.rounds.append(row)
+        with open(self.path / "metrics.csv", "a", newline="", encoding="utf-8") as fh:
+            csv.writer(fh).writerow([row.get(c, "") for c in METRIC_COLUMNS])
+
+    def finish(self, weights: list[np.ndarray], elapsed_s: float) -> dict[str, Any]:
+        """Write the final model and report.json; return the report."""
+        self.save_model(weights, "model.pt")
+        final = self.rounds[-1] if self.rounds else {}
+        report = {
+            "rounds_planned": self.settings.rounds,
+            "rounds_completed": self.rounds_completed,
+            "secure_aggregation": self.settings.secagg.enabled,
+            "secure_aggregation_settings": self.settings.secagg.workflow_kwargs()
+            if self.settings.secagg.enabled
+            else None,
+            "final_metrics": {k: final[k] for k in ("accuracy", "auc", "loss") if k in final},
+            "max_epsilon": _json_float(max((i.epsilon for i in self.institutions.values()), default=0.0)),
+            "institutions": [self.institutions[n].as_report() for n in sorted(self.institutions)],
+            "rounds": self.rounds,
+            "model": {k: v for k, v in self.model_spec.items() if k != "keys"},
+            "settings": self.settings.to_config(),
+            "elapsed_s": round(elapsed_s, 3),
+            "versions": {
+                "python": sys.version.split()[0],
+                **{pkg: _version(pkg) for pkg in ("fedsilo", "flwr", "torch", "opacus")},
+            },
+        }
+        text = json.dumps(_json_safe(report), indent=2, allow_nan=False)
+        (self.path / "report.json").write_text(text + "\n", encoding="utf-8")
+        return report
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"

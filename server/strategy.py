@@ -1,0 +1,130 @@
+"""FedAvg with fedsilo's bookkeeping: refusals, checkpoints, round metrics.
+
+Aggregation itself is Flower's weighted FedAvg (McMahan et al., AISTATS 2017).
+Under SecAgg+ every FitRes handed to ``aggregate_fit`` already carries the
+securely aggregated parameters, so averaging them returns that aggregate; the
+strategy never sees an individual institution's parameters.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.common import EvaluateRes, FitRes, Parameters, Scalar, parameters_to_ndarrays
+from flwr.common.logger import log
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg
+
+from common.settings import RunSettings
+from server.run_directory import RunDirectory
+
+RoundCallback = Callable[[dict[str, Any]], None]
+FitResults = list[tuple[ClientProxy, FitRes]]
+EvalResults = list[tuple[ClientProxy, EvaluateRes]]
+
+
+def _name(result: tuple[ClientProxy, FitRes | EvaluateRes]) -> str:
+    return str(result[1].metrics.get("institution", result[0].cid))
+
+
+class FedsiloStrategy(FedAvg):
+    """Weighted FedAvg that books privacy metrics and writes the run directory."""
+
+    def __init__(
+        self,
+        settings: RunSettings,
+        run_dir: RunDirectory,
+        initial_parameters: Parameters,
+        round_config: dict[str, Scalar],
+        on_round: RoundCallback | None = None,
+    ) -> None:
+        super().__init__(
+            fraction_fit=settings.fraction_fit,
+            fraction_evaluate=1.0,
+            min_fit_clients=2,
+            min_evaluate_clients=1,
+            min_available_clients=2,
+            initial_parameters=initial_parameters,
+            on_fit_config_fn=self._config,
+            on_evaluate_config_fn=self._config,
+        )
+        self.settings = settings
+        self.run_dir = run_dir
+        self.round_config = round_config
+        self.on_round = on_round
+        self.current = parameters_to_ndarrays(initial_parameters)
+        self.started = time.monotonic()
+        self._trained: dict[int, tuple[int, int]] = {}
+
+    def _config(self, server_round: int) -> dict[str, Scalar]:
+        return {**self.round_config, "server-round": server_round}
+
+    def aggregate_fit(
+        self, server_round: int, results: FitResults, failures: list[Any]
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        results = sorted(results, key=_name)  # a fixed order: the same seed, the same sum
+        for _, res in results:
+            self.run_dir.record_fit(server_round, res.num_examples, res.metrics)
+            if "refused" in res.metrics:
+                log(WARNING, "%s", res.metrics["refused"])
+        for failure in failures:
+            log(WARNING, "round %s: an institution failed: %s", server_round, failure)
+        trained = [r for r in results if r[1].num_examples > 0]
+        self._trained[server_round] = (len(trained), len(results) - len(trained) + len(failures))
+        if not trained:
+            log(WARNING, "round %s: no institution trained; the model is unchanged", server_round)
+            return None, {}
+        parameters, metrics = super().aggregate_fit(server_round, trained, failures)
+        if parameters is not None:
+            self.current = parameters_to_ndarrays(parameters)
+            self.run_dir.checkpoint(server_round, self.current)
+        return parameters, metrics
+
+    def aggregate_evaluate(
+        self, server_round: int, results: EvalResults, failures: list[Any]
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        results = sorted(results, key=_name)
+        total = sum(res.num_examples for _, res in results)
+        metrics: dict[str, Scalar] = {}
+        loss = None
+        if total:
+            loss = sum(res.loss * res.num_examples for _, res in results) / total
+            metrics["accuracy"] = sum(float(res.metrics["accuracy"]) * res.num_examples for _, res in results) / total
+            with_auc = [res for _, res in results if "auc" in res.metrics]
+            if with_auc:
+                auc_total = sum(res.num_examples for res in with_auc)
+                metrics["auc"] = sum(float(res.metrics["auc"]) * res.num_examples for res in with_auc) / auc_total
+        trained, refused = self._trained.get(server_round, (0, 0))
+        epsilons = [rec.epsilon for rec in self.run_dir.institutions.values()]
+        row: dict[str, Any] = {
+            "round": server_round,
+            "accuracy": metrics.get("accuracy"),
+            "auc": metrics.get("auc"),
+            "loss": loss,
+            "max_epsilon": max(epsilons, default=0.0),
+            "institutions_trained": trained,
+            "institutions_refused": refused,
+            "elapsed_s": round(time.monotonic() - self.started, 3),
+        }
+        self.run_dir.record_round(row)
+        log(
+            INFO,
+            "[fedsilo] round %s/%s: accuracy %s, AUC %s, max epsilon %.3f, %s trained, %s refused",
+            server_round,
+            self.settings.rounds,
+            _fmt(row["accuracy"]),
+            _fmt(row["auc"]),
+            row["max_epsilon"],
+            trained,
+            refused,
+        )
+        if self.on_round is not None:
+            self.on_round(row)
+        return loss, metrics
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

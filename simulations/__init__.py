@@ -1,0 +1,1 @@
+"""Researcher tools: run whole federations on one machine in Flower's simulation engine."""

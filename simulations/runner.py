@@ -1,0 +1,70 @@
+"""Run a fedsilo federation in Flower's simulation engine (Ray backend), in process.
+
+This is what ``flwr run`` does for a local simulation (``flwr.simulation.app``
+calls the same ``_run_simulation``), minus the SuperLink round trip: the run
+config is handed to the ServerApp's context directly, and the ServerApp runs in
+this process so a caller can follow the rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from common.settings import RunSettings
+from server.strategy import RoundCallback
+from simulations.environment import contained_flower
+
+
+def run_federation(
+    settings: RunSettings,
+    *,
+    institutions: int,
+    on_round: RoundCallback | None = None,
+    verbose: bool = False,
+    server_app: Any = None,
+    client_app: Any = None,
+) -> dict[str, Any]:
+    """Simulate ``institutions`` institutions; return the run's ``report.json`` content.
+
+    ``settings.out_dir`` must be set: the run directory is written there.
+    """
+    if not settings.out_dir:
+        raise ValueError("settings.out_dir must name the run directory")
+    with contained_flower():
+        from flwr.app import Context, RecordDict
+        from flwr.supercore.telemetry import EventType
+        from flwr.simulation.run_simulation import _run_simulation
+
+        from client.client_app import app as default_client_app
+        from server.server_app import build_server_app
+
+        logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.WARNING)
+        cpus = max(1, min(os.cpu_count() or 1, institutions))
+        context = Context(
+            run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=settings.to_config()
+        )
+        _run_simulation(
+            num_supernodes=institutions,
+            client_app=client_app or default_client_app,
+            server_app=server_app or build_server_app(on_round=on_round),
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {
+                    "num_cpus": cpus,
+                    "include_dashboard": False,
+                    "logging_level": "ERROR",
+                    "log_to_driver": verbose,
+                },
+            },
+            server_app_context=context,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            verbose_logging=verbose,
+        )
+    report_path = Path(settings.out_dir) / "report.json"
+    if not report_path.exists():
+        raise RuntimeError(f"the simulation ended without writing {report_path}; rerun with --verbose")
+    return dict(json.loads(report_path.read_text(encoding="utf-8")))

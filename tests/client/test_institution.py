@@ -1,0 +1,68 @@
+"""An institution's round: budget check before training, ledger entry before release."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from client.institution import InstitutionData, fit_round
+from common.ledger import PrivacyLedger
+from common.models import build_mlp, get_weights
+from common.settings import RunSettings
+
+SETTINGS = RunSettings.from_config({"num-server-rounds": 3, "target-epsilon": 2.0})
+
+
+def institution(state: Path, settings: RunSettings = SETTINGS) -> InstitutionData:
+    node = {"partition-id": 0, "num-partitions": 3, "state-dir": str(state)}
+    return InstitutionData.from_node_config(node, settings)
+
+
+def initial(data: InstitutionData) -> list[np.ndarray]:
+    return get_weights(build_mlp(data.schema.num_inputs, 2, SETTINGS.train.hidden_units, seed=SETTINGS.seed))
+
+
+def test_each_round_is_recorded_and_epsilon_grows_to_the_target(tmp_path: Path) -> None:
+    data = institution(tmp_path)
+    weights, epsilons = initial(data), []
+    for r in (1, 2, 3):
+        out = fit_round(data, weights, SETTINGS, server_round=r, run_id="a", budget=2.0)
+        assert out.num_examples == len(data.train_y) and "refused" not in out.metrics
+        epsilons.append(out.metrics["epsilon"])
+        weights = out.weights
+    assert epsilons[0] < epsilons[1] < epsilons[2] <= 2.0
+    ledger = PrivacyLedger.for_dataset(tmp_path, data.fingerprint)
+    assert [e.round for e in ledger.entries] == [1, 2, 3]
+    assert ledger.epsilon(delta=SETTINGS.privacy.delta) == epsilons[-1]
+
+
+def test_clear_text_metrics_carry_nothing_computed_from_records(tmp_path: Path) -> None:
+    data = institution(tmp_path)
+    out = fit_round(data, initial(data), SETTINGS, server_round=1, run_id="a", budget=2.0)
+    assert set(out.metrics) == {"institution", "delta", "epsilon", "steps", "noise-multiplier", "sample-rate"}
+
+
+def test_a_restarted_institution_continues_from_its_ledger(tmp_path: Path) -> None:
+    first = institution(tmp_path)
+    one = fit_round(first, initial(first), SETTINGS, server_round=1, run_id="a", budget=10.0)
+    restarted = institution(tmp_path)  # a new process: nothing kept in memory
+    assert restarted.fingerprint == first.fingerprint
+    two = fit_round(restarted, one.weights, SETTINGS, server_round=1, run_id="b", budget=10.0)
+    assert two.metrics["epsilon"] > one.metrics["epsilon"]
+    entries = PrivacyLedger.for_dataset(tmp_path, first.fingerprint).entries
+    assert [(e.run_id, e.round) for e in entries] == [("a", 1), ("b", 1)]
+
+
+def test_refusal_at_the_budget_trains_nothing_and_spends_nothing(tmp_path: Path) -> None:
+    data = institution(tmp_path)
+    weights = initial(data)
+    for r in (1, 2, 3):
+        weights = fit_round(data, weights, SETTINGS, server_round=r, run_id="a", budget=2.0).weights
+    ledger_file = PrivacyLedger.for_dataset(tmp_path, data.fingerprint).path
+    before = ledger_file.read_text()
+    out = fit_round(data, weights, SETTINGS, server_round=4, run_id="a", budget=2.0)
+    assert out.num_examples == 0
+    assert "refused round 4" in str(out.metrics["refused"]) and "budget of 2" in str(out.metrics["refused"])
+    assert all((a == b).all() for a, b in zip(out.weights, weights, strict=True))
+    assert ledger_file.read_text() == before
+    assert len(json.loads(before)["entries"]) == 3
