@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -14,7 +14,7 @@ from common.errors import FedsiloError
 from common.ledger import PrivacyLedger
 
 app = typer.Typer(help="fedsilo for institutions: privacy budget and data tools.", no_args_is_help=True)
-console = Console()
+console = Console(soft_wrap=True)
 
 
 @app.callback()
@@ -32,7 +32,7 @@ def budget(
     if not paths:
         console.print(f"[red]error:[/red] no privacy ledger under {state_dir / 'ledgers'}; check --state-dir")
         raise typer.Exit(2)
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
         for path in paths:
             ledger = PrivacyLedger.for_dataset(state_dir, path.stem)

@@ -63,7 +63,9 @@ class InstitutionData:
             state_dir = Path(str(node_config["state-dir"]))
         else:
             if "partition-id" not in node_config:
-                raise ConfigError("node config needs data-path, schema-path and state-dir (or a simulation partition-id)")
+                raise ConfigError(
+                    "node config needs data-path, schema-path and state-dir (or a simulation partition-id)"
+                )
             pid, count = int(node_config["partition-id"]), int(node_config["num-partitions"])
             dataset = load_builtin(settings.data.dataset)
             schema = dataset.schema
@@ -145,7 +147,9 @@ def fit_round(
         return FitOutcome(list(weights), 0, {**base, "epsilon": spent, "refused": reason})
     model = build_mlp(data.schema.num_inputs, data.schema.num_classes, settings.train.hidden_units, seed=settings.seed)
     set_weights(model, weights)
-    seed = int(np.random.SeedSequence([settings.seed, server_round, int(data.fingerprint[:8], 16)]).generate_state(1)[0])
+    seed = int(
+        np.random.SeedSequence([settings.seed, server_round, int(data.fingerprint[:8], 16)]).generate_state(1)[0]
+    )
     train_round(
         model,
         data.train_x,
@@ -166,7 +170,9 @@ def fit_round(
     return FitOutcome(get_weights(model), len(data.train_y), metrics)
 
 
-def evaluate_round(data: InstitutionData, weights: Sequence[np.ndarray], settings: RunSettings) -> tuple[float, int, dict[str, Any]]:
+def evaluate_round(
+    data: InstitutionData, weights: Sequence[np.ndarray], settings: RunSettings
+) -> tuple[float, int, dict[str, Any]]:
     """The global model's loss and metrics on this institution's held-out records."""
     model = build_mlp(data.schema.num_inputs, data.schema.num_classes, settings.train.hidden_units, seed=settings.seed)
     set_weights(model, weights)

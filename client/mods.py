@@ -29,7 +29,7 @@ def secure_aggregation_mod(msg: Message, ctx: Context, call_next: ClientAppCalla
         return secaggplus_mod(msg, ctx, call_next)
     saved = np.random.get_state()
     who = str(ctx.node_config.get("name", ctx.node_config.get("partition-id", "")))
-    seed = [int(fit_config["seed"]), int(fit_config.get("server-round", 0)), zlib.crc32(who.encode())]
+    seed = [int(str(fit_config["seed"])), int(str(fit_config.get("server-round", 0))), zlib.crc32(who.encode())]
     np.random.seed(np.random.SeedSequence(seed).generate_state(1)[0])
     try:
         return secaggplus_mod(msg, ctx, call_next)

@@ -53,9 +53,7 @@ def epsilon_spent(events: Iterable[DPSGDEvent], *, delta: float) -> float:
 
 
 @lru_cache(maxsize=256)
-def calibrate_noise(
-    *, target_epsilon: float, delta: float, sample_rate: float, steps: int
-) -> float:
+def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """Smallest noise multiplier (to 0.01 in epsilon) spending ``target_epsilon`` in ``steps``.
 
     Pure, and memoized because a round recomputes it for every institution.

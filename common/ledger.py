@@ -61,8 +61,7 @@ class PrivacyLedger:
             ) from err
         if raw.get("dataset_fingerprint") != fingerprint:
             raise LedgerError(
-                f"privacy ledger {path} belongs to dataset {raw.get('dataset_fingerprint')!r}, "
-                f"not {fingerprint!r}"
+                f"privacy ledger {path} belongs to dataset {raw.get('dataset_fingerprint')!r}, not {fingerprint!r}"
             )
         return cls(path=path, dataset_fingerprint=fingerprint, entries=entries)
 

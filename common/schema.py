@@ -159,18 +159,21 @@ def _parse_feature(name: str, spec: Any) -> Feature:
         raise SchemaError(f"{where} must be a table")
     kind = spec.get("type")
     if kind == "numeric":
-        low, high = spec.get("min"), spec.get("max")
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high)):
-            raise SchemaError(f"{where} numeric features need numbers min and max. Found min={low!r}, max={high!r}")
+        raw_low, raw_high = spec.get("min"), spec.get("max")
+        if not (_is_number(raw_low) and _is_number(raw_high)):
+            raise SchemaError(
+                f"{where} numeric features need numbers min and max. Found min={raw_low!r}, max={raw_high!r}"
+            )
+        low, high = float(raw_low), float(raw_high)  # type: ignore[arg-type]
         if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
             raise SchemaError(f"{where} needs finite min < max. Found min={low}, max={high}")
         missing = spec.get("missing", "error")
         if missing not in ("error", "fill", "indicator"):
             raise SchemaError(f'{where} missing must be "error", "fill" or "indicator". Found {missing!r}')
         fill = spec.get("fill")
-        if missing == "fill" and not isinstance(fill, int | float):
+        if missing == "fill" and not _is_number(fill):
             raise SchemaError(f'{where} missing = "fill" needs a number fill = <value>')
-        return NumericFeature(name, float(low), float(high), missing, None if fill is None else float(fill))
+        return NumericFeature(name, low, high, missing, None if fill is None else float(fill))
     if kind == "categorical":
         cats = spec.get("categories")
         if not isinstance(cats, list) or not cats:
@@ -182,6 +185,10 @@ def _parse_feature(name: str, spec: Any) -> Feature:
             raise SchemaError(f'{where} unknown must be "error" or "other". Found {unknown!r}')
         return CategoricalFeature(name, tuple(str(c) for c in cats), unknown)
     raise SchemaError(f'{where} type must be "numeric" or "categorical". Found {kind!r}')
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _first_rows(column: pd.Series, mask: pd.Series) -> str:

@@ -35,7 +35,7 @@ class TrainSettings:
 
     local_epochs: int = field(default=2, metadata=_key("local-epochs"))
     batch_size: int = field(default=32, metadata=_key("batch-size"))
-    learning_rate: float = field(default=0.5, metadata=_key("learning-rate"))
+    learning_rate: float = field(default=0.2, metadata=_key("learning-rate"))
     momentum: float = field(default=0.9, metadata=_key("momentum"))
     hidden_layers: str = field(default="64", metadata=_key("hidden-layers"))
 
@@ -103,9 +103,7 @@ class SecAggSettings:
 
     enabled: bool = field(default=True, metadata=_key("secure-aggregation"))
     num_shares: float = field(default=1.0, metadata=_key("secagg-num-shares"))
-    reconstruction_threshold: float = field(
-        default=0.67, metadata=_key("secagg-reconstruction-threshold")
-    )
+    reconstruction_threshold: float = field(default=0.67, metadata=_key("secagg-reconstruction-threshold"))
     clipping_range: float = field(default=8.0, metadata=_key("secagg-clipping-range"))
     quantization_range: int = field(default=4194304, metadata=_key("secagg-quantization-range"))
     modulus_range: int = field(default=4294967296, metadata=_key("secagg-modulus-range"))
@@ -170,7 +168,7 @@ class DataSettings:
 class RunSettings:
     """Everything a run needs, grouped; the single source of defaults."""
 
-    rounds: int = field(default=5, metadata=_key("num-server-rounds"))
+    rounds: int = field(default=8, metadata=_key("num-server-rounds"))
     seed: int = field(default=42, metadata=_key("seed"))
     fraction_fit: float = field(default=1.0, metadata=_key("fraction-fit"))
     out_dir: str = field(default="", metadata=_key("out-dir"))
@@ -206,7 +204,7 @@ def _from_config(cls: type[_T], config: Mapping[str, Any]) -> _T:
     kwargs: dict[str, Any] = {}
     for f in fields(cls):  # type: ignore[arg-type]
         if "key" not in f.metadata:
-            kwargs[f.name] = _from_config(f.default_factory, config)  # type: ignore[misc]
+            kwargs[f.name] = _from_config(f.default_factory, config)  # type: ignore[arg-type]
             continue
         key = f.metadata["key"]
         if key not in config:

@@ -31,9 +31,7 @@ class RoundPlan:
     noise_multiplier: float  # 0.0: no DP
 
 
-def plan_round(
-    *, num_examples: int, train: TrainSettings, privacy: PrivacySettings, planned_rounds: int
-) -> RoundPlan:
+def plan_round(*, num_examples: int, train: TrainSettings, privacy: PrivacySettings, planned_rounds: int) -> RoundPlan:
     """Plan a round; calibrate noise so ``planned_rounds`` rounds spend the target epsilon."""
     if num_examples < 1:
         raise ConfigError("an institution needs at least one training record")
@@ -89,7 +87,7 @@ def train_round(
                 poisson_sampling=True,
                 noise_generator=noise_gen,
             )
-        if not math.isclose(loader.sample_rate, plan.sample_rate):  # type: ignore[attr-defined]
+        if not math.isclose(getattr(loader, "sample_rate", math.nan), plan.sample_rate):
             raise RuntimeError("Opacus sample rate differs from the planned one; accounting would be wrong")
     module.train()
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus, inputs need no grad

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 app = typer.Typer(help="fedsilo for coordinators.", no_args_is_help=True)
-console = Console()
+console = Console(soft_wrap=True)
 
 
 @app.callback()
@@ -28,7 +28,9 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory (holds 
     except (OSError, ValueError) as err:
         console.print(f"[red]error:[/red] cannot read {path}: {err}")
         raise typer.Exit(2) from None
-    table = Table(title=f"{run_dir}: {data['rounds_completed']} rounds, secure aggregation {data['secure_aggregation']}")
+    table = Table(
+        title=f"{run_dir}: {data['rounds_completed']} rounds, secure aggregation {data['secure_aggregation']}"
+    )
     for column in ("institution", "records", "epsilon", "delta", "rounds trained", "refusals"):
         table.add_column(column)
     for inst in data["institutions"]:

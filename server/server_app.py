@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import time
 from datetime import datetime
+from logging import INFO
 from pathlib import Path
 
 from flwr.app import Context
@@ -13,7 +14,6 @@ from flwr.common.logger import log
 from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
-from logging import INFO
 
 from common.datasets import builtin_schema_path
 from common.models import build_mlp, get_weights
@@ -58,9 +58,7 @@ def build_server_app(
         }
         directory = RunDirectory(run_dir, settings, spec, schema_path)
         round_config = {**settings.to_config(), "run-name": run_dir.name}
-        strategy = strategy_cls(
-            settings, directory, ndarrays_to_parameters(get_weights(model)), round_config, on_round
-        )
+        strategy = strategy_cls(settings, directory, ndarrays_to_parameters(get_weights(model)), round_config, on_round)
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=settings.rounds), strategy=strategy)
         fit_workflow = SecAggPlusWorkflow(**settings.secagg.workflow_kwargs()) if settings.secagg.enabled else None
         log(INFO, "[fedsilo] run directory %s (secure aggregation %s)", run_dir, settings.secagg.enabled)

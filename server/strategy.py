@@ -9,7 +9,7 @@ strategy never sees an individual institution's parameters.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from logging import INFO, WARNING
 from typing import Any
 
@@ -38,7 +38,7 @@ class FedsiloStrategy(FedAvg):
         settings: RunSettings,
         run_dir: RunDirectory,
         initial_parameters: Parameters,
-        round_config: dict[str, Scalar],
+        round_config: Mapping[str, Scalar],
         on_round: RoundCallback | None = None,
     ) -> None:
         super().__init__(
@@ -50,6 +50,7 @@ class FedsiloStrategy(FedAvg):
             initial_parameters=initial_parameters,
             on_fit_config_fn=self._config,
             on_evaluate_config_fn=self._config,
+            fit_metrics_aggregation_fn=lambda fits: {"institutions-trained": len(fits)},
         )
         self.settings = settings
         self.run_dir = run_dir

@@ -17,7 +17,7 @@ from common.errors import FedsiloError
 from common.settings import RunSettings
 
 app = typer.Typer(help="Simulate fedsilo federations on one machine (Flower simulation engine).", no_args_is_help=True)
-console = Console()
+console = Console(soft_wrap=True)
 
 DEFAULT_INSTITUTIONS = {"breast-cancer": 4, "german-credit": 3}
 DEFAULTS = RunSettings()
@@ -38,7 +38,9 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 @app.command()
 def run(
-    dataset: Annotated[str, typer.Option(help=f"Built-in dataset: {', '.join(sorted(BUILTIN))}.")] = DEFAULTS.data.dataset,
+    dataset: Annotated[
+        str, typer.Option(help=f"Built-in dataset: {', '.join(sorted(BUILTIN))}.")
+    ] = DEFAULTS.data.dataset,
     institutions: Annotated[int, typer.Option(help="Number of institutions (default: 4 hospitals, 3 banks).")] = 0,
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = DEFAULTS.rounds,
     epsilon: Annotated[
@@ -56,7 +58,9 @@ def run(
         bool, typer.Option("--secure-aggregation/--no-secure-aggregation", help="SecAgg+ (on by default).")
     ] = DEFAULTS.secagg.enabled,
     local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = DEFAULTS.train.local_epochs,
-    batch_size: Annotated[int, typer.Option(help="Expected batch size (Poisson sampling).")] = DEFAULTS.train.batch_size,
+    batch_size: Annotated[
+        int, typer.Option(help="Expected batch size (Poisson sampling).")
+    ] = DEFAULTS.train.batch_size,
     learning_rate: Annotated[float, typer.Option(help="SGD learning rate.")] = DEFAULTS.train.learning_rate,
     seed: Annotated[int, typer.Option(help="Seed of every random source.")] = DEFAULTS.seed,
     out: Annotated[Path | None, typer.Option(help="Run directory (default: runs/<time>-<dataset>).")] = None,
@@ -89,6 +93,8 @@ def run(
                 "state-root": str(state_root.resolve()) if state_root else "",
             }
         )
+        if (out_dir / "report.json").exists():
+            raise FedsiloError(f"{out_dir} already holds a finished run; choose another --out or remove it")
         if settings.secagg.enabled and count < 3:
             raise FedsiloError("SecAgg+ needs at least 3 institutions here; add some or pass --no-secure-aggregation")
     except FedsiloError as err:

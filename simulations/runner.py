@@ -36,17 +36,15 @@ def run_federation(
         raise ValueError("settings.out_dir must name the run directory")
     with contained_flower():
         from flwr.app import Context, RecordDict
-        from flwr.supercore.telemetry import EventType
         from flwr.simulation.run_simulation import _run_simulation
+        from flwr.supercore.telemetry import EventType
 
         from client.client_app import app as default_client_app
         from server.server_app import build_server_app
 
         logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.WARNING)
         cpus = max(1, min(os.cpu_count() or 1, institutions))
-        context = Context(
-            run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=settings.to_config()
-        )
+        context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=settings.to_config())
         _run_simulation(
             num_supernodes=institutions,
             client_app=client_app or default_client_app,

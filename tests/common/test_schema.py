@@ -20,7 +20,11 @@ SCHEMA = {
 
 
 def frame(**overrides: list[object]) -> pd.DataFrame:
-    data: dict[str, list[object]] = {"age": [30, 200, 18], "home": ["own", "rent", "own"], "Class": ["good", "bad", "good"]}
+    data: dict[str, list[object]] = {
+        "age": [30, 200, 18],
+        "home": ["own", "rent", "own"],
+        "Class": ["good", "bad", "good"],
+    }
     data.update(overrides)
     return pd.DataFrame(data)
 

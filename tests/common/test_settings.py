@@ -18,7 +18,9 @@ def test_pyproject_run_config_defaults_are_the_settings_defaults() -> None:
 
 
 def test_round_trip_through_flat_config() -> None:
-    settings = RunSettings().with_overrides({"num-server-rounds": 7, "target-epsilon": 3.5, "secure-aggregation": False})
+    settings = RunSettings().with_overrides(
+        {"num-server-rounds": 7, "target-epsilon": 3.5, "secure-aggregation": False}
+    )
     again = RunSettings.from_config({**settings.to_config(), "server-round": 3})
     assert again == settings
     assert again.rounds == 7 and again.privacy.target_epsilon == 3.5 and not again.secagg.enabled

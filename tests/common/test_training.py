@@ -52,7 +52,7 @@ def test_dp_update_is_bounded_by_clipping_without_noise_amplification() -> None:
 def test_training_learns_and_evaluate_reports_accuracy_and_auc() -> None:
     model = build_mlp(6, 2, (8,), seed=0)
     before = evaluate(model, X, Y)
-    plan = RoundPlan(sample_rate=0.25, steps=80, noise_multiplier=0.0)
+    plan = RoundPlan(sample_rate=0.25, steps=100, noise_multiplier=0.0)
     train_round(model, X, Y, plan=plan, train=SETTINGS.train, max_grad_norm=1.0, seed=0)
     after = evaluate(model, X, Y)
     assert after["accuracy"] > max(before["accuracy"], 0.8)

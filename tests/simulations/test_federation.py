@@ -1,0 +1,147 @@
+"""Real federations in Flower's simulation engine (Ray), with and without SecAgg+.
+
+Three simulations are shared by the tests of this module: SecAgg+ twice with
+one seed, and plain FedAvg with the same seed. A spy strategy records what
+the aggregation hands to the strategy.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+import torch
+from flwr.common import parameters_to_ndarrays
+
+from common.accounting import DPSGDEvent, epsilon_spent
+from common.datasets import load_builtin
+from common.ledger import PrivacyLedger
+from common.settings import RunSettings
+from server.server_app import build_server_app
+from server.strategy import FedsiloStrategy
+from simulations.runner import run_federation
+
+pytestmark = pytest.mark.simulation
+INSTITUTIONS = 3
+ROUNDS = 3
+
+
+class SpyStrategy(FedsiloStrategy):
+    """Records every parameter set that reaches ``aggregate_fit``, per round."""
+
+    seen: ClassVar[list[list[list[np.ndarray]]]] = []
+
+    def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> Any:
+        SpyStrategy.seen.append([parameters_to_ndarrays(res.parameters) for _, res in results])
+        return super().aggregate_fit(server_round, results, failures)
+
+
+def simulate(out: Path, **overrides: Any) -> tuple[dict[str, Any], list[list[list[np.ndarray]]]]:
+    settings = RunSettings().with_overrides({"num-server-rounds": ROUNDS, "seed": 7, "out-dir": str(out), **overrides})
+    SpyStrategy.seen = []
+    report = run_federation(settings, institutions=INSTITUTIONS, server_app=build_server_app(strategy_cls=SpyStrategy))
+    return report, SpyStrategy.seen
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict[str, Any], list[Any]]]:
+    out = {}
+    for name, overrides in (
+        ("secagg", {}),
+        ("secagg-again", {}),
+        ("plain", {"secure-aggregation": False}),
+    ):
+        path = tmp_path_factory.mktemp(name)
+        report, seen = simulate(path, **overrides)
+        out[name] = (path, report, seen)
+    # The same institutions come back for another run with their budget spent.
+    path = tmp_path_factory.mktemp("exhausted")
+    report, seen = simulate(path, **{"state-root": str(out["secagg"][0] / "state"), "num-server-rounds": 2})
+    out["exhausted"] = (path, report, seen)
+    return out
+
+
+def model(path: Path) -> list[torch.Tensor]:
+    return list(torch.load(path / "model.pt").values())
+
+
+def test_secagg_federation_learns_well_above_the_majority_rate(runs: dict[str, Any]) -> None:
+    path, report, _ = runs["secagg"]
+    labels = load_builtin("breast-cancer").frame["diagnosis"]
+    majority = labels.value_counts(normalize=True).max()
+    assert report["secure_aggregation"] is True
+    assert report["rounds_completed"] == ROUNDS
+    assert report["final_metrics"]["accuracy"] >= majority + 0.15
+    rows = list(csv.DictReader((path / "metrics.csv").open()))
+    assert [int(r["round"]) for r in rows] == list(range(1, ROUNDS + 1))
+    assert sorted(p.name for p in (path / "checkpoints").iterdir()) == [f"round-{r:04d}.pt" for r in (1, 2, 3)]
+    assert (path / "schema.toml").exists()
+
+
+def test_report_contract_and_epsilon_equal_to_the_persisted_ledger(runs: dict[str, Any]) -> None:
+    path, report, _ = runs["secagg"]
+    assert json.loads((path / "report.json").read_text()) == report
+    assert [i["name"] for i in report["institutions"]] == ["hospital-1", "hospital-2", "hospital-3"]
+    for inst in report["institutions"]:
+        assert inst["num_examples"] > 0 and inst["delta"] == 1e-5
+        assert [e["round"] for e in inst["ledger"]] == [1, 2, 3]
+        (ledger_file,) = (path / "state" / inst["name"] / "ledgers").glob("*.json")
+        persisted = PrivacyLedger.for_dataset(ledger_file.parent.parent, ledger_file.stem)
+        assert inst["epsilon"] == pytest.approx(persisted.epsilon(delta=1e-5), rel=1e-12)
+        assert inst["epsilon"] <= 2.0
+
+
+def test_epsilon_strictly_increases_round_over_round(runs: dict[str, Any]) -> None:
+    path, report, _ = runs["secagg"]
+    rows = list(csv.DictReader((path / "metrics.csv").open()))
+    per_round = [float(r["max_epsilon"]) for r in rows]
+    assert all(a < b for a, b in itertools.pairwise(per_round))
+    prefixes = []
+    for inst in report["institutions"]:
+        events = [DPSGDEvent(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in inst["ledger"]]
+        prefixes.append([epsilon_spent(events[: k + 1], delta=1e-5) for k in range(len(events))])
+    assert per_round == pytest.approx(np.max(prefixes, axis=0).tolist(), rel=1e-9)
+
+
+def test_same_seed_gives_the_same_model(runs: dict[str, Any]) -> None:
+    first, again = model(runs["secagg"][0]), model(runs["secagg-again"][0])
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert runs["secagg"][1]["final_metrics"] == runs["secagg-again"][1]["final_metrics"]
+
+
+def test_secagg_and_plain_fedavg_agree_up_to_quantization_error(runs: dict[str, Any]) -> None:
+    secure, plain = model(runs["secagg"][0]), model(runs["plain"][0])
+    assert runs["plain"][1]["secure_aggregation"] is False
+    gaps = [float((a - b).abs().max()) for a, b in zip(secure, plain, strict=True)]
+    # 2**22 levels over [-8, 8] and a weight ratio near 0.1: about 4e-5 per round and parameter.
+    assert max(gaps) < 1e-3
+    assert any(gap > 0 for gap in gaps)  # they are different protocols, not one code path twice
+
+
+def test_the_strategy_never_receives_an_individual_institutions_parameters(runs: dict[str, Any]) -> None:
+    _, _, secure_seen = runs["secagg"]
+    _, _, plain_seen = runs["plain"]
+    assert len(secure_seen) == ROUNDS and all(len(r) == INSTITUTIONS for r in secure_seen)
+    for received in secure_seen:  # under SecAgg+ every result carries the one aggregate
+        for other in received[1:]:
+            assert all(np.array_equal(a, b) for a, b in zip(received[0], other, strict=True))
+    for received in plain_seen:  # the control: plain FedAvg hands over distinct updates
+        assert not all(np.array_equal(a, b) for a, b in zip(received[0], received[1], strict=True))
+
+
+def test_institutions_at_their_budget_refuse_and_the_run_ends_cleanly(runs: dict[str, Any]) -> None:
+    path, report, _ = runs["exhausted"]
+    spent = {i["name"]: i["epsilon"] for i in runs["secagg"][1]["institutions"]}
+    assert report["rounds_completed"] == 0
+    for inst in report["institutions"]:
+        assert inst["ledger"] == [] and inst["epsilon"] == spent[inst["name"]]
+        assert [r["round"] for r in inst["refusals"]] == [1, 2]
+        assert "budget of 2" in inst["refusals"][0]["reason"]
+    rows = list(csv.DictReader((path / "metrics.csv").open()))
+    assert [(r["institutions_trained"], r["institutions_refused"]) for r in rows] == [("0", "3"), ("0", "3")]
+    assert list((path / "checkpoints").iterdir()) == []
