@@ -93,6 +93,7 @@ def run(
                 "state-root": str(state_root.resolve()) if state_root else "",
             }
         )
+        _check_data(settings, count)
         if (out_dir / "report.json").exists():
             raise FedsiloError(f"{out_dir} already holds a finished run; choose another --out or remove it")
         if settings.secagg.enabled and count < 3:
@@ -121,6 +122,16 @@ def run(
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
     _summary(report, time.monotonic() - started, out_dir)
+
+
+def _check_data(settings: RunSettings, count: int) -> None:
+    """Fail before Flower starts if the dataset or partition cannot work."""
+    from client.institution import simulated_partition
+    from common.datasets import load_builtin
+
+    dataset = load_builtin(settings.data.dataset)
+    _, labels = dataset.schema.transform(dataset.frame, source=dataset.name)
+    simulated_partition(settings, dataset.frame, labels, count)
 
 
 def _summary(report: dict[str, Any], wall_s: float, out_dir: Path) -> None:

@@ -115,12 +115,20 @@ def test_same_seed_gives_the_same_model(runs: dict[str, Any]) -> None:
 
 
 def test_secagg_and_plain_fedavg_agree_up_to_quantization_error(runs: dict[str, Any]) -> None:
-    secure, plain = model(runs["secagg"][0]), model(runs["plain"][0])
-    assert runs["plain"][1]["secure_aggregation"] is False
-    gaps = [float((a - b).abs().max()) for a, b in zip(secure, plain, strict=True)]
-    # 2**22 levels over [-8, 8] and a weight ratio near 0.1: about 4e-5 per round and parameter.
-    assert max(gaps) < 1e-3
-    assert any(gap > 0 for gap in gaps)  # they are different protocols, not one code path twice
+    (secure_dir, secure_report, _), (plain_dir, plain_report, _) = runs["secagg"], runs["plain"]
+    assert plain_report["secure_aggregation"] is False
+    # Round 1 starts from the same model with the same local training, so the two
+    # aggregates differ only by SecAgg+'s quantization: at most one level
+    # (2 * clipping range / quantization range) per institution, on the weighted sum.
+    total_weight = sum(i["num_examples"] for i in secure_report["institutions"]) / 1000.0
+    bound = INSTITUTIONS * (2 * 8.0 / 2**22) / total_weight
+    first_secure = list(torch.load(secure_dir / "checkpoints" / "round-0001.pt").values())
+    first_plain = list(torch.load(plain_dir / "checkpoints" / "round-0001.pt").values())
+    gaps = [float((a - b).abs().max()) for a, b in zip(first_secure, first_plain, strict=True)]
+    assert 0 < max(gaps) <= bound * 1.01
+    # Later rounds train on slightly different models; they stay close.
+    final_gaps = [float((a - b).abs().max()) for a, b in zip(model(secure_dir), model(plain_dir), strict=True)]
+    assert max(final_gaps) < 0.01
 
 
 def test_the_strategy_never_receives_an_individual_institutions_parameters(runs: dict[str, Any]) -> None:
