@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,15 +43,8 @@ class InstitutionData:
     test_x: np.ndarray
     test_y: np.ndarray
     state_dir: Path
-
-    @property
-    def fingerprint(self) -> str:
-        """Identifies the training records: the key of the privacy ledger."""
-        digest = hashlib.sha256()
-        for array in (self.train_x, self.train_y):
-            digest.update(str(array.shape).encode())
-            digest.update(np.ascontiguousarray(array).tobytes())
-        return digest.hexdigest()[:24]
+    fingerprint: str
+    reproducible: bool
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], settings: RunSettings) -> InstitutionData:
@@ -61,6 +55,7 @@ class InstitutionData:
             inputs, labels = schema.transform(read_table(path), source=str(path))
             name = str(node_config.get("name", path.stem))
             state_dir = Path(str(node_config["state-dir"]))
+            reproducible = str(node_config.get("reproducible-noise", "false")).lower() == "true"
         else:
             if "partition-id" not in node_config:
                 raise ConfigError(
@@ -74,10 +69,23 @@ class InstitutionData:
             inputs, labels = all_x[rows], all_y[rows]
             name = f"{dataset.institution_noun}-{pid + 1}"
             state_dir = Path(settings.state_root) / name
+            reproducible = True  # a simulation: the researcher holds every record and every seed
         if "state-dir" in node_config:
             state_dir = Path(str(node_config["state-dir"]))
         train_x, test_x, train_y, test_y = split_holdout(inputs, labels, settings)
-        return cls(name, schema, train_x, train_y, test_x, test_y, state_dir)
+        fingerprint = records_fingerprint(inputs, labels)
+        return cls(name, schema, train_x, train_y, test_x, test_y, state_dir, fingerprint, reproducible)
+
+
+def records_fingerprint(inputs: np.ndarray, labels: np.ndarray) -> str:
+    """Identifies a set of records, whatever their order and however they are split.
+
+    The privacy ledger is keyed by it, so settings the coordinator chooses (the
+    seed, the held-out fraction) cannot give the same records a fresh budget.
+    """
+    rows = np.concatenate([inputs.astype(np.float64), labels[:, None].astype(np.float64)], axis=1)
+    row_digests = sorted(hashlib.sha256(row.tobytes()).digest() for row in rows)
+    return hashlib.sha256(f"{rows.shape}".encode() + b"".join(row_digests)).hexdigest()[:24]
 
 
 def simulated_partition(settings: RunSettings, frame: Any, labels: np.ndarray, count: int) -> list[np.ndarray]:
@@ -122,8 +130,21 @@ def fit_round(
     weights with zero weight (``num_examples = 0``), so it does not move the
     aggregate, and the reason travels in the clear metrics.
     """
+    with PrivacyLedger.locked(data.state_dir, data.fingerprint) as ledger:
+        return _fit_locked(data, ledger, weights, settings, server_round=server_round, run_id=run_id, budget=budget)
+
+
+def _fit_locked(
+    data: InstitutionData,
+    ledger: PrivacyLedger,
+    weights: Sequence[np.ndarray],
+    settings: RunSettings,
+    *,
+    server_round: int,
+    run_id: str,
+    budget: float,
+) -> FitOutcome:
     privacy = settings.privacy
-    ledger = PrivacyLedger.for_dataset(data.state_dir, data.fingerprint)
     plan = plan_round(
         num_examples=len(data.train_y), train=settings.train, privacy=privacy, planned_rounds=settings.rounds
     )
@@ -139,17 +160,27 @@ def fit_round(
     spent = ledger.epsilon(delta=privacy.delta)
     after = ledger.epsilon_with(entry, delta=privacy.delta)
     base: dict[str, bool | int | float | str] = {"institution": data.name, "delta": privacy.delta}
+    reason = None
     if after > budget * (1 + 1e-9):
         reason = (
             f"{data.name} refused round {server_round}: it would spend epsilon {after:.3f} "
             f"of a budget of {budget:g} (already spent {spent:.3f})"
         )
+    elif settings.secagg.enabled and len(data.train_y) > settings.secagg.max_weight:
+        reason = (
+            f"{data.name} refused round {server_round}: its {len(data.train_y)} training records exceed "
+            f"secagg-max-weight = {settings.secagg.max_weight:g}, which would overflow SecAgg+; raise it"
+        )
+    if reason is not None:
         return FitOutcome(list(weights), 0, {**base, "epsilon": spent, "refused": reason})
     model = build_mlp(data.schema.num_inputs, data.schema.num_classes, settings.train.hidden_units, seed=settings.seed)
     set_weights(model, weights)
-    seed = int(
-        np.random.SeedSequence([settings.seed, server_round, int(data.fingerprint[:8], 16)]).generate_state(1)[0]
-    )
+    if data.reproducible:
+        seed = int(
+            np.random.SeedSequence([settings.seed, server_round, int(data.fingerprint[:8], 16)]).generate_state(1)[0]
+        )
+    else:  # DP noise an observer cannot predict from the run config
+        seed = secrets.randbits(63)
     train_round(
         model,
         data.train_x,

@@ -8,9 +8,12 @@ mid-write leaves the previous ledger intact.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -64,6 +67,23 @@ class PrivacyLedger:
                 f"privacy ledger {path} belongs to dataset {raw.get('dataset_fingerprint')!r}, not {fingerprint!r}"
             )
         return cls(path=path, dataset_fingerprint=fingerprint, entries=entries)
+
+    @classmethod
+    @contextmanager
+    def locked(cls, state_dir: Path, fingerprint: str) -> Iterator[PrivacyLedger]:
+        """The ledger, read under an exclusive lock held until the block ends.
+
+        A round checks the budget, trains and records inside one such block, so two
+        runs on the same records cannot both pass the check and overspend.
+        """
+        lock_path = Path(state_dir) / "ledgers" / f"{fingerprint}.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield cls.for_dataset(state_dir, fingerprint)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def epsilon(self, *, delta: float) -> float:
         """Epsilon spent on this dataset over every recorded round."""

@@ -141,7 +141,7 @@ class Schema:
 
     def encode_labels(self, labels: pd.Series, *, source: str = "data") -> np.ndarray:
         """Class index of each label value (its position in ``classes``)."""
-        text = labels.astype("string").str.strip()
+        text = _as_text(labels)
         index = {c: i for i, c in enumerate(self.classes)}
         codes = text.map(index)
         bad = codes.isna()
@@ -187,6 +187,13 @@ def _parse_feature(name: str, spec: Any) -> Feature:
     raise SchemaError(f'{where} type must be "numeric" or "categorical". Found {kind!r}')
 
 
+def _as_text(column: pd.Series) -> pd.Series:
+    """Values as stripped text; 3.0 reads as "3" (pandas makes integer columns float when one is missing)."""
+    if pd.api.types.is_float_dtype(column):
+        column = column.map(lambda v: v if pd.isna(v) else (str(int(v)) if float(v).is_integer() else str(v)))
+    return column.astype("string").str.strip()
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -229,7 +236,7 @@ def _encode_numeric(feature: NumericFeature, column: pd.Series, source: str) -> 
 
 
 def _encode_categorical(feature: CategoricalFeature, column: pd.Series, source: str) -> np.ndarray:
-    text = column.astype("string").str.strip()
+    text = _as_text(column)
     index = {c: i for i, c in enumerate(feature.categories)}
     codes = text.map(index)
     unknown = codes.isna()

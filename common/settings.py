@@ -180,6 +180,7 @@ class RunSettings:
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "num-server-rounds", self.rounds, "an integer >= 1")
+        _check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
         _check(0 < self.fraction_fit <= 1, "fraction-fit", self.fraction_fit, "in (0, 1]")
 
     @classmethod

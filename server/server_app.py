@@ -12,7 +12,7 @@ from flwr.app import Context
 from flwr.common import ndarrays_to_parameters
 from flwr.common.logger import log
 from flwr.server import LegacyContext, ServerApp, ServerConfig
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid
 
 from common.datasets import builtin_schema_path
@@ -20,6 +20,7 @@ from common.models import build_mlp, get_weights
 from common.schema import Schema
 from common.settings import RunSettings
 from server.run_directory import RunDirectory
+from server.secure_aggregation import GuardedSecAggPlusWorkflow
 from server.strategy import FedsiloStrategy, RoundCallback
 
 
@@ -60,7 +61,9 @@ def build_server_app(
         round_config = {**settings.to_config(), "run-name": run_dir.name}
         strategy = strategy_cls(settings, directory, ndarrays_to_parameters(get_weights(model)), round_config, on_round)
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=settings.rounds), strategy=strategy)
-        fit_workflow = SecAggPlusWorkflow(**settings.secagg.workflow_kwargs()) if settings.secagg.enabled else None
+        fit_workflow = (
+            GuardedSecAggPlusWorkflow(**settings.secagg.workflow_kwargs()) if settings.secagg.enabled else None
+        )
         log(INFO, "[fedsilo] run directory %s (secure aggregation %s)", run_dir, settings.secagg.enabled)
         started = time.monotonic()
         DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)

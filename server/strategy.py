@@ -2,8 +2,9 @@
 
 Aggregation itself is Flower's weighted FedAvg (McMahan et al., AISTATS 2017).
 Under SecAgg+ every FitRes handed to ``aggregate_fit`` already carries the
-securely aggregated parameters, so averaging them returns that aggregate; the
-strategy never sees an individual institution's parameters.
+securely aggregated parameters, so averaging them returns that aggregate; with
+``GuardedSecAggPlusWorkflow`` that aggregate always sums at least two
+institutions' updates, so the strategy never sees an individual one.
 """
 
 from __future__ import annotations
@@ -63,9 +64,8 @@ class FedsiloStrategy(FedAvg):
     def _config(self, server_round: int) -> dict[str, Scalar]:
         return {**self.round_config, "server-round": server_round}
 
-    def aggregate_fit(
-        self, server_round: int, results: FitResults, failures: list[Any]
-    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+    def book_fit(self, server_round: int, results: FitResults, failures: list[Any]) -> FitResults:
+        """Record every fit reply (trained or refused); return those that trained, in a fixed order."""
         results = sorted(results, key=_name)  # a fixed order: the same seed, the same sum
         for _, res in results:
             self.run_dir.record_fit(server_round, res.num_examples, res.metrics)
@@ -75,6 +75,12 @@ class FedsiloStrategy(FedAvg):
             log(WARNING, "round %s: an institution failed: %s", server_round, failure)
         trained = [r for r in results if r[1].num_examples > 0]
         self._trained[server_round] = (len(trained), len(results) - len(trained) + len(failures))
+        return trained
+
+    def aggregate_fit(
+        self, server_round: int, results: FitResults, failures: list[Any]
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        trained = self.book_fit(server_round, results, failures)
         if not trained:
             log(WARNING, "round %s: no institution trained; the model is unchanged", server_round)
             return None, {}

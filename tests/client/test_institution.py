@@ -1,6 +1,7 @@
 """An institution's round: budget check before training, ledger entry before release."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +67,30 @@ def test_refusal_at_the_budget_trains_nothing_and_spends_nothing(tmp_path: Path)
     assert all((a == b).all() for a, b in zip(out.weights, weights, strict=True))
     assert ledger_file.read_text() == before
     assert len(json.loads(before)["entries"]) == 3
+
+
+def test_the_ledger_key_ignores_split_and_order_but_not_the_records(tmp_path: Path) -> None:
+    base = institution(tmp_path)
+    other_split = institution(tmp_path, RunSettings.from_config({"test-fraction": 0.3}))
+    assert other_split.fingerprint == base.fingerprint  # the coordinator cannot reset a budget this way
+    other = InstitutionData.from_node_config({"partition-id": 1, "num-partitions": 3, "state-dir": "x"}, SETTINGS)
+    assert other.fingerprint != base.fingerprint
+
+
+def test_deployed_institutions_draw_noise_the_run_config_cannot_predict(tmp_path: Path) -> None:
+    data = institution(tmp_path)
+    deployed = replace(data, reproducible=False)
+    one = fit_round(deployed, initial(data), SETTINGS, server_round=1, run_id="a", budget=100.0)
+    two = fit_round(deployed, initial(data), SETTINGS, server_round=1, run_id="a", budget=100.0)
+    assert any((a != b).any() for a, b in zip(one.weights, two.weights, strict=True))
+    sim_one = fit_round(data, initial(data), SETTINGS, server_round=1, run_id="a", budget=100.0)
+    sim_two = fit_round(data, initial(data), SETTINGS, server_round=1, run_id="a", budget=100.0)
+    assert all((a == b).all() for a, b in zip(sim_one.weights, sim_two.weights, strict=True))
+
+
+def test_more_records_than_secagg_max_weight_is_refused_before_training(tmp_path: Path) -> None:
+    data = institution(tmp_path)
+    settings = RunSettings.from_config({"secagg-max-weight": 10.0})
+    out = fit_round(data, initial(data), settings, server_round=1, run_id="a", budget=10.0)
+    assert out.num_examples == 0 and "secagg-max-weight" in str(out.metrics["refused"])
+    assert PrivacyLedger.for_dataset(tmp_path, data.fingerprint).entries == ()

@@ -92,3 +92,15 @@ def test_builtin_datasets_fit_their_shipped_schemas(name: str) -> None:
     assert inputs.shape == (len(dataset.frame), dataset.schema.num_inputs)
     assert np.isfinite(inputs).all() and inputs.min() >= 0 and inputs.max() <= 1
     assert set(np.unique(labels)) == {0, 1}
+
+
+def test_integer_categories_survive_a_missing_value_elsewhere_in_the_column() -> None:
+    schema = Schema.from_dict(
+        {
+            "label": {"column": "y", "classes": ["0", "1"]},
+            "features": {"grade": {"type": "categorical", "categories": ["1", "2"], "unknown": "other"}},
+        }
+    )
+    inputs, labels = schema.transform(pd.DataFrame({"grade": [1, 2, None], "y": [0, 1, 1]}))
+    np.testing.assert_array_equal(inputs, [[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    np.testing.assert_array_equal(labels, [0, 1, 1])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import shutil
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -59,9 +60,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict
         path = tmp_path_factory.mktemp(name)
         report, seen = simulate(path, **overrides)
         out[name] = (path, report, seen)
-    # The same institutions come back for another run with their budget spent.
+    # Two hospitals come back with their budget spent; the third is fresh.
     path = tmp_path_factory.mktemp("exhausted")
-    report, seen = simulate(path, **{"state-root": str(out["secagg"][0] / "state"), "num-server-rounds": 2})
+    for name in ("hospital-1", "hospital-2"):
+        shutil.copytree(out["secagg"][0] / "state" / name, path / "state" / name)
+    report, seen = simulate(path, **{"state-root": str(path / "state"), "num-server-rounds": 2})
     out["exhausted"] = (path, report, seen)
     return out
 
@@ -142,14 +145,20 @@ def test_the_strategy_never_receives_an_individual_institutions_parameters(runs:
         assert not all(np.array_equal(a, b) for a, b in zip(received[0], received[1], strict=True))
 
 
-def test_institutions_at_their_budget_refuse_and_the_run_ends_cleanly(runs: dict[str, Any]) -> None:
-    path, report, _ = runs["exhausted"]
+def test_a_lone_contributor_is_never_unmasked_and_its_spent_privacy_is_reported(runs: dict[str, Any]) -> None:
+    path, report, seen = runs["exhausted"]
     spent = {i["name"]: i["epsilon"] for i in runs["secagg"][1]["institutions"]}
+    by_name = {i["name"]: i for i in report["institutions"]}
+    for name in ("hospital-1", "hospital-2"):  # at their budget: refused, nothing spent
+        assert by_name[name]["ledger"] == [] and by_name[name]["epsilon"] == spent[name]
+        assert [r["round"] for r in by_name[name]["refusals"]] == [1, 2]
+        assert "budget of 2" in by_name[name]["refusals"][0]["reason"]
+    # hospital-3 trained alone: SecAgg+ halts before unmasking, so the strategy never
+    # receives its update, yet the rounds it trained count against its budget.
+    assert seen == []
+    assert [e["round"] for e in by_name["hospital-3"]["ledger"]] == [1, 2]
+    assert by_name["hospital-3"]["epsilon"] > 0
     assert report["rounds_completed"] == 0
-    for inst in report["institutions"]:
-        assert inst["ledger"] == [] and inst["epsilon"] == spent[inst["name"]]
-        assert [r["round"] for r in inst["refusals"]] == [1, 2]
-        assert "budget of 2" in inst["refusals"][0]["reason"]
     rows = list(csv.DictReader((path / "metrics.csv").open()))
-    assert [(r["institutions_trained"], r["institutions_refused"]) for r in rows] == [("0", "3"), ("0", "3")]
+    assert [(r["institutions_trained"], r["institutions_refused"]) for r in rows] == [("1", "2"), ("1", "2")]
     assert list((path / "checkpoints").iterdir()) == []
