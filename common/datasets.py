@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,14 +67,50 @@ def load_builtin(name: str) -> TabularDataset:
     return loader()
 
 
-def read_table(path: Path | str) -> pd.DataFrame:
-    """Read a CSV (delimiter detected) or Parquet file, with a clear error if it cannot be read."""
+def read_table(path: Path | str, *, delimiter: str | None = None) -> pd.DataFrame:
+    """Read a CSV (delimiter declared or detected) or Parquet file.
+
+    Raises ``DataError`` naming the file and the fix for a missing, unreadable or
+    empty file, a header without records, or duplicate column names.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file; check the path")
+    if path.suffix.lower() in {".parquet", ".pq"}:
+        try:
+            frame = pd.read_parquet(path)
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path}: cannot be read as Parquet ({err}); re-export it") from err
+    else:
+        frame = _read_csv(path, delimiter)
+    duplicates = sorted({str(c) for c in frame.columns if list(frame.columns).count(c) > 1})
+    if duplicates:
+        raise DataError(f"{path}: duplicate column names {duplicates}; give every column a unique name")
+    if frame.empty:
+        raise DataError(f"{path}: has a header but no records; export the rows too")
+    return frame
+
+
+def _read_csv(path: Path, delimiter: str | None) -> pd.DataFrame:
     try:
-        if path.suffix.lower() in {".parquet", ".pq"}:
-            return pd.read_parquet(path)
-        return pd.read_csv(path, sep=None, engine="python", skipinitialspace=True)
-    except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot be read as a table ({err}); export it as CSV or Parquet") from err
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            sample = fh.read(65536)
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot be read as UTF-8 text ({err}); export it as UTF-8 CSV or Parquet") from err
+    if not sample.strip():
+        raise DataError(f"{path}: the file is empty; export the table with a header row and records")
+    if delimiter is None:
+        try:
+            delimiter = csv.Sniffer().sniff(sample.splitlines()[0], delimiters=",;\t|").delimiter
+        except csv.Error:
+            delimiter = ","
+    header = next(csv.reader([sample.splitlines()[0]], delimiter=delimiter))
+    duplicates = sorted({c.strip() for c in header if [h.strip() for h in header].count(c.strip()) > 1})
+    if duplicates:
+        raise DataError(f"{path}: duplicate column names {duplicates}; give every column a unique name")
+    try:
+        return pd.read_csv(path, sep=delimiter, skipinitialspace=True, encoding="utf-8-sig")
+    except (ValueError, pd.errors.ParserError) as err:
+        raise DataError(
+            f"{path}: cannot be parsed with delimiter {delimiter!r} ({err}); check the delimiter (--delimiter)"
+        ) from err

@@ -201,7 +201,11 @@ def _is_number(value: Any) -> bool:
 def _first_rows(column: pd.Series, mask: pd.Series) -> str:
     """'first at row 37: 'n/a', row 40: ...' with 1-based data rows as a person counts them."""
     positions = np.flatnonzero(mask.to_numpy())[:MAX_ROWS_SHOWN]
-    shown = ", ".join(f"row {p + 1}: {column.iloc[p]!r}" for p in positions)
+    values = [column.iloc[p] for p in positions]
+    shown = ", ".join(
+        f"row {p + 1}: {(v.item() if isinstance(v, np.generic) else v)!r}"
+        for p, v in zip(positions, values, strict=True)
+    )
     return f"first at {shown}"
 
 
