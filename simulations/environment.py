@@ -21,15 +21,14 @@ QUIET = {
 
 
 @contextmanager
-def contained_flower(keep: Path | None = None) -> Iterator[Path]:
+def contained_flower() -> Iterator[Path]:
     """Point FLWR_HOME and RAY_TMPDIR at a fresh temp dir; restore and remove it afterwards.
 
     Ray's socket paths must stay short, so the directory lives in the system temp
-    dir, not under the run directory. ``keep`` (optional) receives Flower's home
-    instead, for runs whose Flower state should survive.
+    dir, not under the run directory.
     """
     scratch = Path(tempfile.mkdtemp(prefix="fsl-"))
-    values = {**QUIET, "RAY_TMPDIR": str(scratch / "ray"), "FLWR_HOME": str(keep or scratch / "flwr")}
+    values = {**QUIET, "RAY_TMPDIR": str(scratch / "ray"), "FLWR_HOME": str(scratch / "flwr")}
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
