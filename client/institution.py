@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from sklearn.model_selection import train_test_split
+from torch import nn
 
 from common.datasets import load_builtin, read_table
 from common.errors import ConfigError
@@ -130,83 +131,73 @@ def fit_round(
     weights with zero weight (``num_examples = 0``), so it does not move the
     aggregate, and the reason travels in the clear metrics.
     """
-    with PrivacyLedger.locked(data.state_dir, data.fingerprint) as ledger:
-        return _fit_locked(data, ledger, weights, settings, server_round=server_round, run_id=run_id, budget=budget)
-
-
-def _fit_locked(
-    data: InstitutionData,
-    ledger: PrivacyLedger,
-    weights: Sequence[np.ndarray],
-    settings: RunSettings,
-    *,
-    server_round: int,
-    run_id: str,
-    budget: float,
-) -> FitOutcome:
     privacy = settings.privacy
-    plan = plan_round(
-        num_examples=len(data.train_y), train=settings.train, privacy=privacy, planned_rounds=settings.rounds
-    )
-    entry = LedgerEntry(
-        run_id=run_id,
-        round=server_round,
-        noise_multiplier=plan.noise_multiplier,
-        sample_rate=plan.sample_rate,
-        steps=plan.steps,
-        delta=privacy.delta,
-        recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),
-    )
-    spent = ledger.epsilon(delta=privacy.delta)
-    after = ledger.epsilon_with(entry, delta=privacy.delta)
-    base: dict[str, bool | int | float | str] = {"institution": data.name, "delta": privacy.delta}
-    reason = None
-    if after > budget * (1 + 1e-9):
-        reason = (
-            f"{data.name} refused round {server_round}: it would spend epsilon {after:.3f} "
-            f"of a budget of {budget:g} (already spent {spent:.3f})"
+    with PrivacyLedger.locked(data.state_dir, data.fingerprint) as ledger:  # check, train, record
+        plan = plan_round(
+            num_examples=len(data.train_y), train=settings.train, privacy=privacy, planned_rounds=settings.rounds
         )
-    elif settings.secagg.enabled and len(data.train_y) > settings.secagg.max_weight:
-        reason = (
-            f"{data.name} refused round {server_round}: its {len(data.train_y)} training records exceed "
-            f"secagg-max-weight = {settings.secagg.max_weight:g}, which would overflow SecAgg+; raise it"
+        entry = LedgerEntry(
+            run_id=run_id,
+            round=server_round,
+            noise_multiplier=plan.noise_multiplier,
+            sample_rate=plan.sample_rate,
+            steps=plan.steps,
+            delta=privacy.delta,
+            recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
-    if reason is not None:
-        return FitOutcome(list(weights), 0, {**base, "epsilon": spent, "refused": reason})
+        spent = ledger.epsilon(delta=privacy.delta)
+        after = ledger.epsilon_with(entry, delta=privacy.delta)
+        base: dict[str, bool | int | float | str] = {"institution": data.name, "delta": privacy.delta}
+        reason = None
+        if after > budget * (1 + 1e-9):
+            reason = (
+                f"{data.name} refused round {server_round}: it would spend epsilon {after:.3f} "
+                f"of a budget of {budget:g} (already spent {spent:.3f})"
+            )
+        elif settings.secagg.enabled and len(data.train_y) > settings.secagg.max_weight:
+            reason = (
+                f"{data.name} refused round {server_round}: its {len(data.train_y)} training records exceed "
+                f"secagg-max-weight = {settings.secagg.max_weight:g}, which would overflow SecAgg+; raise it"
+            )
+        if reason is not None:
+            return FitOutcome(list(weights), 0, {**base, "epsilon": spent, "refused": reason})
+        model = _model_with(data, settings, weights)
+        if data.reproducible:
+            entropy = [settings.seed, server_round, int(data.fingerprint[:8], 16)]
+            seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
+        else:  # DP noise an observer cannot predict from the run config
+            seed = secrets.randbits(63)
+        train_round(
+            model,
+            data.train_x,
+            data.train_y,
+            plan=plan,
+            train=settings.train,
+            max_grad_norm=privacy.max_grad_norm,
+            seed=seed,
+        )
+        ledger.append(entry)  # before the update leaves: a released update is spent privacy
+        metrics = {
+            **base,
+            "epsilon": after,
+            "steps": plan.steps,
+            "noise-multiplier": plan.noise_multiplier,
+            "sample-rate": plan.sample_rate,
+        }
+        return FitOutcome(get_weights(model), len(data.train_y), metrics)
+
+
+def _model_with(data: InstitutionData, settings: RunSettings, weights: Sequence[np.ndarray]) -> nn.Module:
     model = build_mlp(data.schema.num_inputs, data.schema.num_classes, settings.train.hidden_units, seed=settings.seed)
     set_weights(model, weights)
-    if data.reproducible:
-        seed = int(
-            np.random.SeedSequence([settings.seed, server_round, int(data.fingerprint[:8], 16)]).generate_state(1)[0]
-        )
-    else:  # DP noise an observer cannot predict from the run config
-        seed = secrets.randbits(63)
-    train_round(
-        model,
-        data.train_x,
-        data.train_y,
-        plan=plan,
-        train=settings.train,
-        max_grad_norm=privacy.max_grad_norm,
-        seed=seed,
-    )
-    ledger.append(entry)  # before the update leaves: a released update is spent privacy
-    metrics = {
-        **base,
-        "epsilon": after,
-        "steps": plan.steps,
-        "noise-multiplier": plan.noise_multiplier,
-        "sample-rate": plan.sample_rate,
-    }
-    return FitOutcome(get_weights(model), len(data.train_y), metrics)
+    return model
 
 
 def evaluate_round(
     data: InstitutionData, weights: Sequence[np.ndarray], settings: RunSettings
 ) -> tuple[float, int, dict[str, Any]]:
     """The global model's loss and metrics on this institution's held-out records."""
-    model = build_mlp(data.schema.num_inputs, data.schema.num_classes, settings.train.hidden_units, seed=settings.seed)
-    set_weights(model, weights)
+    model = _model_with(data, settings, weights)
     metrics = evaluate(model, data.test_x, data.test_y)
     loss = metrics.pop("loss")
     return (loss if math.isfinite(loss) else 0.0), len(data.test_y), {"institution": data.name, **metrics}

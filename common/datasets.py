@@ -81,14 +81,18 @@ def read_table(path: Path | str, *, delimiter: str | None = None) -> pd.DataFram
             frame = pd.read_parquet(path)
         except (OSError, ValueError) as err:
             raise DataError(f"{path}: cannot be read as Parquet ({err}); re-export it") from err
+        _refuse_duplicates(path, [str(c) for c in frame.columns])
     else:
         frame = _read_csv(path, delimiter)
-    duplicates = sorted({str(c) for c in frame.columns if list(frame.columns).count(c) > 1})
-    if duplicates:
-        raise DataError(f"{path}: duplicate column names {duplicates}; give every column a unique name")
     if frame.empty:
         raise DataError(f"{path}: has a header but no records; export the rows too")
     return frame
+
+
+def _refuse_duplicates(path: Path, columns: list[str]) -> None:
+    duplicates = sorted({c for c in columns if columns.count(c) > 1})
+    if duplicates:
+        raise DataError(f"{path}: duplicate column names {duplicates}; give every column a unique name")
 
 
 def _read_csv(path: Path, delimiter: str | None) -> pd.DataFrame:
@@ -105,9 +109,7 @@ def _read_csv(path: Path, delimiter: str | None) -> pd.DataFrame:
         except csv.Error:
             delimiter = ","
     header = next(csv.reader([sample.splitlines()[0]], delimiter=delimiter))
-    duplicates = sorted({c.strip() for c in header if [h.strip() for h in header].count(c.strip()) > 1})
-    if duplicates:
-        raise DataError(f"{path}: duplicate column names {duplicates}; give every column a unique name")
+    _refuse_duplicates(path, [c.strip() for c in header])  # pandas would rename them silently
     try:
         return pd.read_csv(path, sep=delimiter, skipinitialspace=True, encoding="utf-8-sig")
     except (ValueError, pd.errors.ParserError) as err:

@@ -52,23 +52,18 @@ class InstitutionRecord:
         return {
             "name": self.name,
             "num_examples": self.num_examples,
-            "epsilon": _json_float(self.epsilon),
-            "epsilon_this_run": _json_float(run_epsilon),
+            "epsilon": self.epsilon,
+            "epsilon_this_run": run_epsilon,
             "delta": self.delta,
             "ledger": self.ledger,
             "refusals": self.refusals,
         }
 
 
-def _json_float(value: float) -> float | str:
-    """JSON has no infinity: write "inf" for a run without DP."""
-    return value if math.isfinite(value) else str(value)
-
-
 def _json_safe(value: Any) -> Any:
-    """Replace every non-finite float in nested data by its string."""
+    """JSON has no infinity: replace every non-finite float in nested data by its string ("inf")."""
     if isinstance(value, float):
-        return _json_float(value)
+        return value if math.isfinite(value) else str(value)
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -140,7 +135,7 @@ class RunDirectory:
             if self.settings.secagg.enabled
             else None,
             "final_metrics": {k: final[k] for k in ("accuracy", "auc", "loss") if k in final},
-            "max_epsilon": _json_float(max((i.epsilon for i in self.institutions.values()), default=0.0)),
+            "max_epsilon": max((i.epsilon for i in self.institutions.values()), default=0.0),
             "institutions": [self.institutions[n].as_report() for n in sorted(self.institutions)],
             "rounds": self.rounds,
             "model": {k: v for k, v in self.model_spec.items() if k != "keys"},
