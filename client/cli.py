@@ -11,6 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from client.check import check_table
+from client.policy import PrivacyPolicy
+from common.accounting import epsilon_spent
+from common.cli import print_error
 from common.errors import FedsiloError
 from common.ledger import PrivacyLedger
 from common.schema import Schema
@@ -38,7 +41,7 @@ def check(
     try:
         summary = check_table(data, Schema.load(schema), batch_size=batch_size, delta=delta, delimiter=delimiter)
     except FedsiloError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
+        print_error(console, err)
         raise typer.Exit(2) from None
     console.print(f"{summary.path}: {summary.rows} records fit the schema ({summary.num_inputs} model inputs)")
     balance = ", ".join(f"{k} {v} ({v / summary.rows:.0%})" for k, v in summary.label_counts.items())
@@ -62,35 +65,76 @@ def check(
 @app.command()
 def budget(
     state_dir: Annotated[Path, typer.Option(help="The institution's state directory.")],
+    policy: Annotated[
+        Path | None, typer.Option(help="The institution's privacy policy (default: STATE_DIR/policy.toml if present).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Show, per dataset, each run's rounds and the epsilon spent (from the privacy ledger)."""
+    """Show, per dataset, each run's rounds and epsilon, the total spent and what remains of the budget."""
     paths = sorted((state_dir / "ledgers").glob("*.json"))
     if not paths:
-        console.print(f"[red]error:[/red] no privacy ledger under {state_dir / 'ledgers'}; check --state-dir")
+        print_error(console, f"no privacy ledger under {state_dir / 'ledgers'}; check --state-dir")
         raise typer.Exit(2)
-    rows: list[dict[str, Any]] = []
+    if policy is None and (state_dir / "policy.toml").exists():
+        policy = state_dir / "policy.toml"
     try:
-        for path in paths:
-            ledger = PrivacyLedger.for_dataset(state_dir, path.stem)
-            delta = max((e.delta for e in ledger.entries), default=1e-5)
-            runs: dict[str, int] = {}
-            for entry in ledger.entries:
-                runs[entry.run_id] = runs.get(entry.run_id, 0) + 1
-            rows.append({"dataset": path.stem, "delta": delta, "epsilon": ledger.epsilon(delta=delta), "runs": runs})
+        limits = PrivacyPolicy.load(policy) if policy else None
+        rows = [_budget_row(state_dir, path.stem, limits) for path in paths]
     except FedsiloError as err:
-        console.print(f"[red]error:[/red] {err}")
+        print_error(console, err)
         raise typer.Exit(2) from None
     if as_json:
         typer.echo(json.dumps(rows, indent=2, default=str))
         return
     table = Table(title=f"Privacy spent ({state_dir})")
-    for column in ("dataset", "runs (rounds)", "epsilon", "delta"):
+    for column in ("dataset", "run", "rounds", "epsilon of the run", "epsilon after it"):
         table.add_column(column)
     for row in rows:
-        runs_text = ", ".join(f"{k} ({v})" for k, v in row["runs"].items())
-        table.add_row(row["dataset"], runs_text, f"{row['epsilon']:.3f}", f"{row['delta']:g}")
+        for run in row["runs"]:
+            table.add_row(
+                row["dataset"],
+                run["run_id"],
+                str(run["rounds"]),
+                f"{run['epsilon']:.3f}",
+                f"{run['epsilon_after']:.3f}",
+            )
     console.print(table)
+    for row in rows:
+        left = (
+            f"{row['remaining']:.3f} of max-epsilon {row['max_epsilon']:g} remains"
+            if row["max_epsilon"] is not None
+            else "remaining: unknown (pass --policy)"
+        )
+        console.print(f"dataset {row['dataset']}: epsilon {row['epsilon']:.3f} spent at delta {row['delta']:g}; {left}")
+
+
+def _budget_row(state_dir: Path, fingerprint: str, limits: PrivacyPolicy | None) -> dict[str, Any]:
+    """One dataset's ledger, per run (in the order runs first trained), at the policy's delta."""
+    ledger = PrivacyLedger.for_dataset(state_dir, fingerprint)
+    recorded = max((e.delta for e in ledger.entries), default=DEFAULTS.privacy.delta)
+    delta = limits.delta if limits is not None and limits.delta is not None else recorded
+    runs: list[dict[str, Any]] = []
+    for run_id in dict.fromkeys(e.run_id for e in ledger.entries):
+        own = [e for e in ledger.entries if e.run_id == run_id]
+        last = max(i for i, e in enumerate(ledger.entries) if e.run_id == run_id)
+        runs.append(
+            {
+                "run_id": run_id,
+                "rounds": len(own),
+                "epsilon": epsilon_spent([e.event() for e in own], delta=delta),
+                "epsilon_after": epsilon_spent([e.event() for e in ledger.entries[: last + 1]], delta=delta),
+            }
+        )
+    spent = ledger.epsilon(delta=delta)
+    max_epsilon = limits.max_epsilon if limits is not None else None
+    return {
+        "dataset": fingerprint,
+        "delta": delta,
+        "epsilon": spent,
+        "max_epsilon": max_epsilon,
+        "remaining": None if max_epsilon is None else max(0.0, max_epsilon - spent),
+        "runs": runs,
+    }
 
 
 def main() -> None:  # pragma: no cover - console-script entry point

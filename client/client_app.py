@@ -25,14 +25,12 @@ class InstitutionClient(NumPyClient):
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         settings, data = self._settings_and_data(config)
-        budget = float(self.context.node_config.get("max-epsilon", settings.privacy.budget))
         outcome = fit_round(
             data,
             parameters,
             settings,
             server_round=int(config["server-round"]),
             run_id=str(config.get("run-name", self.context.run_id)),
-            budget=budget,
         )
         return outcome.weights, outcome.num_examples, dict(outcome.metrics)
 

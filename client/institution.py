@@ -2,8 +2,9 @@
 
 ``InstitutionData.from_node_config`` finds the institution's records (a file in
 deployment, a partition of a built-in dataset in simulation);
-``fit_round`` plans the round, refuses it if it would exceed the budget, trains
-with DP-SGD and records the round in the ledger before the update leaves.
+``fit_round`` plans the round, refuses it if the coordinator's proposal breaks
+the institution's privacy policy or would exceed its budget, trains with DP-SGD
+and records the round in the ledger before the update leaves.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 from torch import nn
 
+from client.policy import PrivacyPolicy
 from common.datasets import load_builtin, read_table
 from common.errors import ConfigError
 from common.ledger import LedgerEntry, PrivacyLedger
@@ -46,6 +48,7 @@ class InstitutionData:
     state_dir: Path
     fingerprint: str
     reproducible: bool
+    policy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], settings: RunSettings) -> InstitutionData:
@@ -57,6 +60,7 @@ class InstitutionData:
             name = str(node_config.get("name", path.stem))
             state_dir = Path(str(node_config["state-dir"]))
             reproducible = str(node_config.get("reproducible-noise", "false")).lower() == "true"
+            policy = deployed_policy(node_config)
         else:
             if "partition-id" not in node_config:
                 raise ConfigError(
@@ -71,11 +75,28 @@ class InstitutionData:
             name = f"{dataset.institution_noun}-{pid + 1}"
             state_dir = Path(settings.state_root) / name
             reproducible = True  # a simulation: the researcher holds every record and every seed
+            # The researcher plays every institution, so the run config may carry their policies.
+            policy = (
+                PrivacyPolicy.load(settings.simulation_policy, institution=name)
+                if settings.simulation_policy
+                else PrivacyPolicy(source="simulation")
+            )
         if "state-dir" in node_config:
             state_dir = Path(str(node_config["state-dir"]))
         train_x, test_x, train_y, test_y = split_holdout(inputs, labels, settings)
         fingerprint = records_fingerprint(inputs, labels)
-        return cls(name, schema, train_x, train_y, test_x, test_y, state_dir, fingerprint, reproducible)
+        return cls(name, schema, train_x, train_y, test_x, test_y, state_dir, fingerprint, reproducible, policy)
+
+
+def deployed_policy(node_config: Mapping[str, Any]) -> PrivacyPolicy:
+    """A deployed institution's policy, which must set its own lifetime budget."""
+    policy = PrivacyPolicy.from_node_config(node_config)
+    if policy.max_epsilon is None:
+        raise ConfigError(
+            f"{policy.source}: a deployed institution must set max-epsilon (its lifetime budget) "
+            "in its policy; the coordinator cannot choose it"
+        )
+    return policy
 
 
 def records_fingerprint(inputs: np.ndarray, labels: np.ndarray) -> str:
@@ -123,15 +144,15 @@ def fit_round(
     *,
     server_round: int,
     run_id: str,
-    budget: float,
 ) -> FitOutcome:
-    """Plan, check the budget, train with DP-SGD, record in the ledger, release.
+    """Plan, check the policy and the budget, train with DP-SGD, record in the ledger, release.
 
     A refused round trains nothing, records nothing and releases the received
     weights with zero weight (``num_examples = 0``), so it does not move the
     aggregate, and the reason travels in the clear metrics.
     """
-    privacy = settings.privacy
+    privacy, policy = settings.privacy, data.policy
+    budget, delta = policy.budget(settings), policy.accounting_delta(settings)
     with PrivacyLedger.locked(data.state_dir, data.fingerprint) as ledger:  # check, train, record
         plan = plan_round(
             num_examples=len(data.train_y), train=settings.train, privacy=privacy, planned_rounds=settings.rounds
@@ -142,14 +163,20 @@ def fit_round(
             noise_multiplier=plan.noise_multiplier,
             sample_rate=plan.sample_rate,
             steps=plan.steps,
-            delta=privacy.delta,
+            delta=delta,
             recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
-        spent = ledger.epsilon(delta=privacy.delta)
-        after = ledger.epsilon_with(entry, delta=privacy.delta)
-        base: dict[str, bool | int | float | str] = {"institution": data.name, "delta": privacy.delta}
+        spent = ledger.epsilon(delta=delta)
+        after = ledger.epsilon_with(entry, delta=delta)
+        base: dict[str, bool | int | float | str] = {"institution": data.name, "delta": delta}
         reason = None
-        if after > budget * (1 + 1e-9):
+        violations = policy.violations(settings, plan)
+        if violations:
+            reason = (
+                f"{data.name} refused round {server_round}: the proposed training breaks its privacy policy: "
+                + "; ".join(violations)
+            )
+        elif after > budget * (1 + 1e-9):
             reason = (
                 f"{data.name} refused round {server_round}: it would spend epsilon {after:.3f} "
                 f"of a budget of {budget:g} (already spent {spent:.3f})"
@@ -196,7 +223,13 @@ def _model_with(data: InstitutionData, settings: RunSettings, weights: Sequence[
 def evaluate_round(
     data: InstitutionData, weights: Sequence[np.ndarray], settings: RunSettings
 ) -> tuple[float, int, dict[str, Any]]:
-    """The global model's loss and metrics on this institution's held-out records."""
+    """The global model's loss and metrics on this institution's held-out records.
+
+    An institution whose policy does not share evaluation metrics reports nothing
+    (zero weight, no metrics but its name).
+    """
+    if not data.policy.share_eval_metrics:
+        return 0.0, 0, {"institution": data.name, "withheld": True}
     model = _model_with(data, settings, weights)
     metrics = evaluate(model, data.test_x, data.test_y)
     loss = metrics.pop("loss")

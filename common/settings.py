@@ -171,8 +171,10 @@ class RunSettings:
     rounds: int = field(default=8, metadata=_key("num-server-rounds"))
     seed: int = field(default=42, metadata=_key("seed"))
     fraction_fit: float = field(default=1.0, metadata=_key("fraction-fit"))
+    min_institutions: int = field(default=2, metadata=_key("min-institutions"))
     out_dir: str = field(default="", metadata=_key("out-dir"))
     state_root: str = field(default="", metadata=_key("state-root"))
+    simulation_policy: str = field(default="", metadata=_key("simulation-policy"))
     train: TrainSettings = field(default_factory=TrainSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     secagg: SecAggSettings = field(default_factory=SecAggSettings)
@@ -182,6 +184,7 @@ class RunSettings:
         _check(self.rounds >= 1, "num-server-rounds", self.rounds, "an integer >= 1")
         _check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
         _check(0 < self.fraction_fit <= 1, "fraction-fit", self.fraction_fit, "in (0, 1]")
+        _check(self.min_institutions >= 1, "min-institutions", self.min_institutions, "an integer >= 1")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> RunSettings:

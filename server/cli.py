@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from common.cli import print_error
+
 app = typer.Typer(help="fedsilo for coordinators.", no_args_is_help=True)
 console = Console(soft_wrap=True)
 
@@ -26,7 +28,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory (holds 
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        console.print(f"[red]error:[/red] cannot read {path}: {err}")
+        print_error(console, f"cannot read {path}: {err}")
         raise typer.Exit(2) from None
     table = Table(
         title=f"{run_dir}: {data['rounds_completed']} rounds, secure aggregation {data['secure_aggregation']}"

@@ -45,9 +45,11 @@ class FedsiloStrategy(FedAvg):
         super().__init__(
             fraction_fit=settings.fraction_fit,
             fraction_evaluate=1.0,
-            min_fit_clients=2,
+            # Every round waits until min-institutions are connected, so a round never
+            # starts with whoever happened to register first.
+            min_fit_clients=min(2, settings.min_institutions),
             min_evaluate_clients=1,
-            min_available_clients=2,
+            min_available_clients=settings.min_institutions,
             initial_parameters=initial_parameters,
             on_fit_config_fn=self._config,
             on_evaluate_config_fn=self._config,
@@ -93,7 +95,8 @@ class FedsiloStrategy(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, results: EvalResults, failures: list[Any]
     ) -> tuple[float | None, dict[str, Scalar]]:
-        results = sorted(results, key=_name)
+        # Institutions whose policy withholds evaluation metrics reply with zero weight.
+        results = sorted((r for r in results if r[1].num_examples > 0 and "accuracy" in r[1].metrics), key=_name)
         total = sum(res.num_examples for _, res in results)
         metrics: dict[str, Scalar] = {}
         loss = None

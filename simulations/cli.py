@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from common.cli import print_error
 from common.datasets import BUILTIN
 from common.errors import FedsiloError
 from common.settings import RunSettings
@@ -67,6 +68,10 @@ def run(
     state_root: Annotated[
         Path | None, typer.Option(help="Institutions' state (ledgers); reuse it to continue their budgets.")
     ] = None,
+    policy: Annotated[
+        Path | None,
+        typer.Option(help="Institutions' privacy policy (TOML; [institutions.NAME] tables for one institution)."),
+    ] = None,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
     """Run one federation and write its run directory (metrics.csv, model.pt, report.json)."""
@@ -91,15 +96,17 @@ def run(
                 "seed": seed,
                 "out-dir": str(out_dir.resolve()),
                 "state-root": str(state_root.resolve()) if state_root else "",
+                "simulation-policy": str(policy.resolve()) if policy else "",
             }
         )
         _check_data(settings, count)
+        _check_policy(settings, count)
         if (out_dir / "report.json").exists():
             raise FedsiloError(f"{out_dir} already holds a finished run; choose another --out or remove it")
         if settings.secagg.enabled and count < 3:
             raise FedsiloError("SecAgg+ needs at least 3 institutions here; add some or pass --no-secure-aggregation")
     except FedsiloError as err:
-        console.print(f"[red]error:[/red] {err}")
+        print_error(console, err)
         raise typer.Exit(2) from None
     privacy = "no DP" if not settings.privacy.enabled else f"target epsilon {_fmt(epsilon, 2)}, delta {delta:g}"
     console.print(
@@ -119,9 +126,31 @@ def run(
     try:
         report = run_federation(settings, institutions=count, on_round=progress, verbose=verbose)
     except FedsiloError as err:
-        console.print(f"[red]error:[/red] {err}")
+        print_error(console, err)
         raise typer.Exit(2) from None
     _summary(report, time.monotonic() - started, out_dir)
+
+
+def _check_policy(settings: RunSettings, count: int) -> None:
+    """Every simulated institution's policy loads, and its tables name institutions of this run."""
+    import tomllib
+
+    from client.policy import PrivacyPolicy
+    from common.datasets import load_builtin
+
+    if not settings.simulation_policy:
+        return
+    noun = load_builtin(settings.data.dataset).institution_noun
+    names = [f"{noun}-{i + 1}" for i in range(count)]
+    for name in names:
+        PrivacyPolicy.load(settings.simulation_policy, institution=name)
+    tables = tomllib.loads(Path(settings.simulation_policy).read_text(encoding="utf-8")).get("institutions", {})
+    strangers = sorted(set(tables) - set(names))
+    if strangers:
+        raise FedsiloError(
+            f"{settings.simulation_policy}: [institutions.{strangers[0]}] names no institution of this run "
+            f"(they are {names[0]} to {names[-1]})"
+        )
 
 
 def _check_data(settings: RunSettings, count: int) -> None:

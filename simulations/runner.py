@@ -34,6 +34,9 @@ def run_federation(
     """
     if not settings.out_dir:
         raise ValueError("settings.out_dir must name the run directory")
+    # Each round waits for every simulated institution: Flower registers nodes with the
+    # strategy in the background, and round 1 must not start with a subset.
+    settings = settings.with_overrides({"min-institutions": institutions})
     with contained_flower():
         from flwr.app import Context, RecordDict
         from flwr.simulation.run_simulation import _run_simulation

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from client.institution import InstitutionData, fit_round
+from client.policy import PrivacyPolicy
 from common.ledger import PrivacyLedger
 from common.models import build_mlp, get_weights
 from common.settings import RunSettings
@@ -14,9 +15,10 @@ from common.settings import RunSettings
 SETTINGS = RunSettings.from_config({"num-server-rounds": 3, "target-epsilon": 2.0})
 
 
-def institution(state: Path, settings: RunSettings = SETTINGS) -> InstitutionData:
+def institution(state: Path, settings: RunSettings = SETTINGS, max_epsilon: float | None = None) -> InstitutionData:
     node = {"partition-id": 0, "num-partitions": 3, "state-dir": str(state)}
-    return InstitutionData.from_node_config(node, settings)
+    data = InstitutionData.from_node_config(node, settings)
+    return replace(data, policy=PrivacyPolicy(max_epsilon=max_epsilon))
 
 
 def initial(data: InstitutionData) -> list[np.ndarray]:
@@ -27,7 +29,7 @@ def test_each_round_is_recorded_and_epsilon_grows_to_the_target(tmp_path: Path) 
     data = institution(tmp_path)
     weights, epsilons = initial(data), []
     for r in (1, 2, 3):
-        out = fit_round(data, weights, SETTINGS, server_round=r, run_id="a", budget=2.0)
+        out = fit_round(data, weights, SETTINGS, server_round=r, run_id="a")
         assert out.num_examples == len(data.train_y) and "refused" not in out.metrics
         epsilons.append(out.metrics["epsilon"])
         weights = out.weights
@@ -39,16 +41,16 @@ def test_each_round_is_recorded_and_epsilon_grows_to_the_target(tmp_path: Path) 
 
 def test_clear_text_metrics_carry_nothing_computed_from_records(tmp_path: Path) -> None:
     data = institution(tmp_path)
-    out = fit_round(data, initial(data), SETTINGS, server_round=1, run_id="a", budget=2.0)
+    out = fit_round(data, initial(data), SETTINGS, server_round=1, run_id="a")
     assert set(out.metrics) == {"institution", "delta", "epsilon", "steps", "noise-multiplier", "sample-rate"}
 
 
 def test_a_restarted_institution_continues_from_its_ledger(tmp_path: Path) -> None:
-    first = institution(tmp_path)
-    one = fit_round(first, initial(first), SETTINGS, server_round=1, run_id="a", budget=10.0)
-    restarted = institution(tmp_path)  # a new process: nothing kept in memory
+    first = institution(tmp_path, max_epsilon=10.0)
+    one = fit_round(first, initial(first), SETTINGS, server_round=1, run_id="a")
+    restarted = institution(tmp_path, max_epsilon=10.0)  # a new process: nothing kept in memory
     assert restarted.fingerprint == first.fingerprint
-    two = fit_round(restarted, one.weights, SETTINGS, server_round=1, run_id="b", budget=10.0)
+    two = fit_round(restarted, one.weights, SETTINGS, server_round=1, run_id="b")
     assert two.metrics["epsilon"] > one.metrics["epsilon"]
     entries = PrivacyLedger.for_dataset(tmp_path, first.fingerprint).entries
     assert [(e.run_id, e.round) for e in entries] == [("a", 1), ("b", 1)]
@@ -58,10 +60,10 @@ def test_refusal_at_the_budget_trains_nothing_and_spends_nothing(tmp_path: Path)
     data = institution(tmp_path)
     weights = initial(data)
     for r in (1, 2, 3):
-        weights = fit_round(data, weights, SETTINGS, server_round=r, run_id="a", budget=2.0).weights
+        weights = fit_round(data, weights, SETTINGS, server_round=r, run_id="a").weights
     ledger_file = PrivacyLedger.for_dataset(tmp_path, data.fingerprint).path
     before = ledger_file.read_text()
-    out = fit_round(data, weights, SETTINGS, server_round=4, run_id="a", budget=2.0)
+    out = fit_round(data, weights, SETTINGS, server_round=4, run_id="a")
     assert out.num_examples == 0
     assert "refused round 4" in str(out.metrics["refused"]) and "budget of 2" in str(out.metrics["refused"])
     assert all((a == b).all() for a, b in zip(out.weights, weights, strict=True))
@@ -78,19 +80,19 @@ def test_the_ledger_key_ignores_split_and_order_but_not_the_records(tmp_path: Pa
 
 
 def test_deployed_institutions_draw_noise_the_run_config_cannot_predict(tmp_path: Path) -> None:
-    data = institution(tmp_path)
+    data = institution(tmp_path, max_epsilon=100.0)
     deployed = replace(data, reproducible=False)
-    one = fit_round(deployed, initial(data), SETTINGS, server_round=1, run_id="a", budget=100.0)
-    two = fit_round(deployed, initial(data), SETTINGS, server_round=1, run_id="a", budget=100.0)
+    one = fit_round(deployed, initial(data), SETTINGS, server_round=1, run_id="a")
+    two = fit_round(deployed, initial(data), SETTINGS, server_round=1, run_id="a")
     assert any((a != b).any() for a, b in zip(one.weights, two.weights, strict=True))
-    sim_one = fit_round(data, initial(data), SETTINGS, server_round=1, run_id="a", budget=100.0)
-    sim_two = fit_round(data, initial(data), SETTINGS, server_round=1, run_id="a", budget=100.0)
+    sim_one = fit_round(data, initial(data), SETTINGS, server_round=1, run_id="a")
+    sim_two = fit_round(data, initial(data), SETTINGS, server_round=1, run_id="a")
     assert all((a == b).all() for a, b in zip(sim_one.weights, sim_two.weights, strict=True))
 
 
 def test_more_records_than_secagg_max_weight_is_refused_before_training(tmp_path: Path) -> None:
     data = institution(tmp_path)
     settings = RunSettings.from_config({"secagg-max-weight": 10.0})
-    out = fit_round(data, initial(data), settings, server_round=1, run_id="a", budget=10.0)
+    out = fit_round(data, initial(data), settings, server_round=1, run_id="a")
     assert out.num_examples == 0 and "secagg-max-weight" in str(out.metrics["refused"])
     assert PrivacyLedger.for_dataset(tmp_path, data.fingerprint).entries == ()

@@ -33,3 +33,20 @@ def test_an_existing_run_directory_is_not_overwritten(tmp_path: Path) -> None:
     (tmp_path / "report.json").write_text("{}")
     result = RUNNER.invoke(app, ["run", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "already holds a finished run" in result.output
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("max-epsilon = -1\n", "'max-epsilon' must be a number > 0"),
+        ("[institutions.hospital-9]\nmax-epsilon = 1\n", "[institutions.hospital-9] names no institution"),
+    ],
+)
+def test_a_bad_policy_file_exits_2_before_flower_starts(tmp_path: Path, text: str, words: str) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(text)
+    out = tmp_path / "run"
+    result = RUNNER.invoke(app, ["run", "--out", str(out), "--policy", str(policy)])
+    assert result.exit_code == 2
+    assert words in " ".join(result.output.split()) and str(policy) in "".join(result.output.split())
+    assert not out.exists()

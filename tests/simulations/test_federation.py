@@ -66,6 +66,20 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict
         shutil.copytree(out["secagg"][0] / "state" / name, path / "state" / name)
     report, seen = simulate(path, **{"state-root": str(path / "state"), "num-server-rounds": 2})
     out["exhausted"] = (path, report, seen)
+    # Four hospitals, each with its own policy: one runs out of budget after a round,
+    # one refuses the coordinator's epochs, one keeps its evaluation metrics to itself.
+    path = tmp_path_factory.mktemp("policies")
+    (path / "policy.toml").write_text(
+        "[institutions.hospital-1]\nmax-epsilon = 1.4\n\n"
+        "[institutions.hospital-2]\nmax-local-epochs = 1\n\n"
+        "[institutions.hospital-4]\nshare-eval-metrics = false\n"
+    )
+    settings = RunSettings().with_overrides(
+        {"num-server-rounds": ROUNDS, "seed": 7, "out-dir": str(path), "simulation-policy": str(path / "policy.toml")}
+    )
+    SpyStrategy.seen = []
+    report = run_federation(settings, institutions=4, server_app=build_server_app(strategy_cls=SpyStrategy))
+    out["policies"] = (path, report, SpyStrategy.seen)
     return out
 
 
@@ -120,6 +134,9 @@ def test_same_seed_gives_the_same_model(runs: dict[str, Any]) -> None:
 def test_secagg_and_plain_fedavg_agree_up_to_quantization_error(runs: dict[str, Any]) -> None:
     (secure_dir, secure_report, _), (plain_dir, plain_report, _) = runs["secagg"], runs["plain"]
     assert plain_report["secure_aggregation"] is False
+    for path in (secure_dir, plain_dir):  # every round waited for all three institutions
+        rows = list(csv.DictReader((path / "metrics.csv").open()))
+        assert [r["institutions_trained"] for r in rows] == [str(INSTITUTIONS)] * ROUNDS
     # Round 1 starts from the same model with the same local training, so the two
     # aggregates differ only by SecAgg+'s quantization: at most one level
     # (2 * clipping range / quantization range) per institution, on the weighted sum.
@@ -162,3 +179,28 @@ def test_a_lone_contributor_is_never_unmasked_and_its_spent_privacy_is_reported(
     rows = list(csv.DictReader((path / "metrics.csv").open()))
     assert [(r["institutions_trained"], r["institutions_refused"]) for r in rows] == [("1", "2"), ("1", "2")]
     assert list((path / "checkpoints").iterdir()) == []
+
+
+def test_institutions_leave_by_their_own_policy_while_the_federation_goes_on(runs: dict[str, Any]) -> None:
+    path, report, seen = runs["policies"]
+    by_name = {i["name"]: i for i in report["institutions"]}
+    # hospital-1 trained one round (epsilon 1.19 of its 1.4), then its budget ended its part.
+    assert [e["round"] for e in by_name["hospital-1"]["ledger"]] == [1]
+    assert [r["round"] for r in by_name["hospital-1"]["refusals"]] == [2, 3]
+    assert "budget of 1.4" in by_name["hospital-1"]["refusals"][0]["reason"]
+    assert by_name["hospital-1"]["epsilon"] <= 1.4
+    # hospital-2 refused every round: the coordinator asks for 2 local epochs, its policy allows 1.
+    assert by_name["hospital-2"]["ledger"] == [] and by_name["hospital-2"]["epsilon"] == 0
+    assert [r["round"] for r in by_name["hospital-2"]["refusals"]] == [1, 2, 3]
+    assert "local-epochs 2 is above the policy's max-local-epochs 1" in by_name["hospital-2"]["refusals"][0]["reason"]
+    # The others trained every round, and every round completed.
+    for name in ("hospital-3", "hospital-4"):
+        assert [e["round"] for e in by_name[name]["ledger"]] == [1, 2, 3] and by_name[name]["refusals"] == []
+    assert report["rounds_completed"] == ROUNDS and len(seen) == ROUNDS
+    rows = list(csv.DictReader((path / "metrics.csv").open()))
+    assert [(r["institutions_trained"], r["institutions_refused"]) for r in rows] == [
+        ("3", "1"),
+        ("2", "2"),
+        ("2", "2"),
+    ]
+    assert all(0 < float(r["accuracy"]) <= 1 for r in rows)  # hospital-4 withholds its metrics; the others report

@@ -1,0 +1,166 @@
+"""An institution's privacy policy: limits that no coordinator can override.
+
+The policy lives with the institution (a TOML file, or its SuperNode's node
+config). Every round the coordinator proposes training settings; they are
+checked against the policy before anything trains, and a violation refuses the
+round with a reason the coordinator sees. Nothing is silently clamped.
+
+A policy file::
+
+    max-epsilon = 3.0            # lifetime budget for this dataset
+    delta = 1e-5                 # largest delta accepted; epsilon is accounted at it
+    min-noise-multiplier = 0.8   # refuse rounds with less noise than this
+    max-grad-norm = 1.0          # refuse larger per-record clipping norms
+    max-local-epochs = 5         # refuse more local epochs per round
+    share-eval-metrics = true    # false: evaluation rounds report nothing
+
+    [institutions.hospital-2]    # simulations only: overrides for one institution
+    max-epsilon = 1.0
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from common.errors import ConfigError
+from common.settings import RunSettings
+from common.training import RoundPlan
+
+KEYS = {
+    "max-epsilon": "max_epsilon",
+    "delta": "delta",
+    "min-noise-multiplier": "min_noise_multiplier",
+    "max-grad-norm": "max_grad_norm",
+    "max-local-epochs": "max_local_epochs",
+    "share-eval-metrics": "share_eval_metrics",
+}
+
+
+@dataclass(frozen=True)
+class PrivacyPolicy:
+    """Limits an institution sets for itself; ``None`` means "no limit of this kind"."""
+
+    max_epsilon: float | None = None
+    delta: float | None = None
+    min_noise_multiplier: float = 0.0
+    max_grad_norm: float | None = None
+    max_local_epochs: int | None = None
+    share_eval_metrics: bool = True
+    source: str = "policy"
+
+    def __post_init__(self) -> None:
+        def bad(key: str, value: Any, expected: str) -> ConfigError:
+            return ConfigError(f"{self.source}: '{key}' must be {expected}. Found {value!r}.")
+
+        if self.max_epsilon is not None and not (self.max_epsilon > 0):
+            raise bad("max-epsilon", self.max_epsilon, "a number > 0 (inf for no limit)")
+        if self.delta is not None and not (0 < self.delta < 1):
+            raise bad("delta", self.delta, "in (0, 1), typically below 1 / (number of records)")
+        if not (math.isfinite(self.min_noise_multiplier) and self.min_noise_multiplier >= 0):
+            raise bad("min-noise-multiplier", self.min_noise_multiplier, "a finite number >= 0")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise bad("max-grad-norm", self.max_grad_norm, "a finite number > 0")
+        if self.max_local_epochs is not None and self.max_local_epochs < 1:
+            raise bad("max-local-epochs", self.max_local_epochs, "an integer >= 1")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str) -> PrivacyPolicy:
+        """Build from policy keys (``max-epsilon``, ...); unknown keys are an error."""
+        unknown = sorted(set(values) - set(KEYS))
+        if unknown:
+            raise ConfigError(f"{source}: unknown policy key(s) {unknown}; known keys are {sorted(KEYS)}")
+        kwargs: dict[str, Any] = {"source": source}
+        for key, value in values.items():
+            kwargs[KEYS[key]] = _coerce(key, value, source)
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, path: str | Path, institution: str | None = None) -> PrivacyPolicy:
+        """Read a policy file; ``institution`` applies its ``[institutions.NAME]`` table, if any."""
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: policy file not found; check the path") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read the policy file ({err})") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML ({err}); see the policy format in the README") from None
+        overrides = raw.pop("institutions", {})
+        if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+            raise ConfigError(f"{path}: [institutions.NAME] must be tables of policy keys")
+        policy = cls.from_mapping(raw, str(path))
+        for name, table in overrides.items():
+            cls.from_mapping(table, f"{path} [institutions.{name}]")  # every table is checked, used or not
+        if institution is not None and institution in overrides:
+            specific = cls.from_mapping({**raw, **overrides[institution]}, f"{path} [institutions.{institution}]")
+            policy = replace(specific, source=str(path))
+        return policy
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> PrivacyPolicy:
+        """A deployed institution's policy: ``policy-path`` and/or inline keys (inline wins)."""
+        inline = {k: v for k, v in node_config.items() if k in KEYS}
+        base = cls.load(str(node_config["policy-path"])) if "policy-path" in node_config else cls(source="node config")
+        if not inline:
+            return base
+        merged = {key: getattr(base, attr) for key, attr in KEYS.items() if getattr(base, attr) is not None}
+        return cls.from_mapping({**merged, **inline}, "node config")
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The policy's keys (those with a limit), for reports and ``budget``."""
+        return {key: getattr(self, attr) for key, attr in KEYS.items() if getattr(self, attr) is not None}
+
+    def budget(self, settings: RunSettings) -> float:
+        """The lifetime epsilon budget: the policy's, else (simulations only) the run's."""
+        return self.max_epsilon if self.max_epsilon is not None else settings.privacy.budget
+
+    def accounting_delta(self, settings: RunSettings) -> float:
+        """The delta epsilon is accounted at: the institution's own, else the run's."""
+        return self.delta if self.delta is not None else settings.privacy.delta
+
+    def violations(self, settings: RunSettings, plan: RoundPlan) -> list[str]:
+        """What in the coordinator's proposal breaks this policy (empty: nothing)."""
+        out = []
+        if self.delta is not None and settings.privacy.delta > self.delta:
+            out.append(f"delta {settings.privacy.delta:g} is above the policy's delta {self.delta:g}")
+        if plan.noise_multiplier < self.min_noise_multiplier:
+            what = "no noise (no DP)" if plan.noise_multiplier == 0 else f"noise multiplier {plan.noise_multiplier:.4g}"
+            out.append(f"{what} is below the policy's min-noise-multiplier {self.min_noise_multiplier:g}")
+        if self.max_grad_norm is not None and settings.privacy.max_grad_norm > self.max_grad_norm:
+            out.append(
+                f"max-grad-norm {settings.privacy.max_grad_norm:g} is above the policy's ceiling {self.max_grad_norm:g}"
+            )
+        if self.max_local_epochs is not None and settings.train.local_epochs > self.max_local_epochs:
+            out.append(
+                f"local-epochs {settings.train.local_epochs} is above the policy's "
+                f"max-local-epochs {self.max_local_epochs}"
+            )
+        return out
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    attr = KEYS[key]
+    kind = next(f.type for f in fields(PrivacyPolicy) if f.name == attr)
+    try:
+        if "bool" in str(kind):
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in {"true", "false"}:
+                return value.lower() == "true"
+            raise ValueError
+        if "int" in str(kind):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    except (TypeError, ValueError):
+        expected = "true or false" if "bool" in str(kind) else "a number"
+        raise ConfigError(f"{source}: '{key}' must be {expected}. Found {value!r}.") from None

@@ -1,0 +1,173 @@
+"""The institution's privacy policy: loaded strictly, enforced before training, never clamped."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from client.cli import app
+from client.institution import InstitutionData, deployed_policy, evaluate_round, fit_round
+from client.policy import PrivacyPolicy
+from common.errors import ConfigError
+from common.ledger import PrivacyLedger
+from common.models import build_mlp, get_weights
+from common.settings import RunSettings
+
+SETTINGS = RunSettings.from_config({"num-server-rounds": 3, "target-epsilon": 2.0})
+POLICY = """\
+max-epsilon = 3.0
+delta = 1e-5
+min-noise-multiplier = 0.5
+max-grad-norm = 1.0
+max-local-epochs = 2
+
+[institutions.hospital-2]
+max-epsilon = 1.0
+share-eval-metrics = false
+"""
+
+
+def institution(state: Path, policy: PrivacyPolicy) -> InstitutionData:
+    data = InstitutionData.from_node_config({"partition-id": 0, "num-partitions": 3, "state-dir": str(state)}, SETTINGS)
+    return replace(data, policy=policy)
+
+
+def initial(data: InstitutionData) -> list[np.ndarray]:
+    return get_weights(build_mlp(data.schema.num_inputs, 2, SETTINGS.train.hidden_units, seed=SETTINGS.seed))
+
+
+def test_a_policy_file_with_a_table_for_one_institution(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(POLICY)
+    common = PrivacyPolicy.load(path, institution="hospital-1")
+    assert (common.max_epsilon, common.min_noise_multiplier, common.max_local_epochs) == (3.0, 0.5, 2)
+    assert common.share_eval_metrics is True
+    own = PrivacyPolicy.load(path, institution="hospital-2")
+    assert own.max_epsilon == 1.0 and own.share_eval_metrics is False and own.max_grad_norm == 1.0
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("max-epsilon = 0\n", ["'max-epsilon'", "> 0", "Found 0"]),
+        ("max-epsilon = 'lots'\n", ["'max-epsilon'", "a number", "lots"]),
+        ("delta = 2.0\n", ["'delta'", "(0, 1)"]),
+        ("min-noise-multiplier = -1\n", ["'min-noise-multiplier'", ">= 0"]),
+        ("max-grad-norm = 0\n", ["'max-grad-norm'", "> 0"]),
+        ("max-local-epochs = 1.5\n", ["'max-local-epochs'", "1.5"]),
+        ("share-eval-metrics = 'maybe'\n", ["'share-eval-metrics'", "true or false"]),
+        ("max-epsilon = 1\nmax-epsilno = 2\n", ["unknown policy key", "max-epsilno", "known keys"]),
+        ("max-epsilon = [\n", ["not valid TOML"]),
+        ("max-epsilon = 1\n[institutions.bank-1]\ndelta = 0\n", ["[institutions.bank-1]", "'delta'"]),
+    ],
+)
+def test_a_malformed_policy_is_an_error_naming_file_and_key(tmp_path: Path, text: str, words: list[str]) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        PrivacyPolicy.load(path)
+    assert str(path) in str(err.value)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_a_missing_policy_file_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="policy file not found"):
+        PrivacyPolicy.load(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(
+    ("proposal", "words"),
+    [
+        ({"noise-multiplier": 0.3}, ["noise multiplier 0.3", "min-noise-multiplier 0.5"]),
+        ({"target-epsilon": float("inf")}, ["no noise (no DP)", "min-noise-multiplier"]),
+        ({"local-epochs": 5}, ["local-epochs 5", "max-local-epochs 2"]),
+        ({"max-grad-norm": 4.0}, ["max-grad-norm 4", "ceiling 1"]),
+        ({"delta": 1e-3}, ["delta 0.001", "policy's delta 1e-05"]),
+    ],
+)
+def test_a_proposal_that_breaks_the_policy_is_refused_before_training(
+    tmp_path: Path, proposal: dict[str, float], words: list[str]
+) -> None:
+    policy = PrivacyPolicy(
+        max_epsilon=10.0, delta=1e-5, min_noise_multiplier=0.5, max_grad_norm=1.0, max_local_epochs=2
+    )
+    data = institution(tmp_path, policy)
+    weights = initial(data)
+    out = fit_round(data, weights, SETTINGS.with_overrides(proposal), server_round=1, run_id="a")
+    assert out.num_examples == 0
+    reason = str(out.metrics["refused"])
+    assert "hospital-1 refused round 1" in reason and "privacy policy" in reason
+    for word in words:
+        assert word in reason
+    assert all(np.array_equal(a, b) for a, b in zip(out.weights, weights, strict=True))  # nothing trained
+    assert PrivacyLedger.for_dataset(tmp_path, data.fingerprint).entries == ()  # nothing spent
+    # The same institution accepts the coordinator's default proposal.
+    assert fit_round(data, weights, SETTINGS, server_round=1, run_id="a").num_examples == len(data.train_y)
+
+
+def test_epsilon_is_accounted_at_the_institutions_own_delta(tmp_path: Path) -> None:
+    data = institution(tmp_path, PrivacyPolicy(max_epsilon=10.0, delta=1e-3))
+    out = fit_round(data, initial(data), SETTINGS.with_overrides({"delta": 1e-6}), server_round=1, run_id="a")
+    (entry,) = PrivacyLedger.for_dataset(tmp_path, data.fingerprint).entries
+    assert entry.delta == out.metrics["delta"] == 1e-3
+    ledger = PrivacyLedger.for_dataset(tmp_path, data.fingerprint)
+    assert out.metrics["epsilon"] == pytest.approx(ledger.epsilon(delta=1e-3))
+    assert ledger.epsilon(delta=1e-3) < ledger.epsilon(delta=1e-6)
+
+
+def test_the_institutions_budget_not_the_coordinators_decides(tmp_path: Path) -> None:
+    data = institution(tmp_path, PrivacyPolicy(max_epsilon=1.4))  # one round of three costs 1.19
+    generous = SETTINGS.with_overrides({"max-epsilon": 50.0})  # the coordinator offers more
+    weights, outcomes = initial(data), []
+    for r in (1, 2, 3):
+        out = fit_round(data, weights, generous, server_round=r, run_id="a")
+        outcomes.append(out)
+        weights = out.weights
+    trained = [o for o in outcomes if o.num_examples > 0]
+    refused = [o for o in outcomes if o.num_examples == 0]
+    assert trained and refused and outcomes.index(refused[0]) == len(trained)  # stops, then stays stopped
+    assert "budget of 1.4" in str(refused[0].metrics["refused"])
+    assert PrivacyLedger.for_dataset(tmp_path, data.fingerprint).epsilon(delta=1e-5) <= 1.4
+
+
+def test_withheld_evaluation_metrics_report_nothing(tmp_path: Path) -> None:
+    data = institution(tmp_path, PrivacyPolicy(share_eval_metrics=False))
+    assert evaluate_round(data, initial(data), SETTINGS) == (0.0, 0, {"institution": "hospital-1", "withheld": True})
+    shared = evaluate_round(replace(data, policy=PrivacyPolicy()), initial(data), SETTINGS)
+    assert shared[1] == len(data.test_y) and "accuracy" in shared[2]
+
+
+def test_a_deployed_institution_must_set_its_own_budget(tmp_path: Path) -> None:
+    policy_path = tmp_path / "policy.toml"
+    policy_path.write_text("min-noise-multiplier = 0.7\n")
+    with pytest.raises(ConfigError, match="must set max-epsilon"):
+        deployed_policy({"policy-path": str(policy_path)})
+    merged = deployed_policy({"policy-path": str(policy_path), "max-epsilon": "4"})  # inline keys win
+    assert (merged.max_epsilon, merged.min_noise_multiplier) == (4.0, 0.7)
+
+
+def test_budget_shows_each_run_the_total_and_what_remains(tmp_path: Path) -> None:
+    data = institution(tmp_path, PrivacyPolicy(max_epsilon=5.0))
+    weights = initial(data)
+    for run_id, rounds in (("run-a", (1, 2)), ("run-b", (1,))):
+        for r in rounds:
+            weights = fit_round(data, weights, SETTINGS, server_round=r, run_id=run_id).weights
+    (tmp_path / "policy.toml").write_text("max-epsilon = 5.0\n")
+    result = CliRunner().invoke(app, ["budget", "--state-dir", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.output)
+    ledger = PrivacyLedger.for_dataset(tmp_path, data.fingerprint)
+    assert row["dataset"] == data.fingerprint
+    assert [(r["run_id"], r["rounds"]) for r in row["runs"]] == [("run-a", 2), ("run-b", 1)]
+    assert row["runs"][-1]["epsilon_after"] == pytest.approx(ledger.epsilon(delta=1e-5))
+    assert row["runs"][0]["epsilon"] < row["runs"][-1]["epsilon_after"]
+    assert row["epsilon"] == pytest.approx(ledger.epsilon(delta=1e-5))
+    assert row["remaining"] == pytest.approx(5.0 - row["epsilon"])
+    text = CliRunner().invoke(app, ["budget", "--state-dir", str(tmp_path)])
+    assert text.exit_code == 0 and "run-b" in text.output and "of max-epsilon 5 remains" in text.output
+    missing = CliRunner().invoke(app, ["budget", "--state-dir", str(tmp_path / "elsewhere")])
+    assert missing.exit_code == 2 and "no privacy ledger" in missing.output
