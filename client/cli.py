@@ -137,5 +137,91 @@ def _budget_row(state_dir: Path, fingerprint: str, limits: PrivacyPolicy | None)
     }
 
 
+@app.command()
+def keys(directory: Annotated[Path, typer.Argument(help="Where to write node.key and node.key.pub.")]) -> None:
+    """Make this institution's node key pair (ECDSA P-384, OpenSSH); send the .pub file to the coordinator."""
+    from common.keys import fingerprint, new_node_keys
+
+    try:
+        public = new_node_keys(directory / "node.key")
+    except FedsiloError as err:
+        print_error(console, err)
+        raise typer.Exit(2) from None
+    console.print(f"private key: {directory / 'node.key'} (mode 0600; it never leaves this institution)")
+    console.print(f"public key:  {public} (send it to the coordinator)")
+    console.print(f"fingerprint: {fingerprint(public.read_bytes().strip())} (tell it to the coordinator separately)")
+
+
+@app.command()
+def start(
+    server: Annotated[str, typer.Option(help="The coordinator's SuperLink, HOST:PORT.")],
+    ca: Annotated[Path, typer.Option(help="The federation's CA certificate (ca.crt from the coordinator).")],
+    key: Annotated[Path, typer.Option(help="This institution's node private key (from `keys`).")],
+    data: Annotated[Path, typer.Option(help="The institution's table: CSV or Parquet.")],
+    schema: Annotated[Path, typer.Option(help="The federation schema (TOML) from the coordinator.")],
+    policy: Annotated[Path, typer.Option(help="This institution's privacy policy (TOML).")],
+    state_dir: Annotated[Path, typer.Option(help="Where the privacy ledger and Flower's files live.")],
+    name: Annotated[
+        str | None, typer.Option(help="The name the coordinator admitted (default: --state-dir's name).")
+    ] = None,
+    port: Annotated[int, typer.Option(help="Local port of this SuperNode's ClientApp API.")] = 9094,
+    max_retries: Annotated[
+        int | None, typer.Option(help="Give up after this many failed connection attempts (default: never).")
+    ] = None,
+) -> None:
+    """Check the data, then run this institution's SuperNode until interrupted."""
+    import shutil
+    import signal
+    import subprocess
+
+    from client.deployment import node_config, supernode_argv
+    from client.institution import deployed_policy
+    from common.flower_env import flower_env
+
+    try:
+        for path, what in ((ca, "--ca"), (key, "--key")):
+            if not path.is_file():
+                raise FedsiloError(f"{what} {path}: no such file")
+        limits = deployed_policy({"policy-path": str(policy)})
+        summary = check_table(
+            data, Schema.load(schema), batch_size=DEFAULTS.train.batch_size, delta=limits.accounting_delta(DEFAULTS)
+        )
+    except FedsiloError as err:
+        print_error(console, err)
+        console.print("the SuperNode was not started")
+        raise typer.Exit(2) from None
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if policy.resolve() != (state_dir / "policy.toml").resolve():
+        shutil.copyfile(policy, state_dir / "policy.toml")  # what `budget` reads by default
+    who = name or state_dir.resolve().name
+    console.print(f"{summary.path}: {summary.rows} records fit the schema")
+    console.print(f"policy: {limits.to_mapping()}")
+    config = node_config(name=who, data=data, schema=schema, policy=policy, state_dir=state_dir)
+    argv = supernode_argv(server=server, ca=ca, key=key, config=config, port=port)
+    if max_retries is not None:
+        argv += ["--max-retries", str(max_retries)]
+    process = subprocess.Popen(argv, env=flower_env(state_dir / "flwr"), cwd=state_dir)
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    console.print(f"{who}: SuperNode connecting to {server} over TLS; stop with Ctrl-C")
+    try:
+        code = process.wait()
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    if code:
+        print_error(console, f"the SuperNode exited with code {code}")
+        raise typer.Exit(1)
+
+
 def main() -> None:  # pragma: no cover - console-script entry point
     app()

@@ -159,6 +159,8 @@ class DataSettings:
     dataset: str = field(default="breast-cancer", metadata=_key("dataset"))
     partition: str = field(default="iid", metadata=_key("partition"))
     test_fraction: float = field(default=0.2, metadata=_key("test-fraction"))
+    # A deployed federation's schema file (on the coordinator); empty: the built-in dataset's.
+    schema_path: str = field(default="", metadata=_key("schema-path"))
 
     def __post_init__(self) -> None:
         _check(0 < self.test_fraction < 1, "test-fraction", self.test_fraction, "in (0, 1)")
@@ -175,6 +177,8 @@ class RunSettings:
     out_dir: str = field(default="", metadata=_key("out-dir"))
     state_root: str = field(default="", metadata=_key("state-root"))
     simulation_policy: str = field(default="", metadata=_key("simulation-policy"))
+    # A run directory to continue from its last completed round (same run, same name).
+    resume_from: str = field(default="", metadata=_key("resume-from"))
     train: TrainSettings = field(default_factory=TrainSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     secagg: SecAggSettings = field(default_factory=SecAggSettings)

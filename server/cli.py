@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from types import FrameType
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from common.cli import print_error
+from common.errors import FedsiloError
+from common.flower_env import flower_bin, flower_env
+from common.keys import DEFAULT_HOSTS
+from server.federation import DEFAULT_PORT, Federation
 
 app = typer.Typer(help="fedsilo for coordinators.", no_args_is_help=True)
 console = Console(soft_wrap=True)
@@ -46,6 +55,227 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory (holds 
         )
     console.print(table)
     console.print(f"final metrics: {data['final_metrics']}")
+
+
+@app.command()
+def init(
+    directory: Annotated[Path, typer.Argument(help="The new federation directory.")],
+    host: Annotated[
+        list[str] | None, typer.Option(help="Host name or IP the server certificate covers (repeat).")
+    ] = None,
+    dataset: Annotated[str, typer.Option(help="Built-in dataset whose schema to use.")] = "breast-cancer",
+    schema: Annotated[Path | None, typer.Option(help="The federation schema (TOML), instead of --dataset's.")] = None,
+    port: Annotated[int, typer.Option(help="Port the SuperLink will listen on.")] = DEFAULT_PORT,
+) -> None:
+    """Create a federation: a CA, a server certificate, the schema and the run settings."""
+    hosts = tuple(host) if host else DEFAULT_HOSTS
+    try:
+        fed = Federation.init(directory, hosts=hosts, dataset=dataset, schema=schema, port=port)
+    except FedsiloError as err:
+        print_error(console, err)
+        raise typer.Exit(2) from None
+    console.print(f"federation created in {fed.root}")
+    console.print(f"  server certificate for: {', '.join(hosts)}")
+    console.print(f"  send to every institution: {fed.ca_cert} and {fed.schema_path}")
+    console.print(f"  run settings: {fed.config_path} (its \\[run] table)")
+    console.print(f"next: `fedsilo-server admit {directory} NODE_KEY.pub --name NAME` for each institution")
+
+
+@app.command()
+def admit(
+    directory: Annotated[Path, typer.Argument(help="The federation directory.")],
+    public_key: Annotated[Path, typer.Argument(help="The institution's node public key (.pub).")],
+    name: Annotated[str, typer.Option(help="The institution's name.")],
+) -> None:
+    """Admit an institution's node key (registered with the SuperLink now, or when it starts)."""
+    from server.deployment import register_admitted, running_address
+
+    fed = Federation(directory)
+    try:
+        entry = fed.admit(public_key, name)
+        live = running_address(fed) is not None
+        if live:
+            register_admitted(fed)
+    except FedsiloError as err:
+        print_error(console, err)
+        raise typer.Exit(2) from None
+    console.print(f"admitted {entry.name}: {entry.fingerprint} (check it with the institution)")
+    console.print("registered with the running SuperLink" if live else "it is registered when the SuperLink starts")
+
+
+@app.command()
+def start(
+    directory: Annotated[Path, typer.Argument(help="The federation directory.")],
+    port: Annotated[int | None, typer.Option(help="Port (default: federation.toml's).")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind (only this one).")] = "127.0.0.1",
+    insecure: Annotated[bool, typer.Option(help="No TLS, no node authentication: local experiments only.")] = False,
+) -> None:
+    """Run the SuperLink with TLS and SuperNode authentication until interrupted."""
+    from server.deployment import start_superlink, stop_superlink
+
+    fed = Federation(directory)
+    if insecure:
+        console.print(
+            "[bold red]WARNING: --insecure: no TLS and no node authentication. Updates, keys and metrics "
+            "cross the network in the clear and anyone can join. Never use this with real data.[/bold red]"
+        )
+    try:
+        fed.load()
+        chosen = port or fed.port
+        process = start_superlink(fed, host=host, port=chosen, insecure=insecure)
+    except FedsiloError as err:
+        print_error(console, err)
+        raise typer.Exit(2) from None
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    console.print(f"SuperLink listening on {host}:{chosen} ({'INSECURE' if insecure else 'TLS, node authentication'})")
+    console.print(f"admitted institutions: {', '.join(sorted(fed.institutions())) or 'none yet'}")
+    console.print(f"log: {fed.superlink_dir / 'superlink.log'}; stop with Ctrl-C")
+    try:
+        code = process.wait()
+        print_error(console, f"the SuperLink exited with code {code}; see {fed.superlink_dir / 'superlink.log'}")
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        console.print("stopping the SuperLink")
+    finally:
+        stop_superlink(process, fed)
+
+
+@app.command()
+def run(
+    directory: Annotated[Path, typer.Argument(help="The federation directory.")],
+    rounds: Annotated[int | None, typer.Option(help="Rounds (default: federation.toml's).")] = None,
+    epsilon: Annotated[float | None, typer.Option(help="Target epsilon per institution over the run.")] = None,
+    min_institutions: Annotated[
+        int | None, typer.Option(help="Institutions every round waits for (default: all admitted).")
+    ] = None,
+    config: Annotated[str, typer.Option(help="More run settings, as 'key=value key2=value2'.")] = "",
+    resume: Annotated[bool, typer.Option(help="Continue the last unfinished run from its last round.")] = False,
+    verbose: Annotated[bool, typer.Option(help="Show all of Flower's log.")] = False,
+) -> None:
+    """Submit a run to the SuperLink, stream its progress and write its run directory under DIR/runs."""
+    from server.deployment import require_admitted, running_address
+
+    fed = Federation(directory)
+    try:
+        fed.load()
+        require_admitted(fed)
+        if running_address(fed) is None:
+            raise FedsiloError(f"no SuperLink is running for {fed.root}; start it with `fedsilo-server start`")
+        overrides: dict[str, Any] = _parse_config(config)
+        if rounds is not None:
+            overrides["num-server-rounds"] = rounds
+        if epsilon is not None:
+            overrides["target-epsilon"] = epsilon
+        if resume:
+            if overrides or rounds is not None or epsilon is not None or min_institutions is not None:
+                raise FedsiloError("a resumed run keeps the settings it started with; --resume takes no other option")
+            run_dir = _unfinished_run(fed)
+            overrides = {"resume-from": str(run_dir)}
+        else:
+            overrides["min-institutions"] = (
+                min_institutions or overrides.get("min-institutions") or len(fed.institutions())
+            )
+            run_dir = fed.runs_dir / datetime.now().strftime("%Y%m%d-%H%M%S")
+            overrides["out-dir"] = str(run_dir)
+        fed.settings(overrides=overrides)  # every value checked before anything is submitted
+        fed.write_app()
+    except FedsiloError as err:
+        print_error(console, err)
+        raise typer.Exit(2) from None
+    console.print(f"{'resuming' if resume else 'starting'} run {run_dir.name} ({run_dir})")
+    argv = [flower_bin("flwr"), "run", str(fed.app_dir), "fedsilo", "--stream", "--run-config", _run_config(overrides)]
+    with subprocess.Popen(
+        argv, cwd=fed.root, env=flower_env(fed.flwr_home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as flower:
+        assert flower.stdout is not None
+        shown = ""
+        for line in flower.stdout:
+            if verbose:
+                sys.stdout.write(line)
+            elif "[fedsilo]" in line or "ERROR" in line:
+                text = line.split("[fedsilo] ")[-1]
+                if text != shown:  # Flower logs each line through two handlers
+                    sys.stdout.write(text)
+                shown = text
+            sys.stdout.flush()
+    if not (run_dir / "report.json").exists():
+        print_error(console, f"the run ended without writing {run_dir / 'report.json'}; rerun with --verbose")
+        raise typer.Exit(1)
+    report(run_dir)
+
+
+@app.command()
+def status(directory: Annotated[Path, typer.Argument(help="The federation directory.")]) -> None:
+    """SuperLink health, admitted and connected institutions, and runs."""
+    from server.deployment import flwr_json, healthy, node_names, running_address
+
+    fed = Federation(directory)
+    try:
+        fed.load()
+    except FedsiloError as err:
+        print_error(console, err)
+        raise typer.Exit(2) from None
+    address = running_address(fed)
+    info = json.loads((fed.superlink_dir / "superlink.json").read_text()) if address else {}
+    up = address is not None and healthy(address, None if info.get("insecure") else fed.ca_cert)
+    console.print(f"SuperLink: {'healthy at ' + address if up and address else 'not running'}")
+    nodes: list[dict[str, Any]] = []
+    if up:
+        try:
+            nodes = list(flwr_json(fed, "supernode", "ls", "fedsilo").get("nodes", []))
+        except FedsiloError as err:
+            print_error(console, err)
+    names = node_names(fed)
+    online = {names.get(str(n.get("node-id")), str(n.get("node-id"))): str(n.get("status", "?")) for n in nodes}
+    table = Table(title="Institutions")
+    for column in ("name", "fingerprint", "admitted", "status"):
+        table.add_column(column)
+    for name, inst in sorted(fed.institutions().items()):
+        table.add_row(name, inst.fingerprint, inst.admitted_at, online.get(name, "offline" if up else "-"))
+    console.print(table)
+    runs = Table(title="Runs")
+    for column in ("run", "rounds", "state"):
+        runs.add_column(column)
+    for path in sorted(fed.runs_dir.glob("*")) if fed.runs_dir.exists() else []:
+        state = "finished" if (path / "report.json").exists() else "stopped or running"
+        metrics = path / "metrics.csv"
+        rows = max(0, len(metrics.read_text().splitlines()) - 1) if metrics.exists() else 0
+        runs.add_row(path.name, str(rows), state)
+    console.print(runs)
+
+
+def _parse_config(text: str) -> dict[str, Any]:
+    """'key=value ...' as TOML values (strings may be bare)."""
+    import shlex
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for item in shlex.split(text):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FedsiloError(f"--config: {item!r} is not key=value")
+        try:
+            out[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = value
+    return out
+
+
+def _run_config(values: dict[str, Any]) -> str:
+    from server.federation import _toml_value
+
+    return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
+
+
+def _unfinished_run(fed: Federation) -> Path:
+    candidates = [p for p in sorted(fed.runs_dir.glob("*")) if (p / "progress.json").exists()]
+    if not candidates or (candidates[-1] / "report.json").exists():
+        raise FedsiloError(f"no unfinished run under {fed.runs_dir} has a completed round to resume from")
+    return candidates[-1]
 
 
 def main() -> None:  # pragma: no cover - console-script entry point

@@ -10,9 +10,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from common.accounting import DPSGDEvent, epsilon_spent
+from common.errors import ConfigError
 from common.settings import RunSettings
 
 METRIC_COLUMNS = (
@@ -80,11 +82,54 @@ class RunDirectory:
         self.model_spec = model_spec
         self.institutions: dict[str, InstitutionRecord] = {}
         self.rounds: list[dict[str, Any]] = []
-        self.rounds_completed = 0
+        self.rounds_completed = 0  # the last round whose aggregate was checkpointed
+        self.last_round = 0  # the last round that ran to its end (trained or not)
+        if settings.resume_from:
+            self._reopen()
+            return
         (path / "checkpoints").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(schema_path, path / "schema.toml")
-        with open(path / "metrics.csv", "w", newline="", encoding="utf-8") as fh:
-            csv.writer(fh).writerow(METRIC_COLUMNS)
+        self._write_metrics()
+
+    def _reopen(self) -> None:
+        """Continue a stopped run from its last completed round (``progress.json``)."""
+        if (self.path / "report.json").exists():
+            raise ConfigError(f"{self.path} holds a finished run; there is nothing to resume")
+        try:
+            progress = json.loads((self.path / "progress.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{self.path} has no completed round to resume from (no progress.json)") from None
+        self.rounds_completed = int(progress["rounds_completed"])
+        self.last_round = int(progress["last_round"])
+        self.rounds = list(progress["rounds"])
+        self.institutions = {n: InstitutionRecord(**r) for n, r in progress["institutions"].items()}
+        for stale in (self.path / "checkpoints").glob("round-*.pt"):  # a round that did not complete
+            if int(stale.stem.split("-")[1]) > self.rounds_completed:
+                stale.unlink()
+        self._write_metrics()
+
+    @staticmethod
+    def saved_settings(path: Path) -> RunSettings:
+        """The settings a stopped run was started with (a resumed run keeps them all)."""
+        try:
+            progress = json.loads((path / "progress.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path} has no completed round to resume from (no progress.json)") from None
+        return RunSettings.from_config(progress["settings"]).with_overrides({"resume-from": str(path)})
+
+    def last_checkpoint(self) -> list[np.ndarray] | None:
+        """The global model after the last completed round (None: no round has completed)."""
+        if self.rounds_completed == 0:
+            return None
+        state = torch.load(self.path / "checkpoints" / f"round-{self.rounds_completed:04d}.pt")
+        return [state[k].numpy() for k in self.model_spec["keys"]]
+
+    def _write_metrics(self) -> None:
+        with open(self.path / "metrics.csv", "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(METRIC_COLUMNS)
+            for row in self.rounds:
+                writer.writerow([row.get(c, "") for c in METRIC_COLUMNS])
 
     def institution(self, name: str) -> InstitutionRecord:
         return self.institutions.setdefault(name, InstitutionRecord(name))
@@ -119,9 +164,21 @@ class RunDirectory:
         self.save_model(weights, f"checkpoints/round-{server_round:04d}.pt")
 
     def record_round(self, row: dict[str, Any]) -> None:
+        """Append a completed round's row; then what a resume needs is saved atomically."""
         self.rounds.append(row)
+        self.last_round = int(row["round"])
         with open(self.path / "metrics.csv", "a", newline="", encoding="utf-8") as fh:
             csv.writer(fh).writerow([row.get(c, "") for c in METRIC_COLUMNS])
+        progress = {
+            "settings": self.settings.to_config(),
+            "rounds_completed": self.rounds_completed,
+            "last_round": self.last_round,
+            "rounds": self.rounds,
+            "institutions": {n: asdict(r) for n, r in self.institutions.items()},
+        }
+        scratch = self.path / "progress.json.tmp"
+        scratch.write_text(json.dumps(_json_safe(progress), allow_nan=False), encoding="utf-8")
+        os.replace(scratch, self.path / "progress.json")
 
     def finish(self, weights: list[np.ndarray], elapsed_s: float) -> dict[str, Any]:
         """Write the final model and report.json; return the report."""

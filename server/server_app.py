@@ -12,7 +12,6 @@ from flwr.app import Context
 from flwr.common import ndarrays_to_parameters
 from flwr.common.logger import log
 from flwr.server import LegacyContext, ServerApp, ServerConfig
-from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid
 
 from common.datasets import builtin_schema_path
@@ -22,10 +21,13 @@ from common.settings import RunSettings
 from server.run_directory import RunDirectory
 from server.secure_aggregation import GuardedSecAggPlusWorkflow
 from server.strategy import FedsiloStrategy, RoundCallback
+from server.workflow import ResumableWorkflow
 
 
 def resolve_run_dir(settings: RunSettings) -> Path:
-    """The run directory: ``out-dir``, or ``runs/<time>-<dataset>`` in the working directory."""
+    """The run directory: the one resumed, ``out-dir``, or ``runs/<time>-<dataset>`` in the working directory."""
+    if settings.resume_from:
+        return Path(settings.resume_from).resolve()
     if settings.out_dir:
         return Path(settings.out_dir).resolve()
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -41,12 +43,16 @@ def build_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         settings = RunSettings.from_config(context.run_config)
+        if settings.resume_from:  # the stopped run's own settings, whatever the run config says
+            settings = RunDirectory.saved_settings(Path(settings.resume_from).resolve())
         random.seed(settings.seed)  # Flower samples clients with the global generator
         run_dir = resolve_run_dir(settings)
         settings = settings.with_overrides(
             {"out-dir": str(run_dir), "state-root": settings.state_root or str(run_dir / "state")}
         )
-        schema_path = builtin_schema_path(settings.data.dataset)
+        schema_path = (
+            Path(settings.data.schema_path) if settings.data.schema_path else builtin_schema_path(settings.data.dataset)
+        )
         schema = Schema.load(schema_path)
         model = build_mlp(schema.num_inputs, schema.num_classes, settings.train.hidden_units, seed=settings.seed)
         spec = {
@@ -58,15 +64,17 @@ def build_server_app(
             "keys": list(model.state_dict().keys()),
         }
         directory = RunDirectory(run_dir, settings, spec, schema_path)
-        round_config = {**settings.to_config(), "run-name": run_dir.name}
-        strategy = strategy_cls(settings, directory, ndarrays_to_parameters(get_weights(model)), round_config, on_round)
+        weights = directory.last_checkpoint() or get_weights(model)
+        round_config = {**settings.to_config(), "run-name": run_dir.name}  # the ledgers' run id, kept on resume
+        strategy = strategy_cls(settings, directory, ndarrays_to_parameters(weights), round_config, on_round)
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=settings.rounds), strategy=strategy)
         fit_workflow = (
             GuardedSecAggPlusWorkflow(**settings.secagg.workflow_kwargs()) if settings.secagg.enabled else None
         )
-        log(INFO, "[fedsilo] run directory %s (secure aggregation %s)", run_dir, settings.secagg.enabled)
+        first_round = directory.last_round + 1
+        log(INFO, "[fedsilo] run directory %s, rounds %s to %s", run_dir, first_round, settings.rounds)
         started = time.monotonic()
-        DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
+        ResumableWorkflow(fit_workflow, first_round=first_round)(grid, legacy)
         directory.finish(strategy.current, time.monotonic() - started)
 
     return app

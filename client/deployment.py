@@ -1,0 +1,46 @@
+"""An institution's SuperNode: its command line and node config, and nothing else.
+
+The node config carries where the institution's records, schema, policy and
+state live; the coordinator never sees these paths, only what the ClientApp
+releases.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from common.flower_env import flower_bin
+
+
+def node_config(*, name: str, data: Path, schema: Path, policy: Path, state_dir: Path) -> str:
+    """Flower's ``--node-config`` string (TOML values) for a deployed institution."""
+    values = {
+        "name": name,
+        "data-path": str(data.resolve()),
+        "schema-path": str(schema.resolve()),
+        "policy-path": str(policy.resolve()),
+        "state-dir": str(state_dir.resolve()),
+    }
+    return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
+
+
+def supernode_argv(
+    *, server: str, ca: Path | None, key: Path | None, config: str, host: str = "127.0.0.1", port: int = 9094
+) -> list[str]:
+    """``flower-supernode`` over TLS (trusting ``ca``) authenticated by ``key``; ``ca=None``: plaintext."""
+    argv = [
+        flower_bin("flower-supernode"),
+        "--superlink",
+        server,
+        "--node-config",
+        config,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    if ca is None:
+        return [*argv, "--insecure"]
+    argv += ["--root-certificates", str(ca.resolve())]
+    return [*argv, "--auth-supernode-private-key", str(key.resolve())] if key is not None else argv

@@ -1,0 +1,44 @@
+"""The environment Flower's processes get, so they write only where fedsilo says."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from common.errors import FedsiloError
+
+QUIET = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+
+
+# Flower's SuperExec looks for a new app to launch every second by default; each SecAgg+
+# round is five messages per institution, each waiting on that poll.
+DEPLOYMENT = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """This process's environment, FLWR_HOME at ``home``, Flower's network chatter off, its executables first."""
+    home.mkdir(parents=True, exist_ok=True)
+    # Flower's processes start more of Flower's executables by name: find this environment's first.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, **QUIET, **DEPLOYMENT, "FLWR_HOME": str(home.resolve()), "PATH": path}
+
+
+def flower_bin(name: str) -> str:
+    """A Flower executable from this Python's environment (falling back to PATH)."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise FedsiloError(f"cannot find Flower's '{name}' executable; is fedsilo installed in this environment?")
+    return found

@@ -1,0 +1,212 @@
+"""A coordinator's federation directory: certificates, settings, schema, admitted institutions.
+
+Layout (everything Flower writes stays inside it)::
+
+    DIR/federation.toml     where the SuperLink listens and the run settings
+    DIR/schema.toml         the federation schema every institution receives
+    DIR/certs/              ca.crt (send to institutions), ca.key, server.crt, server.key
+    DIR/institutions.toml   admitted institutions: name, public key, fingerprint
+    DIR/app/pyproject.toml  the Flower app ``fedsilo-server run`` submits
+    DIR/flwr/               FLWR_HOME of the coordinator's Flower processes
+    DIR/superlink/          the SuperLink's state database and log
+    DIR/runs/               one run directory per run
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tomllib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from common.datasets import builtin_schema_path
+from common.errors import ConfigError
+from common.keys import DEFAULT_HOSTS, fingerprint, issue_server_certificates, load_node_public_key
+from common.schema import Schema
+from common.settings import RunSettings
+
+DEFAULT_PORT = 9092
+# Run settings a deployment never takes from federation.toml: they are the coordinator's paths.
+MANAGED_KEYS = ("out-dir", "state-root", "simulation-policy", "resume-from", "schema-path")
+
+
+@dataclass(frozen=True)
+class Institution:
+    """An admitted institution."""
+
+    name: str
+    public_key: str
+    fingerprint: str
+    admitted_at: str
+
+
+class Federation:
+    """Reads and writes one federation directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+
+    # paths
+    @property
+    def config_path(self) -> Path:
+        return self.root / "federation.toml"
+
+    @property
+    def schema_path(self) -> Path:
+        return self.root / "schema.toml"
+
+    @property
+    def certs(self) -> Path:
+        return self.root / "certs"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.certs / "ca.crt"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.root / "flwr"
+
+    @property
+    def app_dir(self) -> Path:
+        return self.root / "app"
+
+    @property
+    def superlink_dir(self) -> Path:
+        return self.root / "superlink"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def registry_path(self) -> Path:
+        return self.root / "institutions.toml"
+
+    @classmethod
+    def init(
+        cls,
+        root: Path,
+        *,
+        hosts: tuple[str, ...] = DEFAULT_HOSTS,
+        dataset: str = "breast-cancer",
+        schema: Path | None = None,
+        port: int = DEFAULT_PORT,
+        settings: dict[str, Any] | None = None,
+    ) -> Federation:
+        """Create a federation directory; refuse to touch an existing one."""
+        fed = cls(root)
+        if fed.config_path.exists():
+            raise ConfigError(f"{fed.config_path} exists: {root} already holds a federation")
+        source = schema if schema is not None else builtin_schema_path(dataset)
+        Schema.load(source)  # a malformed schema fails here, before anything is written
+        run = RunSettings().with_overrides({"dataset": dataset, **(settings or {})})
+        fed.root.mkdir(parents=True, exist_ok=True)
+        issue_server_certificates(fed.certs, hosts)
+        shutil.copyfile(source, fed.schema_path)
+        lines = [
+            "# fedsilo federation: written by `fedsilo-server init`, edit [run] to change the defaults of runs.",
+            "[federation]",
+            f"hosts = {json.dumps(list(hosts))}",
+            f"port = {port}",
+            "",
+            "# Run settings: the keys of [tool.flwr.app.config] in fedsilo's pyproject.toml.",
+            "[run]",
+            *(f"{key} = {_toml_value(value)}" for key, value in run.to_config().items() if key not in MANAGED_KEYS),
+            "",
+        ]
+        fed.config_path.write_text("\n".join(lines), encoding="utf-8")
+        fed.registry_path.write_text("# institutions admitted with `fedsilo-server admit`\n", encoding="utf-8")
+        return fed
+
+    def load(self) -> dict[str, Any]:
+        """federation.toml, checked."""
+        try:
+            raw = tomllib.loads(self.config_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{self.root} is not a federation directory (run `fedsilo-server init` first)") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{self.config_path}: not valid TOML ({err})") from None
+        managed = sorted(set(raw.get("run", {})) & set(MANAGED_KEYS))
+        if managed:
+            raise ConfigError(f"{self.config_path}: [run] may not set {managed}; fedsilo-server chooses these paths")
+        self.settings(raw)  # every value is checked
+        return raw
+
+    def settings(self, raw: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> RunSettings:
+        """The run settings: federation.toml's [run], then ``overrides``, then the managed paths."""
+        raw = raw if raw is not None else self.load()
+        values = {**raw.get("run", {}), **(overrides or {}), "schema-path": str(self.schema_path)}
+        try:
+            return RunSettings().with_overrides(values)
+        except ConfigError as err:
+            raise ConfigError(f"{self.config_path}: {err}") from None
+
+    @property
+    def port(self) -> int:
+        return int(self.load()["federation"].get("port", DEFAULT_PORT))
+
+    # institutions
+    def institutions(self) -> dict[str, Institution]:
+        if not self.registry_path.exists():
+            return {}
+        raw = tomllib.loads(self.registry_path.read_text(encoding="utf-8"))
+        return {name: Institution(name=name, **entry) for name, entry in raw.get("institutions", {}).items()}
+
+    def admit(self, public_key_path: Path, name: str) -> Institution:
+        """Record an institution's node public key under ``name``."""
+        self.load()
+        if not name or not all(c.isalnum() or c in "-_." for c in name):
+            raise ConfigError(f"institution name {name!r}: use letters, digits, '-', '_' or '.'")
+        key = load_node_public_key(public_key_path).decode()
+        known = self.institutions()
+        if name in known:
+            raise ConfigError(f"{name} is already admitted (key {known[name].fingerprint})")
+        for other in known.values():
+            if other.public_key.split()[:2] == key.split()[:2]:
+                raise ConfigError(f"{public_key_path}: this key is already admitted as {other.name}")
+        entry = Institution(name, key, fingerprint(key.encode()), datetime.now(UTC).isoformat(timespec="seconds"))
+        with open(self.registry_path, "a", encoding="utf-8") as fh:
+            fh.write(
+                f"\n[institutions.{json.dumps(name)}]\npublic_key = {json.dumps(entry.public_key)}\n"
+                f"fingerprint = {json.dumps(entry.fingerprint)}\nadmitted_at = {json.dumps(entry.admitted_at)}\n"
+            )
+        return entry
+
+    # the Flower app and connection
+    def write_app(self) -> Path:
+        """The Flower app ``flwr run`` submits: fedsilo's components, this federation's defaults."""
+        settings = self.settings()
+        config = "\n".join(f"{k} = {_toml_value(v)}" for k, v in settings.to_config().items())
+        self.app_dir.mkdir(parents=True, exist_ok=True)
+        (self.app_dir / "pyproject.toml").write_text(
+            "# Written by fedsilo-server: the installed fedsilo package provides the code.\n"
+            '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
+            '[project]\nname = "fedsilo-federation"\nversion = "1.0.0"\n'
+            'description = "A fedsilo federation"\nlicense = "Apache-2.0"\ndependencies = []\n\n'
+            '[tool.flwr.app]\npublisher = "fedsilo"\n\n'
+            '[tool.flwr.app.components]\nserverapp = "server.server_app:app"\nclientapp = "client.client_app:app"\n\n'
+            f"[tool.flwr.app.config]\n{config}\n",
+            encoding="utf-8",
+        )
+        return self.app_dir
+
+    def write_connection(self, address: str, *, insecure: bool = False) -> None:
+        """The coordinator's Flower CLI connection ``fedsilo`` (in this directory's FLWR_HOME)."""
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        tls = "insecure = true\n" if insecure else f"root-certificates = {json.dumps(str(self.ca_cert))}\n"
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "fedsilo"\n\n[superlink.fedsilo]\naddress = {json.dumps(address)}\n{tls}',
+            encoding="utf-8",
+        )
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value == float("inf"):
+        return "inf"
+    return json.dumps(value)

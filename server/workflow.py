@@ -1,0 +1,53 @@
+"""Flower's default workflow, able to start at a later round (to resume a stopped run)."""
+
+from __future__ import annotations
+
+import timeit
+from logging import INFO
+
+from flwr.app import ConfigRecord, Context
+from flwr.common.logger import log
+from flwr.server import LegacyContext
+from flwr.server.compat.app_utils import start_update_client_manager_thread
+from flwr.server.workflow import DefaultWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
+from flwr.server.workflow.default_workflows import (
+    default_centralized_evaluation_workflow,
+    default_init_params_workflow,
+)
+from flwr.serverapp import Grid
+
+
+class ResumableWorkflow(DefaultWorkflow):
+    """``DefaultWorkflow`` whose rounds run from ``first_round`` to ``num_rounds``.
+
+    The body is Flower 1.41's ``DefaultWorkflow.__call__`` with the round range
+    changed, so every round keeps its true number (SecAgg+ and the strategy read it
+    from the same config record).
+    """
+
+    def __init__(self, fit_workflow: object = None, *, first_round: int = 1) -> None:
+        super().__init__(fit_workflow=fit_workflow)  # type: ignore[arg-type]
+        self.first_round = first_round
+
+    def __call__(self, grid: Grid, context: Context) -> None:
+        if not isinstance(context, LegacyContext):
+            raise TypeError(f"Expect a LegacyContext, but get {type(context).__name__}.")
+        thread, f_stop, c_done = start_update_client_manager_thread(grid, context.client_manager)
+        c_done.wait()
+        log(INFO, "[INIT]")
+        default_init_params_workflow(grid, context)
+        cfg = ConfigRecord()
+        cfg[Key.START_TIME] = timeit.default_timer()
+        context.state.config_records[MAIN_CONFIGS_RECORD] = cfg
+        try:
+            for current_round in range(self.first_round, context.config.num_rounds + 1):
+                log(INFO, "")
+                log(INFO, "[ROUND %s]", current_round)
+                cfg[Key.CURRENT_ROUND] = current_round
+                self.fit_workflow(grid, context)
+                default_centralized_evaluation_workflow(grid, context)
+                self.evaluate_workflow(grid, context)
+        finally:
+            f_stop.set()
+            thread.join()

@@ -1,0 +1,127 @@
+"""Round latency of a real deployment: a SuperLink and 3 SuperNodes over TLS with SecAgg+, on 127.0.0.1.
+
+Runs the same commands a coordinator and institutions run (``fedsilo-server
+init/admit/start/run``, ``fedsilo-client keys/start``) in a temporary directory
+on free ports, and reports seconds per round from the run's ``metrics.csv``.
+A benchmark, not a test: it prints figures and writes JSON; it never fails on
+a time.
+
+    python -m simulations.benchmarks.deployment_latency --rounds 3 --out bench/deployment.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.datasets import load_builtin
+from server.deployment import healthy
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_average_1m": os.getloadavg()[0],
+    }
+
+
+def measure(rounds: int, institutions: int, dataset: str, work: Path) -> dict[str, Any]:
+    """Set up a federation, run ``rounds`` rounds, return per-round seconds."""
+    port, fed = _free_port(), work / "fed"
+    server, client = _bin("fedsilo-server"), _bin("fedsilo-client")
+    init = [server, "init", str(fed), "--dataset", dataset, "--port", str(port)]
+    subprocess.run(init, check=True, capture_output=True)
+    frame = load_builtin(dataset).frame
+    names = [f"institution-{i + 1}" for i in range(institutions)]
+    order = np.random.default_rng(0).permutation(len(frame))
+    (work / "policy.toml").write_text("max-epsilon = 100.0\n")
+    for name, rows in zip(names, np.array_split(order, institutions), strict=True):
+        (work / name).mkdir()
+        frame.iloc[np.sort(rows)].to_csv(work / name / "records.csv", index=False)
+        subprocess.run([client, "keys", str(work / name)], check=True, capture_output=True)
+        pub = str(work / name / "node.key.pub")
+        subprocess.run([server, "admit", str(fed), pub, "--name", name], check=True, capture_output=True)
+    processes: list[subprocess.Popen[bytes]] = []
+    logs = open(work / "processes.log", "ab")  # noqa: SIM115 - closed below
+    try:
+        processes.append(subprocess.Popen([server, "start", str(fed)], stdout=logs, stderr=logs))
+        deadline = time.monotonic() + 60
+        while not healthy(f"127.0.0.1:{port}", fed / "certs" / "ca.crt"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the SuperLink did not start; see {work / 'processes.log'}")
+            time.sleep(0.2)
+        for name in names:
+            argv = [client, "start", "--server", f"127.0.0.1:{port}", "--ca", str(fed / "certs" / "ca.crt")]
+            argv += ["--key", str(work / name / "node.key"), "--data", str(work / name / "records.csv")]
+            argv += ["--schema", str(fed / "schema.toml"), "--policy", str(work / "policy.toml")]
+            argv += ["--state-dir", str(work / name / "state"), "--name", name, "--port", str(_free_port())]
+            processes.append(subprocess.Popen(argv, stdout=logs, stderr=logs))
+        started = time.monotonic()
+        subprocess.run([server, "run", str(fed), "--rounds", str(rounds)], check=True, stdout=logs, stderr=logs)
+        wall = time.monotonic() - started
+    finally:
+        for process in reversed(processes):
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            process.wait(60)
+        logs.close()
+    (metrics,) = fed.glob("runs/*/metrics.csv")
+    elapsed = [float(row["elapsed_s"]) for row in csv.DictReader(metrics.open())]
+    per_round = [b - a for a, b in zip([0.0, *elapsed], elapsed, strict=False)]
+    return {
+        "institutions": institutions,
+        "rounds": rounds,
+        "dataset": dataset,
+        "seconds_per_round": per_round,
+        "median_seconds_per_round": float(np.median(per_round[1:] if len(per_round) > 1 else per_round)),
+        "run_wall_s": wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--institutions", type=int, default=3)
+    parser.add_argument("--dataset", default="german-credit")
+    parser.add_argument("--out", type=Path, default=None, help="Write the result as JSON here.")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="fedsilo-bench-") as scratch:
+        result = {
+            "benchmark": "deployment round latency (TLS, node auth, SecAgg+)",
+            "machine": machine(),
+            **measure(args.rounds, args.institutions, args.dataset, Path(scratch)),
+        }
+    print(json.dumps(result, indent=2))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""A real deployment on 127.0.0.1: a SuperLink and three SuperNodes over TLS with node authentication.
+
+Everything runs through the commands users run (``fedsilo-server init/admit/start/run``,
+``fedsilo-client keys/start``), as separate processes on free ports, and is stopped
+afterwards. The run is interrupted after its first round (the SuperLink is stopped
+and restarted) and finished with ``run --resume``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from common.datasets import load_builtin
+from common.flower_env import flower_bin, flower_env
+from common.keys import issue_server_certificates
+from common.ledger import PrivacyLedger
+from server.deployment import healthy
+
+pytestmark = pytest.mark.deployment
+BANKS = ("bank-1", "bank-2", "bank-3")
+ROUNDS = 2
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def command(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+class Processes:
+    """Background processes with their output in files; all stopped at the end."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.running: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.running.append(process)
+        return process
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    @staticmethod
+    def stop(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+    def stop_all(self) -> None:
+        for process in reversed(self.running):
+            self.stop(process)
+            with contextlib.suppress(ProcessLookupError):  # what the group left behind (Flower's helpers)
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def wait_for(what: str, condition: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.5)
+
+
+def cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("deployment")
+    (root / "logs").mkdir()
+    procs = Processes(root / "logs")
+    port = free_port()
+    fed = root / "fed"
+    server, client = command("fedsilo-server"), command("fedsilo-client")
+    done = cli(server, "init", str(fed), "--dataset", "german-credit", "--port", str(port))
+    assert done.returncode == 0, done.stdout + done.stderr
+    # German credit, split three ways: each bank holds its own CSV.
+    frame = load_builtin("german-credit").frame
+    order = np.random.default_rng(0).permutation(len(frame))
+    (root / "policy.toml").write_text("max-epsilon = 10.0\nmin-noise-multiplier = 0.3\n")
+    for bank, rows in zip(BANKS, np.array_split(order, 3), strict=True):
+        (root / bank).mkdir()
+        frame.iloc[np.sort(rows)].to_csv(root / bank / "records.csv", index=False)
+        assert cli(client, "keys", str(root / bank)).returncode == 0
+        admitted = cli(server, "admit", str(fed), str(root / bank / "node.key.pub"), "--name", bank)
+        assert admitted.returncode == 0, admitted.stdout + admitted.stderr
+    assert cli(client, "keys", str(root / "intruder")).returncode == 0  # never admitted
+
+    def start_server() -> subprocess.Popen[bytes]:
+        process = procs.start("server", [server, "start", str(fed)])
+        wait_for("the SuperLink", lambda: healthy(f"127.0.0.1:{port}", fed / "certs" / "ca.crt"), 60)
+        return process
+
+    def start_bank(bank: str, *extra: str, data: Path | None = None) -> subprocess.Popen[bytes]:
+        argv = [client, "start", "--server", f"127.0.0.1:{port}", "--ca", str(fed / "certs" / "ca.crt")]
+        argv += ["--key", str(root / bank / "node.key"), "--data", str(data or root / bank / "records.csv")]
+        argv += ["--schema", str(fed / "schema.toml"), "--policy", str(root / "policy.toml")]
+        argv += ["--state-dir", str(root / bank / "state"), "--name", bank, "--port", str(free_port()), *extra]
+        return procs.start(bank, argv)
+
+    context = {"root": root, "fed": fed, "port": port, "procs": procs}
+    context.update(start_server=start_server, start_bank=start_bank, server=server)
+    try:
+        context["superlink"] = start_server()
+        for bank in BANKS:
+            start_bank(bank)
+        yield context
+    finally:
+        procs.stop_all()
+
+
+def test_two_secure_rounds_survive_a_superlink_restart_and_resume(deployment: dict[str, Any]) -> None:
+    fed, procs = deployment["fed"], deployment["procs"]
+    run = procs.start("run", [deployment["server"], "run", str(fed), "--rounds", str(ROUNDS)])
+    progress: list[Path] = []
+
+    def first_round_done() -> bool:
+        progress[:] = list((fed / "runs").glob("*/progress.json"))
+        return bool(progress) and json.loads(progress[0].read_text())["last_round"] >= 1
+
+    wait_for("round 1", first_round_done, 400)
+    run_dir = progress[0].parent
+    # Stop the coordinator's SuperLink mid-run, then bring it back.
+    procs.stop(deployment["superlink"])
+    procs.stop(run)
+    assert not (run_dir / "report.json").exists()
+    deployment["superlink"] = deployment["start_server"]()
+    resumed = subprocess.run(
+        [deployment["server"], "run", str(fed), "--resume"], capture_output=True, text=True, timeout=500, check=False
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr + procs.log("server")
+    report = json.loads((run_dir / "report.json").read_text())
+    # Round 1 ran once; the resumed run did round 2 only.
+    assert [row["round"] for row in report["rounds"]] == [1, 2]
+    assert f"rounds {ROUNDS} to {ROUNDS}" in resumed.stdout
+    assert report["rounds_completed"] == ROUNDS and report["secure_aggregation"] is True
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0001.pt", "round-0002.pt"]
+    final, last = torch.load(run_dir / "model.pt"), torch.load(run_dir / "checkpoints" / "round-0002.pt")
+    assert list(final) == list(last) and all(torch.equal(final[k], last[k]) for k in final)
+    assert (run_dir / "schema.toml").read_text() == (fed / "schema.toml").read_text()
+    # Each institution's epsilon in the report is what its own ledger says.
+    assert [i["name"] for i in report["institutions"]] == list(BANKS)
+    for inst in report["institutions"]:
+        (ledger_file,) = (deployment["root"] / inst["name"] / "state" / "ledgers").glob("*.json")
+        ledger = PrivacyLedger.for_dataset(ledger_file.parent.parent, ledger_file.stem)
+        assert inst["epsilon"] == pytest.approx(ledger.epsilon(delta=inst["delta"]), rel=1e-12)
+        assert [e.round for e in ledger.entries if e.round == 1] == [1]  # the completed round was not repeated
+        assert {e.round for e in ledger.entries} == {1, 2}
+        assert inst["epsilon"] <= 10.0
+    status = subprocess.run([deployment["server"], "status", str(fed)], capture_output=True, text=True, check=False)
+    assert "healthy" in status.stdout and run_dir.name in status.stdout
+    assert all(f"{bank} " in status.stdout for bank in BANKS)
+
+
+def test_an_institution_that_was_not_admitted_is_refused(deployment: dict[str, Any]) -> None:
+    data = deployment["root"] / "bank-1" / "records.csv"
+    intruder = deployment["start_bank"]("intruder", "--max-retries", "1", data=data)
+    assert intruder.wait(120) != 0
+    assert "Failed to activate SuperNode" in deployment["procs"].log("intruder")
+
+
+def test_a_client_that_does_not_trust_the_ca_cannot_connect(deployment: dict[str, Any]) -> None:
+    other = deployment["root"] / "other-ca"
+    issue_server_certificates(other)
+    client = command("fedsilo-client")
+    port = deployment["port"]
+    root = deployment["root"]
+    argv = [client, "start", "--server", f"127.0.0.1:{port}", "--ca", str(other / "ca.crt")]
+    argv += ["--key", str(root / "bank-1" / "node.key"), "--data", str(root / "bank-1" / "records.csv")]
+    argv += ["--schema", str(deployment["fed"] / "schema.toml"), "--policy", str(root / "policy.toml")]
+    argv += ["--state-dir", str(root / "untrusting"), "--port", str(free_port()), "--max-retries", "1"]
+    process = deployment["procs"].start("untrusting", argv)
+    assert process.wait(120) != 0
+    assert "SSL/TLS handshake error" in deployment["procs"].log("untrusting")
+
+
+def test_a_plaintext_client_cannot_talk_to_the_tls_server(deployment: dict[str, Any]) -> None:
+    argv = [flower_bin("flower-supernode"), "--superlink", f"127.0.0.1:{deployment['port']}", "--insecure"]
+    argv += ["--port", str(free_port()), "--max-retries", "1"]
+    process = deployment["procs"].start("plaintext", argv, env=flower_env(deployment["root"] / "plaintext"))
+    assert process.wait(120) != 0
+    assert "Giving up reconnection" in deployment["procs"].log("plaintext")
+
+
+def test_bad_data_stops_an_institution_before_its_supernode_starts(deployment: dict[str, Any]) -> None:
+    root = deployment["root"]
+    (root / "broken.csv").write_text("a,b\n1,2\n")
+    client = command("fedsilo-client")
+    argv = [client, "start", "--server", f"127.0.0.1:{deployment['port']}"]
+    argv += ["--ca", str(deployment["fed"] / "certs" / "ca.crt"), "--key", str(root / "bank-1" / "node.key")]
+    argv += ["--data", str(root / "broken.csv"), "--schema", str(deployment["fed"] / "schema.toml")]
+    argv += ["--policy", str(root / "policy.toml"), "--state-dir", str(root / "broken-state")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2
+    assert "broken.csv" in done.stdout and "the SuperNode was not started" in done.stdout
+    assert not (root / "broken-state").exists()

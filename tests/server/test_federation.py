@@ -1,0 +1,72 @@
+"""The federation directory: init, admit and settings, checked before anything runs."""
+
+import stat
+import tomllib
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from common.errors import ConfigError
+from common.keys import new_node_keys
+from common.settings import RunSettings
+from server.cli import app
+from server.federation import Federation
+
+RUNNER = CliRunner()
+
+
+def test_init_writes_certificates_schema_and_settings(tmp_path: Path) -> None:
+    result = RUNNER.invoke(app, ["init", str(tmp_path / "fed"), "--dataset", "german-credit", "--host", "10.1.2.3"])
+    assert result.exit_code == 0, result.output
+    fed = Federation(tmp_path / "fed")
+    for name in ("ca.crt", "ca.key", "server.crt", "server.key"):
+        assert (fed.certs / name).exists()
+    assert stat.S_IMODE((fed.certs / "ca.key").stat().st_mode) == 0o600
+    assert "german-credit" in fed.schema_path.read_text() or "creditability" in fed.schema_path.read_text()
+    settings = fed.settings()
+    assert settings.data.dataset == "german-credit" and settings.data.schema_path == str(fed.schema_path)
+    again = RUNNER.invoke(app, ["init", str(tmp_path / "fed")])
+    assert again.exit_code == 2 and "already holds a federation" in again.output
+
+
+def test_the_app_carries_the_federations_settings(tmp_path: Path) -> None:
+    fed = Federation.init(tmp_path / "fed", settings={"num-server-rounds": 5, "target-epsilon": 1.0})
+    config = tomllib.loads(fed.write_app().joinpath("pyproject.toml").read_text())["tool"]["flwr"]
+    assert config["app"]["components"]["clientapp"] == "client.client_app:app"
+    assert RunSettings.from_config(config["app"]["config"]) == fed.settings()
+    assert fed.settings().rounds == 5 and fed.settings().privacy.target_epsilon == 1.0
+
+
+def test_federation_toml_values_are_checked(tmp_path: Path) -> None:
+    fed = Federation.init(tmp_path / "fed")
+    text = fed.config_path.read_text()
+    fed.config_path.write_text(text.replace("num-server-rounds = 8", "num-server-rounds = 0"))
+    with pytest.raises(ConfigError, match=r"federation\.toml.*num-server-rounds"):
+        fed.load()
+    fed.config_path.write_text(text + 'out-dir = "/elsewhere"\n')
+    with pytest.raises(ConfigError, match="may not set"):
+        fed.load()
+
+
+def test_admit_records_keys_and_refuses_duplicates_and_bad_keys(tmp_path: Path) -> None:
+    fed = Federation.init(tmp_path / "fed")
+    one, two = new_node_keys(tmp_path / "a" / "node.key"), new_node_keys(tmp_path / "b" / "node.key")
+    result = RUNNER.invoke(app, ["admit", str(fed.root), str(one), "--name", "bank-1"])
+    assert result.exit_code == 0 and "SHA256:" in result.output
+    assert list(fed.institutions()) == ["bank-1"]
+    for args, words in (
+        ([str(two), "--name", "bank-1"], "bank-1 is already admitted"),
+        ([str(one), "--name", "bank-2"], "already admitted as bank-1"),
+        ([str(tmp_path / "a" / "node.key"), "--name", "bank-3"], "not an OpenSSH public key"),
+        ([str(two), "--name", "bank 2"], "use letters, digits"),
+    ):
+        refused = RUNNER.invoke(app, ["admit", str(fed.root), *args])
+        assert refused.exit_code == 2 and words in " ".join(refused.output.split()), refused.output
+    assert list(fed.institutions()) == ["bank-1"]
+
+
+def test_commands_on_a_directory_that_is_no_federation_say_so(tmp_path: Path) -> None:
+    for command in (["status", str(tmp_path)], ["run", str(tmp_path)], ["start", str(tmp_path)]):
+        result = RUNNER.invoke(app, command)
+        assert result.exit_code == 2 and "not a federation directory" in result.output
