@@ -8,9 +8,8 @@ releases.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
-
-from common.flower_env import flower_bin
 
 
 def node_config(*, name: str, data: Path, schema: Path, policy: Path, state_dir: Path) -> str:
@@ -30,7 +29,9 @@ def supernode_argv(
 ) -> list[str]:
     """``flower-supernode`` over TLS (trusting ``ca``) authenticated by ``key``; ``ca=None``: plaintext."""
     argv = [
-        flower_bin("flower-supernode"),
+        sys.executable,
+        "-m",
+        "client.supernode",  # flower-supernode, polling more often
         "--superlink",
         server,
         "--node-config",
