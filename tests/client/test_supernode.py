@@ -2,6 +2,7 @@
 
 import time
 import types
+from pathlib import Path
 
 import flwr.supernode.start_client_internal as internal
 import pytest
@@ -11,7 +12,7 @@ from client.supernode import cap_polling
 
 def test_flowers_supernode_still_sleeps_through_the_time_module() -> None:
     assert internal.time is time  # what cap_polling replaces; a Flower upgrade that changes it fails here
-    assert "time.sleep(3)" in open(internal.__file__).read()
+    assert "time.sleep(3)" in Path(internal.__file__).read_text()
 
 
 def test_capped_sleeps_are_short_and_the_rest_of_time_is_untouched() -> None:
