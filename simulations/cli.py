@@ -16,6 +16,7 @@ from common.cli import print_error
 from common.datasets import BUILTIN
 from common.errors import FedsiloError
 from common.settings import RunSettings
+from simulations.engines import check_engine
 
 app = typer.Typer(help="Simulate fedsilo federations on one machine (Flower simulation engine).", no_args_is_help=True)
 console = Console(soft_wrap=True)
@@ -72,10 +73,13 @@ def run(
         Path | None,
         typer.Option(help="Institutions' privacy policy (TOML; [institutions.NAME] tables for one institution)."),
     ] = None,
+    engine: Annotated[
+        str, typer.Option(help="flower: Flower's simulation runtime with full SecAgg+; inprocess: the fast path.")
+    ] = "flower",
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
     """Run one federation and write its run directory (metrics.csv, model.pt, report.json)."""
-    from simulations.runner import run_federation
+    from simulations.engines import run_engine
 
     count = institutions or DEFAULT_INSTITUTIONS.get(dataset, 3)
     out_dir = out or Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{dataset}"
@@ -103,6 +107,7 @@ def run(
         _check_policy(settings, count)
         if (out_dir / "report.json").exists():
             raise FedsiloError(f"{out_dir} already holds a finished run; choose another --out or remove it")
+        check_engine(engine)
         if settings.secagg.enabled and count < 3:
             raise FedsiloError("SecAgg+ needs at least 3 institutions here; add some or pass --no-secure-aggregation")
     except FedsiloError as err:
@@ -113,7 +118,8 @@ def run(
         f"fedsilo: {count} institutions on {dataset} ({partition}), {rounds} rounds, {privacy}, "
         f"secure aggregation {'on (SecAgg+)' if secure_aggregation else 'off'}"
     )
-    console.print("starting Flower's simulation engine (about 10 s) ...")
+    if engine == "flower":
+        console.print("starting Flower's simulation engine (about 10 s) ...")
     started = time.monotonic()
 
     def progress(row: dict[str, Any]) -> None:
@@ -124,7 +130,7 @@ def run(
         )
 
     try:
-        report = run_federation(settings, institutions=count, on_round=progress, verbose=verbose)
+        report = run_engine(engine, settings, institutions=count, on_round=progress, verbose=verbose)
     except FedsiloError as err:
         print_error(console, err)
         raise typer.Exit(2) from None
