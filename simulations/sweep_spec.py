@@ -39,7 +39,10 @@ from simulations.engines import ENGINES
 AXES = ("epsilons", "noise-multipliers", "institutions", "partitions", "secure-aggregation", "local-epochs", "seeds")
 SCALARS = ("dataset", "rounds", "delta", "engine")
 KEYS = (*SCALARS, *AXES, "settings")
-AXIS_KEYS = {"partition", "secure-aggregation", "local-epochs", "seed", "target-epsilon", "noise-multiplier"}
+SWEPT_KEYS = {
+    *("partition", "secure-aggregation", "local-epochs", "seed", "target-epsilon", "noise-multiplier"),
+    *("dataset", "num-server-rounds", "delta", "out-dir", "state-root", "min-institutions"),
+}
 
 
 @dataclass(frozen=True)
@@ -212,7 +215,7 @@ def _axis_item(key: str, item: Any, fail: Any) -> Any:
     if key == "noise-multipliers":
         value = _number(key, item, fail)
         if not (math.isfinite(value) and value > 0):
-            raise fail(key, item, "must hold finite numbers > 0 (use epsilons = [\"inf\"] for no DP)")
+            raise fail(key, item, 'must hold finite numbers > 0 (use epsilons = ["inf"] for no DP)')
         return value
     if key == "institutions":
         return _integer(key, item, fail, minimum=2)
@@ -261,10 +264,11 @@ def _fixed_settings(table: Any, source: str) -> dict[str, Any]:
         raise ConfigError(f"{source}: [settings] must be a table of run-config keys, e.g. learning-rate = 0.1")
     known = set(RunSettings().to_config())
     for key in table:
-        if key in AXIS_KEYS or key in {"dataset", "num-server-rounds", "delta", "out-dir", "state-root", "min-institutions"}:
+        if key in SWEPT_KEYS:
             raise ConfigError(f"{source}: [settings] sets {key!r}, which the sweep itself sets; use its sweep key")
         if key not in known:
-            raise ConfigError(f"{source}: [settings] has unknown run-config key {key!r}; known: {', '.join(sorted(known))}")
+            known_keys = ", ".join(sorted(known - SWEPT_KEYS))
+            raise ConfigError(f"{source}: [settings] has unknown run-config key {key!r}; known: {known_keys}")
     try:
         RunSettings().with_overrides(dict(table))
     except ConfigError as err:
