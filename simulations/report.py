@@ -52,6 +52,15 @@ def _setup_title(key: tuple[Any, ...]) -> str:
     return f"{n} institutions, {partition}, {'SecAgg+' if secagg else 'plain FedAvg'}, {epochs} local epochs"
 
 
+def _epsilon_axis(ax: Any, values: Any) -> None:
+    """A log epsilon axis ticked at the swept values, written plainly."""
+    ticks = sorted({float(v) for v in values if np.isfinite(v)})
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.set_xlabel("epsilon per institution (log scale)")
+
+
 def _panels(count: int, title: str) -> tuple[Any, list[Any]]:
     fig, axes = plt.subplots(1, count, figsize=(6.4 * count, 4.4), squeeze=False)
     fig.suptitle(title)
@@ -77,9 +86,8 @@ def plot_accuracy_vs_epsilon(results: pd.DataFrame, path: Path, metric: str = "a
                 ax.axhline(no_dp.mean(), color=COLORS[method], linestyle="--", linewidth=1.2, label=f"{method}, no DP")
         if metric == "attack_auc":
             ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="coin toss (0.5)")
-        ax.set_xscale("log")
-        ax.set_xlabel("epsilon per institution (log scale)")
-        ax.set_ylabel(what.lower() if metric == "attack_auc" else "accuracy on the held-out records")
+        _epsilon_axis(ax, frame["x"])
+        ax.set_ylabel("membership attack AUC" if metric == "attack_auc" else "accuracy on the held-out records")
         ax.set_title(_setup_title(key), fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
@@ -129,10 +137,9 @@ def plot_institutions(institutions: pd.DataFrame, results: pd.DataFrame, path: P
             for method, style in (("federated", "o-"), ("alone", "s--")):
                 rows = part[(part["institution"] == name) & (part["method"] == method) & np.isfinite(part["x"])]
                 stats = rows.groupby("x")["accuracy"].mean().sort_index()
-                label = f"{name} ({records} records)" if method == "federated" else None
+                label = f"{name} ({records} training records)" if method == "federated" else None
                 ax.plot(stats.index, stats.values, style, color=cmap(i % 10), label=label, alpha=0.85)
-        ax.set_xscale("log")
-        ax.set_xlabel("epsilon per institution (log scale)")
+        _epsilon_axis(ax, part["x"])
         ax.set_ylabel("accuracy on the institution's held-out records")
         ax.set_title(_setup_title(key), fontsize=10)
         ax.grid(alpha=0.3)
