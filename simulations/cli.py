@@ -21,7 +21,7 @@ from simulations.engines import check_engine
 app = typer.Typer(help="Simulate fedsilo federations on one machine (Flower simulation engine).", no_args_is_help=True)
 console = Console(soft_wrap=True)
 
-DEFAULT_INSTITUTIONS = {"breast-cancer": 4, "german-credit": 3}
+DEFAULT_INSTITUTIONS = {"breast-cancer": 4, "german-credit": 3, "digits": 4}
 DEFAULTS = RunSettings()
 
 
