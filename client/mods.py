@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from flwr.app import Context, Message
@@ -27,11 +29,28 @@ def secure_aggregation_mod(msg: Message, ctx: Context, call_next: ClientAppCalla
     fit_config = msg.content.config_records.get(FIT_CONFIG)
     if fit_config is None or "seed" not in fit_config:
         return secaggplus_mod(msg, ctx, call_next)
-    saved = np.random.get_state()
     who = str(ctx.node_config.get("name", ctx.node_config.get("partition-id", "")))
-    seed = [int(str(fit_config["seed"])), int(str(fit_config.get("server-round", 0))), zlib.crc32(who.encode())]
-    np.random.seed(np.random.SeedSequence(seed).generate_state(1)[0])
-    try:
+    seed = quantization_seed(int(str(fit_config["seed"])), int(str(fit_config.get("server-round", 0))), who)
+    with seeded_global_numpy(seed):
         return secaggplus_mod(msg, ctx, call_next)
+
+
+def quantization_seed(run_seed: int, server_round: int, who: str) -> int:
+    """The seed of an institution's SecAgg+ stochastic quantization in one round.
+
+    ``who`` is the node's ``name``, else its simulation ``partition-id`` (as text).
+    The in-process engine (``simulations/inprocess.py``) seeds the same way.
+    """
+    entropy = [run_seed, server_round, zlib.crc32(who.encode())]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
+@contextmanager
+def seeded_global_numpy(seed: int) -> Iterator[None]:
+    """Seed numpy's global generator (Flower's quantizer draws from it); restore it afterwards."""
+    saved = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
     finally:
         np.random.set_state(saved)

@@ -16,6 +16,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 SCHEMAS = {
     "breast-cancer": DATA_DIR / "breast_cancer.schema.toml",
     "german-credit": DATA_DIR / "german_credit.schema.toml",
+    "digits": DATA_DIR / "digits.schema.toml",
 }
 
 
@@ -45,10 +46,22 @@ def _german_credit() -> TabularDataset:
     return TabularDataset("german-credit", frame, schema, "bank")
 
 
+def _digits() -> TabularDataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits(as_frame=True)
+    frame = bunch.frame.drop(columns="target")
+    frame["digit"] = bunch.target.astype(str)
+    schema = Schema.load(SCHEMAS["digits"])
+    return TabularDataset("digits", frame, schema, "clinic")
+
+
 BUILTIN: dict[str, Callable[[], TabularDataset]] = {
     "breast-cancer": _breast_cancer,
     "german-credit": _german_credit,
+    "digits": _digits,
 }
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 def builtin_schema_path(name: str) -> Path:
@@ -60,6 +73,13 @@ def builtin_schema_path(name: str) -> Path:
 
 def load_builtin(name: str) -> TabularDataset:
     """Load one of the datasets shipped with fedsilo by name."""
+    if name == "fashion-mnist" and name not in BUILTIN:
+        if not FASHION_MNIST_DIR.exists():
+            raise ConfigError(
+                f"fashion-mnist needs Debian's package dataset-fashion-mnist (files in {FASHION_MNIST_DIR}); "
+                "install it with `sudo apt-get install dataset-fashion-mnist`"
+            )
+        raise ConfigError("fashion-mnist is installed but fedsilo does not load it yet; use digits for images")
     try:
         loader = BUILTIN[name]
     except KeyError:

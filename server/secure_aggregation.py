@@ -18,9 +18,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
+from server.aggregation import MIN_CONTRIBUTORS, may_unmask
 from server.strategy import FedsiloStrategy
-
-MIN_CONTRIBUTORS = 2
 
 
 class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
@@ -29,9 +28,9 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
     def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         if not super().collect_masked_vectors_stage(grid, context, state):
             return False
-        contributors = sum(1 for _, res in state.legacy_results if res.num_examples > 0)
-        if contributors >= MIN_CONTRIBUTORS:
+        if may_unmask(res.num_examples for _, res in state.legacy_results):
             return True
+        contributors = sum(1 for _, res in state.legacy_results if res.num_examples > 0)
         log(
             WARNING,
             "SecAgg+ halted before unmasking: %s institution(s) trained this round; an aggregate of fewer "

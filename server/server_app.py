@@ -34,6 +34,34 @@ def resolve_run_dir(settings: RunSettings) -> Path:
     return (Path("runs") / f"{stamp}-{settings.data.dataset}").resolve()
 
 
+def open_run(
+    settings: RunSettings, on_round: RoundCallback | None = None, strategy_cls: type[FedsiloStrategy] = FedsiloStrategy
+) -> tuple[RunSettings, RunDirectory, FedsiloStrategy]:
+    """Resolve the run directory, build the initial model and the strategy (both engines start here)."""
+    run_dir = resolve_run_dir(settings)
+    settings = settings.with_overrides(
+        {"out-dir": str(run_dir), "state-root": settings.state_root or str(run_dir / "state")}
+    )
+    schema_path = (
+        Path(settings.data.schema_path) if settings.data.schema_path else builtin_schema_path(settings.data.dataset)
+    )
+    schema = Schema.load(schema_path)
+    model = build_mlp(schema.num_inputs, schema.num_classes, settings.train.hidden_units, seed=settings.seed)
+    spec = {
+        "kind": "mlp",
+        "num_inputs": schema.num_inputs,
+        "num_classes": schema.num_classes,
+        "classes": list(schema.classes),
+        "hidden_layers": list(settings.train.hidden_units),
+        "keys": list(model.state_dict().keys()),
+    }
+    directory = RunDirectory(run_dir, settings, spec, schema_path)
+    weights = directory.last_checkpoint() or get_weights(model)
+    round_config = {**settings.to_config(), "run-name": run_dir.name}  # the ledgers' run id, kept on resume
+    strategy = strategy_cls(settings, directory, ndarrays_to_parameters(weights), round_config, on_round)
+    return settings, directory, strategy
+
+
 def build_server_app(
     on_round: RoundCallback | None = None, strategy_cls: type[FedsiloStrategy] = FedsiloStrategy
 ) -> ServerApp:
@@ -46,33 +74,13 @@ def build_server_app(
         if settings.resume_from:  # the stopped run's own settings, whatever the run config says
             settings = RunDirectory.saved_settings(Path(settings.resume_from).resolve())
         random.seed(settings.seed)  # Flower samples clients with the global generator
-        run_dir = resolve_run_dir(settings)
-        settings = settings.with_overrides(
-            {"out-dir": str(run_dir), "state-root": settings.state_root or str(run_dir / "state")}
-        )
-        schema_path = (
-            Path(settings.data.schema_path) if settings.data.schema_path else builtin_schema_path(settings.data.dataset)
-        )
-        schema = Schema.load(schema_path)
-        model = build_mlp(schema.num_inputs, schema.num_classes, settings.train.hidden_units, seed=settings.seed)
-        spec = {
-            "kind": "mlp",
-            "num_inputs": schema.num_inputs,
-            "num_classes": schema.num_classes,
-            "classes": list(schema.classes),
-            "hidden_layers": list(settings.train.hidden_units),
-            "keys": list(model.state_dict().keys()),
-        }
-        directory = RunDirectory(run_dir, settings, spec, schema_path)
-        weights = directory.last_checkpoint() or get_weights(model)
-        round_config = {**settings.to_config(), "run-name": run_dir.name}  # the ledgers' run id, kept on resume
-        strategy = strategy_cls(settings, directory, ndarrays_to_parameters(weights), round_config, on_round)
+        settings, directory, strategy = open_run(settings, on_round, strategy_cls)
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=settings.rounds), strategy=strategy)
         fit_workflow = (
             GuardedSecAggPlusWorkflow(**settings.secagg.workflow_kwargs()) if settings.secagg.enabled else None
         )
         first_round = directory.last_round + 1
-        log(INFO, "[fedsilo] run directory %s, rounds %s to %s", run_dir, first_round, settings.rounds)
+        log(INFO, "[fedsilo] run directory %s, rounds %s to %s", directory.path, first_round, settings.rounds)
         started = time.monotonic()
         ResumableWorkflow(fit_workflow, first_round=first_round)(grid, legacy)
         directory.finish(strategy.current, time.monotonic() - started)

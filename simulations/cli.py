@@ -16,11 +16,12 @@ from common.cli import print_error
 from common.datasets import BUILTIN
 from common.errors import FedsiloError
 from common.settings import RunSettings
+from simulations.engines import check_engine
 
 app = typer.Typer(help="Simulate fedsilo federations on one machine (Flower simulation engine).", no_args_is_help=True)
 console = Console(soft_wrap=True)
 
-DEFAULT_INSTITUTIONS = {"breast-cancer": 4, "german-credit": 3}
+DEFAULT_INSTITUTIONS = {"breast-cancer": 4, "german-credit": 3, "digits": 4}
 DEFAULTS = RunSettings()
 
 
@@ -72,10 +73,13 @@ def run(
         Path | None,
         typer.Option(help="Institutions' privacy policy (TOML; [institutions.NAME] tables for one institution)."),
     ] = None,
+    engine: Annotated[
+        str, typer.Option(help="flower: Flower's simulation runtime with full SecAgg+; inprocess: the fast path.")
+    ] = "flower",
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
     """Run one federation and write its run directory (metrics.csv, model.pt, report.json)."""
-    from simulations.runner import run_federation
+    from simulations.engines import run_engine
 
     count = institutions or DEFAULT_INSTITUTIONS.get(dataset, 3)
     out_dir = out or Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{dataset}"
@@ -103,6 +107,7 @@ def run(
         _check_policy(settings, count)
         if (out_dir / "report.json").exists():
             raise FedsiloError(f"{out_dir} already holds a finished run; choose another --out or remove it")
+        check_engine(engine)
         if settings.secagg.enabled and count < 3:
             raise FedsiloError("SecAgg+ needs at least 3 institutions here; add some or pass --no-secure-aggregation")
     except FedsiloError as err:
@@ -113,7 +118,8 @@ def run(
         f"fedsilo: {count} institutions on {dataset} ({partition}), {rounds} rounds, {privacy}, "
         f"secure aggregation {'on (SecAgg+)' if secure_aggregation else 'off'}"
     )
-    console.print("starting Flower's simulation engine (about 10 s) ...")
+    if engine == "flower":
+        console.print("starting Flower's simulation engine (about 10 s) ...")
     started = time.monotonic()
 
     def progress(row: dict[str, Any]) -> None:
@@ -124,11 +130,134 @@ def run(
         )
 
     try:
-        report = run_federation(settings, institutions=count, on_round=progress, verbose=verbose)
+        report = run_engine(engine, settings, institutions=count, on_round=progress, verbose=verbose)
     except FedsiloError as err:
         print_error(console, err)
         raise typer.Exit(2) from None
     _summary(report, time.monotonic() - started, out_dir)
+
+
+def _comma_list(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+@app.command()
+def sweep(
+    file: Annotated[Path | None, typer.Option("--file", help="A TOML sweep file (options below override it).")] = None,
+    dataset: Annotated[str | None, typer.Option(help=f"Built-in dataset: {', '.join(sorted(BUILTIN))}.")] = None,
+    epsilons: Annotated[str | None, typer.Option(help="Target epsilons, e.g. 0.5,1,2,4,8,inf.")] = None,
+    noise_multipliers: Annotated[str | None, typer.Option(help="Fixed noise multipliers, e.g. 0.8,1.2.")] = None,
+    institutions: Annotated[str | None, typer.Option(help="Federation sizes, e.g. 4 or 3,6.")] = None,
+    partitions: Annotated[str | None, typer.Option(help="e.g. iid,dirichlet:0.5,column:NAME.")] = None,
+    secure_aggregation: Annotated[str | None, typer.Option(help="on, off or on,off.")] = None,
+    local_epochs: Annotated[str | None, typer.Option(help="Local epochs per round, e.g. 1,2.")] = None,
+    seeds: Annotated[str | None, typer.Option(help="Seeds, e.g. 0,1,2.")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Federated rounds (default 20).")] = None,
+    delta: Annotated[float | None, typer.Option(help="Delta of (epsilon, delta)-DP (default 1e-5).")] = None,
+    engine: Annotated[str | None, typer.Option(help="inprocess (default) or flower.")] = None,
+    jobs: Annotated[int, typer.Option(help="Worker processes (in-process engine; 0: one per core).")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Results directory (default: runs/sweep-<time>).")] = None,
+) -> None:
+    """Sweep privacy and federation settings with baselines and a privacy audit; write tables, plots, report."""
+    import os
+
+    from simulations.sweep_spec import load_sweep_file, parse_sweep
+
+    cli_values = {
+        "dataset": dataset,
+        "epsilons": _comma_list(epsilons),
+        "noise-multipliers": _comma_list(noise_multipliers),
+        "institutions": _comma_list(institutions),
+        "partitions": _comma_list(partitions),
+        "secure-aggregation": _comma_list(secure_aggregation),
+        "local-epochs": _comma_list(local_epochs),
+        "seeds": _comma_list(seeds),
+        "rounds": rounds,
+        "delta": delta,
+        "engine": engine,
+    }
+    given = {k: v for k, v in cli_values.items() if v is not None}
+    out_dir = out or Path("runs") / f"sweep-{datetime.now():%Y%m%d-%H%M%S}"
+    try:
+        raw = load_sweep_file(file) if file else {}
+        source = str(file) if file and not given else f"{file} and the command line" if file else "command line"
+        spec = parse_sweep({**raw, **given}, source)
+        from simulations.sweep import check_sweep
+
+        check_sweep(spec)
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise FedsiloError(f"{out_dir} already exists and is not empty; choose another --out or remove it")
+        if jobs < 0:
+            raise FedsiloError(f"--jobs must be >= 0 (0: one per core). Found {jobs}.")
+    except FedsiloError as err:
+        print_error(console, err)
+        raise typer.Exit(2) from None
+    workers = jobs or os.cpu_count() or 1
+    _run_sweep_cli(spec, out_dir, workers)
+
+
+def _run_sweep_cli(spec: Any, out_dir: Path, workers: int) -> None:
+    import os
+    import platform
+    import shutil
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from simulations.report import tradeoff_table, write_report, write_tables
+    from simulations.sweep import run_sweep
+
+    tasks = spec.tasks()
+    console.print(
+        f"fedsilo sweep: {spec.dataset}, {len(spec.setups)} setup(s) x {len(spec.levels)} privacy levels x "
+        f"{len(spec.seeds)} seeds = {len(tasks)} federations (+ pooled and alone baselines), {spec.rounds} rounds, "
+        f"{spec.engine} engine, {workers if spec.engine == 'inprocess' else 1} worker(s)"
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    try:
+        with Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+        ) as progress:
+            bar = progress.add_task("sweep", total=len(tasks))
+            tables = run_sweep(spec, out_dir, jobs=workers, on_done=lambda _: progress.advance(bar))
+        wall = time.monotonic() - started
+        notes = [
+            f"dataset {spec.dataset}; {spec.rounds} rounds; delta {spec.delta:g}; seeds {list(spec.seeds)}; "
+            f"{spec.engine} engine",
+            f"wall time {wall:.1f} s for {len(tasks)} tasks with {workers} worker(s) on {os.cpu_count()} cores "
+            f"({platform.machine()}, {platform.system()})",
+        ]
+        write_tables(tables, out_dir)
+        write_report(tables, out_dir, title=f"fedsilo sweep: {spec.dataset}", notes=notes)
+    except BaseException as err:
+        shutil.rmtree(out_dir, ignore_errors=True)  # nothing partially written
+        if isinstance(err, FedsiloError):
+            print_error(console, err)
+            raise typer.Exit(2) from None
+        raise
+    table = tradeoff_table(tables["results"])
+    if len(spec.setups) == 1:  # one setup: its columns say nothing
+        table = table.drop(columns=["institutions", "partition", "secure_aggregation", "local_epochs"])
+    rich_table = Table(title="Accuracy (mean ± std over seeds)")
+    for column in table.columns:
+        rich_table.add_column(str(column), justify="right")
+    for row in table.itertuples(index=False):
+        rich_table.add_row(*[str(v) for v in row])
+    console.print(rich_table)
+    console.print(f"sweep finished in {wall:.1f} s; report: {out_dir / 'report.html'}")
 
 
 def _check_policy(settings: RunSettings, count: int) -> None:

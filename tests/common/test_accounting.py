@@ -39,3 +39,19 @@ def test_calibrated_noise_spends_at_most_the_target_and_close_to_it() -> None:
     sigma = calibrate_noise(target_epsilon=2.0, delta=1e-5, sample_rate=0.2, steps=50)
     spent = epsilon_spent([DPSGDEvent(sigma, 0.2, 50)], delta=1e-5)
     assert 1.95 <= spent <= 2.0
+
+
+def test_epsilon_is_exactly_opacuss_rdp_accountant_over_a_mixed_ledger() -> None:
+    import warnings
+
+    from opacus.accountants import RDPAccountant
+
+    from common.accounting import ALPHAS
+
+    history = [(1.3, 1 / 3, 6)] * 20 + [(0.9, 1 / 12, 24)] * 3 + [(1.3, 1 / 3, 6)]
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = accountant.get_epsilon(delta=1e-5, alphas=ALPHAS)
+    assert epsilon_spent([DPSGDEvent(*e) for e in history], delta=1e-5) == expected

@@ -1,0 +1,79 @@
+"""Aggregation arithmetic both engines share: SecAgg+'s numbers without its masks, and the unmasking guard.
+
+Flower's SecAgg+ (Bell et al., CCS 2020) changes an aggregate's numbers in two
+ways that matter to accuracy: each institution scales its update by its weight
+(``num_examples / max_weight``, itself quantized), clips it to
+``[-clipping_range, clipping_range]`` and quantizes it stochastically to
+``quantization_range`` levels; the coordinator sums the vectors modulo
+``modulus_range``, dequantizes and divides by the summed weight. The masks
+(pairwise masks that cancel in the sum, private masks the coordinator removes
+with recovered seeds) change nothing in the recovered sum, so they need no
+emulation here: the in-process engine calls these functions, which call the
+same Flower functions in the same order as ``secaggplus_mod``'s
+``_collect_masked_vectors`` and ``SecAggPlusWorkflow``'s
+``collect_masked_vectors_stage`` / ``unmask_stage``, and so gets the numbers the
+Flower engine gets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from flwr.common.secure_aggregation.ndarrays_arithmetic import (
+    factor_combine,
+    factor_extract,
+    parameters_addition,
+    parameters_mod,
+    parameters_multiply,
+)
+from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+from common.settings import SecAggSettings
+
+Weights = list[np.ndarray]
+MIN_CONTRIBUTORS = 2
+
+
+def may_unmask(num_examples: Iterable[int]) -> bool:
+    """Whether an aggregate sums at least ``MIN_CONTRIBUTORS`` updates that trained (weight > 0).
+
+    An institution that refuses a round sends a zero-weight update; unmasking a sum
+    with a single trainer would reveal that institution's update.
+    """
+    return sum(1 for n in num_examples if n > 0) >= MIN_CONTRIBUTORS
+
+
+def secaggplus_client_vector(weights: Sequence[np.ndarray], num_examples: int, secagg: SecAggSettings) -> Weights:
+    """What one institution's ``secaggplus_mod`` masks: its quantized weight, then its quantized, weighted update.
+
+    The stochastic rounding draws from numpy's global generator, as Flower's
+    does: seed it first (``client.mods.seeded_global_numpy``).
+    """
+    q_ratio = round(num_examples / secagg.max_weight * secagg.quantization_range)
+    dq_ratio = q_ratio / secagg.quantization_range
+    scaled = parameters_multiply(list(weights), dq_ratio)
+    quantized = quantize(scaled, secagg.clipping_range, secagg.quantization_range)
+    return [np.asarray(a, dtype=np.int64) for a in factor_combine(q_ratio, quantized)]
+
+
+def secaggplus_unmasked_aggregate(vectors: Sequence[Weights], secagg: SecAggSettings) -> Weights:
+    """The weighted mean ``SecAggPlusWorkflow`` recovers from the institutions' vectors once the masks are gone.
+
+    ``vectors`` holds every institution that sent a masked vector, refusals (zero
+    weight) included: each adds one ``clipping_range`` offset that is removed here.
+    """
+    if not vectors:
+        raise ValueError("SecAgg+ needs at least one vector to aggregate")
+    total = list(vectors[0])
+    for vector in vectors[1:]:
+        total = parameters_addition(total, list(vector))
+    total = parameters_mod(parameters_mod(total, secagg.modulus_range), secagg.modulus_range)
+    q_total_ratio, recovered = factor_extract(total)
+    inv_dq_total_ratio = secagg.quantization_range / q_total_ratio
+    aggregate = dequantize(recovered, secagg.clipping_range, secagg.quantization_range)
+    offset = -(len(vectors) - 1) * secagg.clipping_range
+    for vec in aggregate:
+        vec += offset
+        vec *= inv_dq_total_ratio
+    return aggregate

@@ -1,0 +1,276 @@
+"""What a sweep runs: axes given on the command line or in a TOML file, checked strictly, expanded to runs.
+
+A sweep file::
+
+    dataset = "breast-cancer"
+    rounds = 20
+    epsilons = [0.5, 1, 2, 4, 8, "inf"]   # "inf": no DP
+    noise-multipliers = []                 # fixed noise levels, swept besides the epsilons
+    institutions = [4]
+    partitions = ["iid", "dirichlet:0.5"]
+    secure-aggregation = [true]
+    local-epochs = [2]
+    seeds = [0, 1, 2]
+    engine = "inprocess"                   # or "flower"
+
+    [settings]                             # any other run-config key, fixed for every run
+    learning-rate = 0.2
+
+Every axis is a list (one value may be written bare); unknown keys, wrong types
+and impossible values are errors that name the source, the key, the value and
+the fix.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.datasets import BUILTIN
+from common.errors import ConfigError
+from common.settings import RunSettings
+from simulations.engines import ENGINES
+
+AXES = ("epsilons", "noise-multipliers", "institutions", "partitions", "secure-aggregation", "local-epochs", "seeds")
+SCALARS = ("dataset", "rounds", "delta", "engine")
+KEYS = (*SCALARS, *AXES, "settings")
+SWEPT_KEYS = {
+    *("partition", "secure-aggregation", "local-epochs", "seed", "target-epsilon", "noise-multiplier"),
+    *("dataset", "num-server-rounds", "delta", "out-dir", "state-root", "min-institutions"),
+}
+
+
+@dataclass(frozen=True)
+class PrivacyLevel:
+    """One point of the privacy axis: a target epsilon (inf: no DP) or a fixed noise multiplier."""
+
+    target_epsilon: float = math.inf
+    noise_multiplier: float = 0.0
+
+    @property
+    def private(self) -> bool:
+        return self.noise_multiplier > 0 or math.isfinite(self.target_epsilon)
+
+    @property
+    def label(self) -> str:
+        if self.noise_multiplier > 0:
+            return f"sigma={self.noise_multiplier:g}"
+        return "inf" if not self.private else f"eps={self.target_epsilon:g}"
+
+    def overrides(self) -> dict[str, float]:
+        return {"target-epsilon": self.target_epsilon, "noise-multiplier": self.noise_multiplier}
+
+
+NO_DP = PrivacyLevel()
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything of one configuration but its privacy level and seed."""
+
+    institutions: int
+    partition: str
+    secure_aggregation: bool
+    local_epochs: int
+
+    @property
+    def label(self) -> str:
+        secagg = "secagg" if self.secure_aggregation else "plain"
+        return f"n={self.institutions} {self.partition} {secagg} E={self.local_epochs}"
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of work: a setup at one privacy level with one seed (every method)."""
+
+    setup: Setup
+    level: PrivacyLevel
+    seed: int
+
+    @property
+    def run_id(self) -> str:
+        text = f"{self.setup.label} {self.level.label} seed={self.seed}"
+        return "".join(c if c.isalnum() or c in "=.-" else "_" for c in text)
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A whole sweep: the axes, and the settings every run shares."""
+
+    dataset: str = "breast-cancer"
+    rounds: int = 20
+    delta: float = 1e-5
+    engine: str = "inprocess"
+    epsilons: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
+    noise_multipliers: tuple[float, ...] = ()
+    institutions: tuple[int, ...] = (4,)
+    partitions: tuple[str, ...] = ("iid",)
+    secure_aggregation: tuple[bool, ...] = (True,)
+    local_epochs: tuple[int, ...] = (2,)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def levels(self) -> tuple[PrivacyLevel, ...]:
+        """Every privacy level, no-DP always among them (the non-private baselines)."""
+        levels = [PrivacyLevel(target_epsilon=e) for e in self.epsilons if math.isfinite(e)]
+        levels += [PrivacyLevel(noise_multiplier=s) for s in self.noise_multipliers]
+        return (*levels, NO_DP)
+
+    @property
+    def setups(self) -> tuple[Setup, ...]:
+        product = itertools.product(self.institutions, self.partitions, self.secure_aggregation, self.local_epochs)
+        return tuple(Setup(*values) for values in product)
+
+    def tasks(self) -> list[Task]:
+        return [Task(s, lv, seed) for s in self.setups for lv in self.levels for seed in self.seeds]
+
+    def run_settings(self, task: Task) -> RunSettings:
+        """The run settings of one task's federated run (and of its baselines)."""
+        return RunSettings().with_overrides(
+            {
+                **self.settings,
+                "dataset": self.dataset,
+                "num-server-rounds": self.rounds,
+                "delta": self.delta,
+                "partition": task.setup.partition,
+                "secure-aggregation": task.setup.secure_aggregation,
+                "local-epochs": task.setup.local_epochs,
+                "seed": task.seed,
+                **task.level.overrides(),
+            }
+        )
+
+
+def load_sweep_file(path: Path | str) -> dict[str, Any]:
+    """Read a sweep file's raw values (checked by ``parse_sweep``)."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: sweep file not found; check the path") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the sweep file ({err})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err}); see the sweep file format in the README") from None
+
+
+def parse_sweep(values: Mapping[str, Any], source: str) -> SweepSpec:
+    """Check raw sweep values (from a file or the command line) and build the spec.
+
+    ``source`` names where they came from, for the error messages.
+    """
+    unknown = sorted(set(values) - set(KEYS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r}; known keys are {', '.join(KEYS)}")
+    out: dict[str, Any] = {}
+
+    def fail(key: str, value: Any, fix: str) -> ConfigError:
+        return ConfigError(f"{source}: '{key}' {fix}. Found {value!r}.")
+
+    if "dataset" in values:
+        if values["dataset"] not in BUILTIN:
+            raise fail("dataset", values["dataset"], f"must be one of {', '.join(sorted(BUILTIN))}")
+        out["dataset"] = values["dataset"]
+    if "engine" in values:
+        if values["engine"] not in ENGINES:
+            raise fail("engine", values["engine"], f"must be {' or '.join(ENGINES)}")
+        out["engine"] = values["engine"]
+    if "rounds" in values:
+        out["rounds"] = _integer("rounds", values["rounds"], fail, minimum=1)
+    if "delta" in values:
+        delta = _number("delta", values["delta"], fail)
+        if not 0 < delta < 1:
+            raise fail("delta", values["delta"], "must be in (0, 1), e.g. 1e-5")
+        out["delta"] = delta
+    for key in AXES:
+        if key not in values:
+            continue
+        raw = values[key] if isinstance(values[key], list) else [values[key]]
+        if not raw and key != "noise-multipliers":
+            raise fail(key, values[key], "needs at least one value")
+        items = tuple(_axis_item(key, item, fail) for item in raw)
+        if len(set(items)) != len(items):
+            raise fail(key, values[key], "lists a value twice; list each value once")
+        out[key.replace("-", "_")] = items
+    if "settings" in values:
+        out["settings"] = _fixed_settings(values["settings"], source)
+    spec = SweepSpec(**out)
+    if not spec.epsilons and not spec.noise_multipliers:
+        raise ConfigError(f"{source}: give at least one of 'epsilons' or 'noise-multipliers'")
+    return spec
+
+
+def _axis_item(key: str, item: Any, fail: Any) -> Any:
+    if key == "epsilons":
+        value = _number(key, item, fail)
+        if not value > 0:
+            raise fail(key, item, 'must hold numbers > 0 ("inf" for no DP)')
+        return value
+    if key == "noise-multipliers":
+        value = _number(key, item, fail)
+        if not (math.isfinite(value) and value > 0):
+            raise fail(key, item, 'must hold finite numbers > 0 (use epsilons = ["inf"] for no DP)')
+        return value
+    if key == "institutions":
+        return _integer(key, item, fail, minimum=2)
+    if key == "seeds":
+        return _integer(key, item, fail, minimum=0)
+    if key == "local-epochs":
+        return _integer(key, item, fail, minimum=1)
+    if key == "secure-aggregation":
+        if isinstance(item, bool):
+            return item
+        if isinstance(item, str) and item.lower() in {"true", "false", "on", "off"}:
+            return item.lower() in {"true", "on"}
+        raise fail(key, item, "must hold true or false (on/off)")
+    # partitions: checked against a real split before the sweep starts; the shape is checked here
+    if not isinstance(item, str) or item.split(":")[0] not in {"iid", "dirichlet", "column"}:
+        raise fail(key, item, "must hold iid, dirichlet:ALPHA or column:NAME")
+    return item
+
+
+def _number(key: str, item: Any, fail: Any) -> float:
+    if isinstance(item, bool):
+        raise fail(key, item, "must hold numbers")
+    try:
+        value = float(item)
+    except (TypeError, ValueError):
+        raise fail(key, item, 'must hold numbers (or "inf")') from None
+    if math.isnan(value):
+        raise fail(key, item, "must hold numbers")
+    return value
+
+
+def _integer(key: str, item: Any, fail: Any, *, minimum: int) -> int:
+    if isinstance(item, bool):
+        raise fail(key, item, f"must hold integers >= {minimum}")
+    try:
+        value = int(item) if isinstance(item, int) else int(str(item).strip())
+    except ValueError:
+        raise fail(key, item, f"must hold integers >= {minimum}") from None
+    if value < minimum:
+        raise fail(key, item, f"must hold integers >= {minimum}")
+    return value
+
+
+def _fixed_settings(table: Any, source: str) -> dict[str, Any]:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{source}: [settings] must be a table of run-config keys, e.g. learning-rate = 0.1")
+    known = set(RunSettings().to_config())
+    for key in table:
+        if key in SWEPT_KEYS:
+            raise ConfigError(f"{source}: [settings] sets {key!r}, which the sweep itself sets; use its sweep key")
+        if key not in known:
+            known_keys = ", ".join(sorted(known - SWEPT_KEYS))
+            raise ConfigError(f"{source}: [settings] has unknown run-config key {key!r}; known: {known_keys}")
+    try:
+        RunSettings().with_overrides(dict(table))
+    except ConfigError as err:
+        raise ConfigError(f"{source}: [settings]: {err}") from None
+    return dict(table)
