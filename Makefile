@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,22 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/pytest
+
+# Benchmarks print figures and write bench/*.json and bench/RESULTS.md; they never fail on a time.
+bench: $(STAMP)
+	$(BIN)/python -m simulations.benchmarks.sweep_time --out bench/sweep.json
+	$(BIN)/python -m simulations.benchmarks.dp_overhead --images 60000 --out bench/dp_overhead.json
+	$(BIN)/python -m simulations.benchmarks.secagg_overhead --sizes 5,10,50,100 --out bench/secagg_overhead.json
+	$(BIN)/python -m simulations.benchmarks.deployment_latency --rounds 4 --out bench/deployment_latency.json
+	$(BIN)/python -m simulations.benchmarks.table bench > bench/RESULTS.md
+	cat bench/RESULTS.md
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m simulations.benchmarks.sweep_time --seeds 0 --rounds 10 --out bench/sweep.json
+	$(BIN)/python -m simulations.benchmarks.dp_overhead --images 5000 --repeats 2 --out bench/dp_overhead.json
+	$(BIN)/python -m simulations.benchmarks.secagg_overhead --sizes 5,10 --rounds 3 --out bench/secagg_overhead.json
+	$(BIN)/python -m simulations.benchmarks.table bench > bench/RESULTS.md
+	cat bench/RESULTS.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -14,8 +14,9 @@ from collections.abc import Callable, Mapping
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.common import EvaluateRes, FitRes, Parameters, Scalar, parameters_to_ndarrays
+from flwr.common import EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar, parameters_to_ndarrays
 from flwr.common.logger import log
+from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
@@ -29,6 +30,9 @@ EvalResults = list[tuple[ClientProxy, EvaluateRes]]
 
 def _name(result: tuple[ClientProxy, FitRes | EvaluateRes]) -> str:
     return str(result[1].metrics.get("institution", result[0].cid))
+
+
+WAIT_S = 86400  # how long a round waits for min-institutions (Flower's own default)
 
 
 class FedsiloStrategy(FedAvg):
@@ -45,8 +49,7 @@ class FedsiloStrategy(FedAvg):
         super().__init__(
             fraction_fit=settings.fraction_fit,
             fraction_evaluate=1.0,
-            # Every round waits until min-institutions are connected, so a round never
-            # starts with whoever happened to register first.
+            # Every round waits until min-institutions are connected (see configure_fit).
             min_fit_clients=min(2, settings.min_institutions),
             min_evaluate_clients=1,
             min_available_clients=settings.min_institutions,
@@ -62,6 +65,20 @@ class FedsiloStrategy(FedAvg):
         self.current = parameters_to_ndarrays(initial_parameters)
         self.started = time.monotonic()
         self._trained: dict[int, tuple[int, int]] = {}
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        # FedAvg sizes its sample from the institutions connected *before* it waits for
+        # min-institutions; wait first, so a round never starts with whoever came first.
+        client_manager.wait_for(self.min_available_clients, timeout=WAIT_S)
+        return super().configure_fit(server_round, parameters, client_manager)
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        client_manager.wait_for(self.min_available_clients, timeout=WAIT_S)
+        return super().configure_evaluate(server_round, parameters, client_manager)
 
     def _config(self, server_round: int) -> dict[str, Scalar]:
         return {**self.round_config, "server-round": server_round}

@@ -1,0 +1,55 @@
+"""Turn the benchmarks' JSON files into one Markdown table, each figure beside its target.
+
+python -m simulations.benchmarks.table bench > bench/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+
+def _rows(name: str, data: dict[str, Any]) -> list[tuple[str, str, str]]:
+    rows: list[tuple[str, str, str]] = []
+    if name == "dp_overhead":
+        for result in data["results"]:
+            target = "<= 1.3x"
+            for mode in ("hooks", "functorch", "ew", "ghost"):
+                entry = result[mode]
+                figure = f"{entry['ratio']:.2f}x" if "ratio" in entry else f"fails: {entry['error'][:60]}"
+                rows.append((f"DP-SGD overhead, {result['model']}, {mode}", figure, target))
+    elif name == "secagg_overhead":
+        for result in data["results"]:
+            n = result["institutions"]
+            target = "<= 1.2x" if n <= 10 else "<= 1.5x" if n >= 100 else "-"
+            figure = (
+                f"{result['ratio']:.2f}x ({result['plain']['steady_s']:.1f} s -> {result['secagg']['steady_s']:.1f} s)"
+            )
+            rows.append((f"SecAgg+ overhead per round, {n} institutions", figure, target))
+    elif name == "deployment_latency":
+        figure = f"{data['median_seconds_per_round']:.1f} s per round"
+        rows.append((f"Deployment round, {data['institutions']} institutions, TLS + SecAgg+", figure, "<= 10 s"))
+    elif name == "sweep":
+        rows.append((data["benchmark"], f"{data['wall_s']:.1f} s", "< 60 s"))
+    return rows
+
+
+def main() -> None:
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "bench")
+    rows: list[tuple[str, str, str]] = []
+    machine = ""
+    for path in sorted(folder.glob("*.json")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        machine = machine or json.dumps(data.get("machine", {}))
+        rows += _rows(path.stem, data)
+    print(f"Measured {date.today().isoformat()} on {machine}\n")
+    print("| benchmark | figure | target |\n|---|---|---|")
+    for what, figure, target in rows:
+        print(f"| {what} | {figure} | {target} |")
+
+
+if __name__ == "__main__":
+    main()
