@@ -13,7 +13,7 @@ import hashlib
 import math
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,13 +23,13 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 from client.policy import PrivacyPolicy
-from common.datasets import load_builtin, read_table
+from common.datasets import load_dataset, read_table
 from common.errors import ConfigError
 from common.ledger import LedgerEntry, PrivacyLedger
 from common.models import build_mlp, get_weights, set_weights
 from common.partition import partition
 from common.schema import Schema
-from common.settings import RunSettings
+from common.settings import PrivacySettings, RunSettings
 from common.training import evaluate, plan_round, train_round
 
 Weights = list[np.ndarray]
@@ -67,7 +67,7 @@ class InstitutionData:
                     "node config needs data-path, schema-path and state-dir (or a simulation partition-id)"
                 )
             pid, count = int(node_config["partition-id"]), int(node_config["num-partitions"])
-            dataset = load_builtin(settings.data.dataset)
+            dataset = load_dataset(settings.data.dataset, settings.data.schema_path)
             schema = dataset.schema
             all_x, all_y = schema.transform(dataset.frame, source=dataset.name)
             rows = simulated_partition(settings, dataset.frame, all_y, count)[pid]
@@ -89,13 +89,21 @@ class InstitutionData:
 
 
 def deployed_policy(node_config: Mapping[str, Any]) -> PrivacyPolicy:
-    """A deployed institution's policy, which must set its own lifetime budget."""
+    """A deployed institution's policy: its own lifetime budget, and its own delta.
+
+    Without a delta of its own, the institution would account at the delta the
+    coordinator proposes, and a larger delta makes the same training look cheaper:
+    so a policy without ``delta`` accounts at fedsilo's default (1e-5) and refuses
+    any larger proposal.
+    """
     policy = PrivacyPolicy.from_node_config(node_config)
     if policy.max_epsilon is None:
         raise ConfigError(
             f"{policy.source}: a deployed institution must set max-epsilon (its lifetime budget) "
             "in its policy; the coordinator cannot choose it"
         )
+    if policy.delta is None:
+        policy = replace(policy, delta=PrivacySettings().delta)
     return policy
 
 

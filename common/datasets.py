@@ -87,6 +87,22 @@ def load_builtin(name: str) -> TabularDataset:
     return loader()
 
 
+TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".pq")
+
+
+def load_dataset(name: str, schema_path: str = "") -> TabularDataset:
+    """A built-in dataset by name, or any CSV or Parquet file with the schema that describes it."""
+    if name in BUILTIN or not name.lower().endswith(TABLE_SUFFIXES):
+        return load_builtin(name)
+    if not schema_path:
+        raise ConfigError(f"dataset {name}: a table needs its federation schema; give schema-path (--schema)")
+    path = Path(name)
+    schema = Schema.load(schema_path)
+    frame = read_table(path)
+    schema.transform(frame, source=str(path))  # every record is checked before any run starts
+    return TabularDataset(path.stem, frame, schema, "institution")
+
+
 def read_table(path: Path | str, *, delimiter: str | None = None) -> pd.DataFrame:
     """Read a CSV (delimiter declared or detected) or Parquet file.
 

@@ -41,8 +41,9 @@ def _fmt(value: Any, digits: int = 4) -> str:
 @app.command()
 def run(
     dataset: Annotated[
-        str, typer.Option(help=f"Built-in dataset: {', '.join(sorted(BUILTIN))}.")
+        str, typer.Option(help=f"Built-in dataset ({', '.join(sorted(BUILTIN))}) or a CSV/Parquet file.")
     ] = DEFAULTS.data.dataset,
+    schema: Annotated[Path | None, typer.Option(help="The schema (TOML) of a CSV/Parquet --dataset.")] = None,
     institutions: Annotated[int, typer.Option(help="Number of institutions (default: 4 hospitals, 3 banks).")] = 0,
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = DEFAULTS.rounds,
     epsilon: Annotated[
@@ -86,7 +87,8 @@ def run(
     try:
         settings = RunSettings().with_overrides(
             {
-                "dataset": dataset,
+                "dataset": _dataset_value(dataset),
+                "schema-path": str(schema.resolve()) if schema else "",
                 "num-server-rounds": rounds,
                 "target-epsilon": epsilon,
                 "noise-multiplier": noise_multiplier,
@@ -144,7 +146,10 @@ def _comma_list(value: str | None) -> list[str] | None:
 @app.command()
 def sweep(
     file: Annotated[Path | None, typer.Option("--file", help="A TOML sweep file (options below override it).")] = None,
-    dataset: Annotated[str | None, typer.Option(help=f"Built-in dataset: {', '.join(sorted(BUILTIN))}.")] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help=f"Built-in dataset ({', '.join(sorted(BUILTIN))}) or a CSV/Parquet file.")
+    ] = None,
+    schema: Annotated[Path | None, typer.Option(help="The schema (TOML) of a CSV/Parquet --dataset.")] = None,
     epsilons: Annotated[str | None, typer.Option(help="Target epsilons, e.g. 0.5,1,2,4,8,inf.")] = None,
     noise_multipliers: Annotated[str | None, typer.Option(help="Fixed noise multipliers, e.g. 0.8,1.2.")] = None,
     institutions: Annotated[str | None, typer.Option(help="Federation sizes, e.g. 4 or 3,6.")] = None,
@@ -164,7 +169,7 @@ def sweep(
     from simulations.sweep_spec import load_sweep_file, parse_sweep
 
     cli_values = {
-        "dataset": dataset,
+        "dataset": _dataset_value(dataset) if dataset else None,
         "epsilons": _comma_list(epsilons),
         "noise-multipliers": _comma_list(noise_multipliers),
         "institutions": _comma_list(institutions),
@@ -180,6 +185,8 @@ def sweep(
     out_dir = out or Path("runs") / f"sweep-{datetime.now():%Y%m%d-%H%M%S}"
     try:
         raw = load_sweep_file(file) if file else {}
+        if schema is not None:
+            raw["settings"] = {**raw.get("settings", {}), "schema-path": str(schema.resolve())}
         source = str(file) if file and not given else f"{file} and the command line" if file else "command line"
         spec = parse_sweep({**raw, **given}, source)
         from simulations.sweep import check_sweep
@@ -260,16 +267,23 @@ def _run_sweep_cli(spec: Any, out_dir: Path, workers: int) -> None:
     console.print(f"sweep finished in {wall:.1f} s; report: {out_dir / 'report.html'}")
 
 
+def _dataset_value(name: str) -> str:
+    """A built-in dataset's name, or a table's absolute path (Flower's workers run elsewhere)."""
+    from common.datasets import BUILTIN, TABLE_SUFFIXES
+
+    return name if name in BUILTIN or not name.lower().endswith(TABLE_SUFFIXES) else str(Path(name).resolve())
+
+
 def _check_policy(settings: RunSettings, count: int) -> None:
     """Every simulated institution's policy loads, and its tables name institutions of this run."""
     import tomllib
 
     from client.policy import PrivacyPolicy
-    from common.datasets import load_builtin
+    from common.datasets import load_dataset
 
     if not settings.simulation_policy:
         return
-    noun = load_builtin(settings.data.dataset).institution_noun
+    noun = load_dataset(settings.data.dataset, settings.data.schema_path).institution_noun
     names = [f"{noun}-{i + 1}" for i in range(count)]
     for name in names:
         PrivacyPolicy.load(settings.simulation_policy, institution=name)
@@ -285,9 +299,9 @@ def _check_policy(settings: RunSettings, count: int) -> None:
 def _check_data(settings: RunSettings, count: int) -> None:
     """Fail before Flower starts if the dataset or partition cannot work."""
     from client.institution import simulated_partition
-    from common.datasets import load_builtin
+    from common.datasets import load_dataset
 
-    dataset = load_builtin(settings.data.dataset)
+    dataset = load_dataset(settings.data.dataset, settings.data.schema_path)
     _, labels = dataset.schema.transform(dataset.frame, source=dataset.name)
     simulated_partition(settings, dataset.frame, labels, count)
 

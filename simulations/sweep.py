@@ -28,7 +28,7 @@ from torch import nn
 
 from client.institution import InstitutionData, simulated_partition
 from common.audit import loss_threshold_auc, record_losses
-from common.datasets import load_builtin
+from common.datasets import load_dataset
 from common.errors import ConfigError
 from common.models import build_mlp, set_weights
 from simulations.baselines import alone, federation_members, pooled, records_digest
@@ -49,7 +49,7 @@ class TaskResult:
 
 def check_sweep(spec: SweepSpec) -> None:
     """Fail before anything runs if a dataset, partition or federation size cannot work."""
-    dataset = load_builtin(spec.dataset)
+    dataset = load_dataset(spec.dataset, str(spec.settings.get("schema-path", "")))
     _, labels = dataset.schema.transform(dataset.frame, source=dataset.name)
     for setup in spec.setups:
         if setup.secure_aggregation and setup.institutions < 3:

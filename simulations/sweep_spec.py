@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.datasets import BUILTIN
+from common.datasets import BUILTIN, TABLE_SUFFIXES
 from common.errors import ConfigError
 from common.settings import RunSettings
 from simulations.engines import ENGINES
@@ -174,9 +174,12 @@ def parse_sweep(values: Mapping[str, Any], source: str) -> SweepSpec:
         return ConfigError(f"{source}: '{key}' {fix}. Found {value!r}.")
 
     if "dataset" in values:
-        if values["dataset"] not in BUILTIN:
-            raise fail("dataset", values["dataset"], f"must be one of {', '.join(sorted(BUILTIN))}")
-        out["dataset"] = values["dataset"]
+        name = str(values["dataset"])
+        if name not in BUILTIN and not name.lower().endswith(TABLE_SUFFIXES):
+            raise fail(
+                "dataset", values["dataset"], f"must be one of {', '.join(sorted(BUILTIN))} or a CSV/Parquet file"
+            )
+        out["dataset"] = name
     if "engine" in values:
         if values["engine"] not in ENGINES:
             raise fail("engine", values["engine"], f"must be {' or '.join(ENGINES)}")

@@ -15,6 +15,7 @@ from common.errors import ConfigError
 from common.ledger import PrivacyLedger
 from common.models import build_mlp, get_weights
 from common.settings import RunSettings
+from common.training import RoundPlan, plan_round
 
 SETTINGS = RunSettings.from_config({"num-server-rounds": 3, "target-epsilon": 2.0})
 POLICY = """\
@@ -148,6 +149,14 @@ def test_a_deployed_institution_must_set_its_own_budget(tmp_path: Path) -> None:
         deployed_policy({"policy-path": str(policy_path)})
     merged = deployed_policy({"policy-path": str(policy_path), "max-epsilon": "4"})  # inline keys win
     assert (merged.max_epsilon, merged.min_noise_multiplier) == (4.0, 0.7)
+    # Without a delta of its own, it accounts at 1e-5, whatever delta the coordinator proposes.
+    assert merged.delta == 1e-5
+    generous = SETTINGS.with_overrides({"delta": 0.5})  # a larger delta would make epsilon look small
+    assert "above the policy's delta 1e-05" in " ".join(merged.violations(generous, _plan(generous)))
+
+
+def _plan(settings: RunSettings) -> RoundPlan:
+    return plan_round(num_examples=200, train=settings.train, privacy=settings.privacy, planned_rounds=settings.rounds)
 
 
 def test_budget_shows_each_run_the_total_and_what_remains(tmp_path: Path) -> None:

@@ -2,11 +2,12 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from common import datasets
-from common.datasets import load_builtin
-from common.errors import ConfigError
+from common.datasets import DATA_DIR, builtin_schema_path, load_builtin, load_dataset
+from common.errors import ConfigError, FedsiloError
 
 
 def test_digits_are_64_pixels_in_ten_classes_scaled_by_the_schema() -> None:
@@ -22,3 +23,25 @@ def test_fashion_mnist_without_its_package_says_how_to_install_it(
     monkeypatch.setattr(datasets, "FASHION_MNIST_DIR", tmp_path / "absent")
     with pytest.raises(ConfigError, match="apt-get install dataset-fashion-mnist"):
         load_builtin("fashion-mnist")
+
+
+def test_any_csv_or_parquet_table_with_its_schema_is_a_dataset(tmp_path: Path) -> None:
+    builtin = load_builtin("german-credit")
+    schema = str(builtin_schema_path("german-credit"))
+    parquet = tmp_path / "credit.parquet"
+    builtin.frame.to_parquet(parquet)
+    for path in (DATA_DIR / "german_credit.csv", parquet):
+        table = load_dataset(str(path), schema)
+        assert table.name == path.stem and table.institution_noun == "institution"
+        expected = builtin.schema.transform(builtin.frame, source="builtin")
+        got = table.schema.transform(table.frame, source=str(path))
+        assert all(np.array_equal(a, b) for a, b in zip(expected, got, strict=True))
+
+
+def test_a_table_without_a_schema_or_with_bad_records_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="needs its federation schema"):
+        load_dataset(str(DATA_DIR / "german_credit.csv"))
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(FedsiloError, match=r"bad\.csv"):
+        load_dataset(str(bad), str(builtin_schema_path("german-credit")))

@@ -1,5 +1,6 @@
 """fedsilo-simulate refuses bad input before starting Flower, with the reason."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,18 @@ def test_a_bad_policy_file_exits_2_before_flower_starts(tmp_path: Path, text: st
     assert result.exit_code == 2
     assert words in " ".join(result.output.split()) and str(policy) in "".join(result.output.split())
     assert not out.exists()
+
+
+def test_a_csv_table_with_its_schema_runs_as_a_federation(tmp_path: Path) -> None:
+    from common.datasets import DATA_DIR
+
+    out = tmp_path / "run"
+    args = ["run", "--dataset", str(DATA_DIR / "german_credit.csv"), "--schema"]
+    args += [str(DATA_DIR / "german_credit.schema.toml"), "--engine", "inprocess", "--rounds", "2"]
+    result = RUNNER.invoke(app, [*args, "--institutions", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert [i["name"] for i in report["institutions"]] == ["institution-1", "institution-2", "institution-3"]
+    assert sum(i["num_examples"] for i in report["institutions"]) == 799  # 1,000 records, 20% held out
+    missing = RUNNER.invoke(app, ["run", "--dataset", str(DATA_DIR / "german_credit.csv"), "--out", str(out / "x")])
+    assert missing.exit_code == 2 and "needs its federation schema" in missing.output
