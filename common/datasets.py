@@ -7,9 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from common.errors import ConfigError, DataError
+from common.images import FASHION_MNIST_DIR
 from common.schema import Schema
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -17,6 +19,7 @@ SCHEMAS = {
     "breast-cancer": DATA_DIR / "breast_cancer.schema.toml",
     "german-credit": DATA_DIR / "german_credit.schema.toml",
     "digits": DATA_DIR / "digits.schema.toml",
+    "fashion-mnist": DATA_DIR / "fashion_mnist.schema.toml",
 }
 
 
@@ -56,12 +59,27 @@ def _digits() -> TabularDataset:
     return TabularDataset("digits", frame, schema, "clinic")
 
 
+def _fashion_mnist() -> TabularDataset:
+    """All 70,000 images (train and test files together), one pixel per column, as a table."""
+    from common import images
+
+    parts = [images.load_fashion_mnist(split, FASHION_MNIST_DIR) for split in ("train", "test")]
+    pixels = np.concatenate([p[0] for p in parts]).reshape(-1, 28 * 28) * 255.0
+    labels = np.concatenate([p[1] for p in parts])
+    frame = pd.DataFrame(
+        pixels.round().astype(np.uint8), columns=[f"pixel_{r}_{c}" for r in range(28) for c in range(28)]
+    )
+    schema = Schema.load(SCHEMAS["fashion-mnist"])
+    frame["label"] = np.asarray(schema.classes)[labels]
+    return TabularDataset("fashion-mnist", frame, schema, "clinic")
+
+
 BUILTIN: dict[str, Callable[[], TabularDataset]] = {
     "breast-cancer": _breast_cancer,
     "german-credit": _german_credit,
     "digits": _digits,
+    "fashion-mnist": _fashion_mnist,
 }
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 def builtin_schema_path(name: str) -> Path:
@@ -72,14 +90,7 @@ def builtin_schema_path(name: str) -> Path:
 
 
 def load_builtin(name: str) -> TabularDataset:
-    """Load one of the datasets shipped with fedsilo by name."""
-    if name == "fashion-mnist" and name not in BUILTIN:
-        if not FASHION_MNIST_DIR.exists():
-            raise ConfigError(
-                f"fashion-mnist needs Debian's package dataset-fashion-mnist (files in {FASHION_MNIST_DIR}); "
-                "install it with `sudo apt-get install dataset-fashion-mnist`"
-            )
-        raise ConfigError("fashion-mnist is installed but fedsilo does not load it yet; use digits for images")
+    """Load one of the datasets shipped with fedsilo (or, for fashion-mnist, with Debian) by name."""
     try:
         loader = BUILTIN[name]
     except KeyError:

@@ -45,3 +45,22 @@ def test_a_table_without_a_schema_or_with_bad_records_is_refused(tmp_path: Path)
     bad.write_text("a,b\n1,2\n")
     with pytest.raises(FedsiloError, match=r"bad\.csv"):
         load_dataset(str(bad), str(builtin_schema_path("german-credit")))
+
+
+def test_fashion_mnist_is_read_from_debians_idx_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gzip
+
+    rng = np.random.default_rng(0)
+    for prefix, count in (("train", 3), ("t10k", 2)):
+        pixels = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+        header = (2051).to_bytes(4, "big") + count.to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+        (tmp_path / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + pixels.tobytes()))
+        labels = np.arange(count, dtype=np.uint8) + (0 if prefix == "train" else 7)
+        label_header = (2049).to_bytes(4, "big") + count.to_bytes(4, "big")
+        (tmp_path / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(label_header + labels.tobytes()))
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DIR", tmp_path)
+    dataset = load_builtin("fashion-mnist")
+    x, y = dataset.schema.transform(dataset.frame, source=dataset.name)
+    assert x.shape == (5, 784) and y.tolist() == [0, 1, 2, 7, 8]
+    assert dataset.frame["label"].tolist()[:2] == ["T-shirt/top", "Trouser"]
+    assert x.min() >= 0.0 and x.max() <= 1.0
