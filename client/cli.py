@@ -196,16 +196,17 @@ def start(
     who = name or state_dir.resolve().name
     console.print(f"{summary.path}: {summary.rows} records fit the schema")
     console.print(f"policy: {limits.to_mapping()}")
-    config = node_config(name=who, data=data, schema=schema, policy=policy, state_dir=state_dir)
+    # The SuperNode enforces the copy in the state directory, which `budget` also reads.
+    config = node_config(name=who, data=data, schema=schema, policy=state_dir / "policy.toml", state_dir=state_dir)
     argv = supernode_argv(server=server, ca=ca, key=key, config=config, port=port)
     if max_retries is not None:
         argv += ["--max-retries", str(max_retries)]
-    process = subprocess.Popen(argv, env=flower_env(state_dir / "flwr"), cwd=state_dir)
 
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, stop)  # before the SuperNode starts: it is always stopped with us
+    process = subprocess.Popen(argv, env=flower_env(state_dir / "flwr"), cwd=state_dir)
     console.print(f"{who}: SuperNode connecting to {server} over TLS; stop with Ctrl-C")
     try:
         code = process.wait()

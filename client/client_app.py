@@ -14,7 +14,7 @@ from flwr.client import Client, NumPyClient
 from flwr.clientapp import ClientApp
 from flwr.common import NDArrays, Scalar
 
-from client.mods import secure_aggregation_mod
+from client.mods import UNDER_SECURE_AGGREGATION, secure_aggregation_mod
 
 if TYPE_CHECKING:
     from client.institution import InstitutionData
@@ -47,6 +47,7 @@ class InstitutionClient(NumPyClient):
             settings,
             server_round=int(config["server-round"]),
             run_id=str(config.get("run-name", self.context.run_id)),
+            secure_aggregation=UNDER_SECURE_AGGREGATION.get(),
         )
         return outcome.weights, outcome.num_examples, dict(outcome.metrics)
 

@@ -23,6 +23,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 from client.policy import PrivacyPolicy
+from common.accounting import epsilon_spent
 from common.datasets import load_dataset, read_table
 from common.errors import ConfigError
 from common.ledger import LedgerEntry, PrivacyLedger
@@ -88,15 +89,20 @@ class InstitutionData:
         return cls(name, schema, train_x, train_y, test_x, test_y, state_dir, fingerprint, reproducible, policy)
 
 
+DEPLOYED_DEFAULTS = {"share-eval-metrics": False, "require-secure-aggregation": True}
+
+
 def deployed_policy(node_config: Mapping[str, Any]) -> PrivacyPolicy:
     """A deployed institution's policy: its own lifetime budget, and its own delta.
 
     Without a delta of its own, the institution would account at the delta the
     coordinator proposes, and a larger delta makes the same training look cheaper:
     so a policy without ``delta`` accounts at fedsilo's default (1e-5) and refuses
-    any larger proposal.
+    any larger proposal. Unless the policy says otherwise, a deployed institution
+    also refuses rounds without SecAgg+ and keeps its evaluation metrics (computed
+    on held-out records, outside the DP guarantee) to itself.
     """
-    policy = PrivacyPolicy.from_node_config(node_config)
+    policy = PrivacyPolicy.from_node_config(node_config, defaults=DEPLOYED_DEFAULTS)
     if policy.max_epsilon is None:
         raise ConfigError(
             f"{policy.source}: a deployed institution must set max-epsilon (its lifetime budget) "
@@ -152,13 +158,19 @@ def fit_round(
     *,
     server_round: int,
     run_id: str,
+    secure_aggregation: bool | None = None,
 ) -> FitOutcome:
     """Plan, check the policy and the budget, train with DP-SGD, record in the ledger, release.
 
     A refused round trains nothing, records nothing and releases the received
     weights with zero weight (``num_examples = 0``), so it does not move the
-    aggregate, and the reason travels in the clear metrics.
+    aggregate, and the reason travels in the clear metrics. ``secure_aggregation``
+    says whether the update leaves masked by SecAgg+ (the ClientApp knows it from
+    the message; None: as the run settings say). The budget covers every ledger in
+    the institution's state directory: records re-encoded by a changed schema (a
+    new fingerprint) do not start a fresh budget.
     """
+    secure = settings.secagg.enabled if secure_aggregation is None else secure_aggregation
     privacy, policy = settings.privacy, data.policy
     budget, delta = policy.budget(settings), policy.accounting_delta(settings)
     with PrivacyLedger.locked(data.state_dir, data.fingerprint) as ledger:  # check, train, record
@@ -174,11 +186,13 @@ def fit_round(
             delta=delta,
             recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
-        spent = ledger.epsilon(delta=delta)
-        after = ledger.epsilon_with(entry, delta=delta)
+        history = [e.event() for other in PrivacyLedger.others(data.state_dir, data.fingerprint) for e in other.entries]
+        history += [e.event() for e in ledger.entries]
+        spent = epsilon_spent(history, delta=delta)
+        after = epsilon_spent([*history, entry.event()], delta=delta)
         base: dict[str, bool | int | float | str] = {"institution": data.name, "delta": delta}
         reason = None
-        violations = policy.violations(settings, plan)
+        violations = policy.violations(settings, plan, secure_aggregation=secure)
         if violations:
             reason = (
                 f"{data.name} refused round {server_round}: the proposed training breaks its privacy policy: "
@@ -189,7 +203,7 @@ def fit_round(
                 f"{data.name} refused round {server_round}: it would spend epsilon {after:.3f} "
                 f"of a budget of {budget:g} (already spent {spent:.3f})"
             )
-        elif settings.secagg.enabled and len(data.train_y) > settings.secagg.max_weight:
+        elif secure and len(data.train_y) > settings.secagg.max_weight:
             reason = (
                 f"{data.name} refused round {server_round}: its {len(data.train_y)} training records exceed "
                 f"secagg-max-weight = {settings.secagg.max_weight:g}, which would overflow SecAgg+; raise it"

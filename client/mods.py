@@ -5,6 +5,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
 from flwr.app import Context, Message
@@ -14,6 +15,9 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 FIT_CONFIG = "fitins.config"
+# True while a message is handled by Flower's secaggplus_mod: the update that leaves is
+# masked. The institution's policy reads it to refuse training for a plain-FedAvg round.
+UNDER_SECURE_AGGREGATION: ContextVar[bool] = ContextVar("under_secure_aggregation", default=False)
 
 
 def secure_aggregation_mod(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
@@ -26,13 +30,17 @@ def secure_aggregation_mod(msg: Message, ctx: Context, call_next: ClientAppCalla
     """
     if msg.metadata.message_type != MessageType.TRAIN or RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, ctx)
-    fit_config = msg.content.config_records.get(FIT_CONFIG)
-    if fit_config is None or "seed" not in fit_config:
-        return secaggplus_mod(msg, ctx, call_next)
-    who = str(ctx.node_config.get("name", ctx.node_config.get("partition-id", "")))
-    seed = quantization_seed(int(str(fit_config["seed"])), int(str(fit_config.get("server-round", 0))), who)
-    with seeded_global_numpy(seed):
-        return secaggplus_mod(msg, ctx, call_next)
+    token = UNDER_SECURE_AGGREGATION.set(True)
+    try:
+        fit_config = msg.content.config_records.get(FIT_CONFIG)
+        if fit_config is None or "seed" not in fit_config:
+            return secaggplus_mod(msg, ctx, call_next)
+        who = str(ctx.node_config.get("name", ctx.node_config.get("partition-id", "")))
+        seed = quantization_seed(int(str(fit_config["seed"])), int(str(fit_config.get("server-round", 0))), who)
+        with seeded_global_numpy(seed):
+            return secaggplus_mod(msg, ctx, call_next)
+    finally:
+        UNDER_SECURE_AGGREGATION.reset(token)
 
 
 def quantization_seed(run_seed: int, server_round: int, who: str) -> int:

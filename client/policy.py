@@ -12,7 +12,8 @@ A policy file::
     min-noise-multiplier = 0.8   # refuse rounds with less noise than this
     max-grad-norm = 1.0          # refuse larger per-record clipping norms
     max-local-epochs = 5         # refuse more local epochs per round
-    share-eval-metrics = true    # false: evaluation rounds report nothing
+    share-eval-metrics = true    # false: evaluation rounds report nothing (deployed default)
+    require-secure-aggregation = true  # refuse rounds whose update would leave unmasked (deployed default)
 
     [institutions.hospital-2]    # simulations only: overrides for one institution
     max-epsilon = 1.0
@@ -38,6 +39,7 @@ KEYS = {
     "max-grad-norm": "max_grad_norm",
     "max-local-epochs": "max_local_epochs",
     "share-eval-metrics": "share_eval_metrics",
+    "require-secure-aggregation": "require_secure_aggregation",
 }
 
 
@@ -51,6 +53,7 @@ class PrivacyPolicy:
     max_grad_norm: float | None = None
     max_local_epochs: int | None = None
     share_eval_metrics: bool = True
+    require_secure_aggregation: bool = False
     source: str = "policy"
 
     def __post_init__(self) -> None:
@@ -80,8 +83,13 @@ class PrivacyPolicy:
         return cls(**kwargs)
 
     @classmethod
-    def load(cls, path: str | Path, institution: str | None = None) -> PrivacyPolicy:
-        """Read a policy file; ``institution`` applies its ``[institutions.NAME]`` table, if any."""
+    def load(
+        cls, path: str | Path, institution: str | None = None, defaults: Mapping[str, Any] | None = None
+    ) -> PrivacyPolicy:
+        """Read a policy file; ``institution`` applies its ``[institutions.NAME]`` table, if any.
+
+        ``defaults`` (policy keys) apply where the file is silent.
+        """
         path = Path(path)
         try:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -94,6 +102,7 @@ class PrivacyPolicy:
         overrides = raw.pop("institutions", {})
         if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
             raise ConfigError(f"{path}: [institutions.NAME] must be tables of policy keys")
+        raw = {**(defaults or {}), **raw}
         policy = cls.from_mapping(raw, str(path))
         for name, table in overrides.items():
             cls.from_mapping(table, f"{path} [institutions.{name}]")  # every table is checked, used or not
@@ -103,10 +112,16 @@ class PrivacyPolicy:
         return policy
 
     @classmethod
-    def from_node_config(cls, node_config: Mapping[str, Any]) -> PrivacyPolicy:
-        """A deployed institution's policy: ``policy-path`` and/or inline keys (inline wins)."""
+    def from_node_config(
+        cls, node_config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
+    ) -> PrivacyPolicy:
+        """A deployed institution's policy: ``policy-path`` and/or inline keys (inline wins), then ``defaults``."""
         inline = {k: v for k, v in node_config.items() if k in KEYS}
-        base = cls.load(str(node_config["policy-path"])) if "policy-path" in node_config else cls(source="node config")
+        base = (
+            cls.load(str(node_config["policy-path"]), defaults=defaults)
+            if "policy-path" in node_config
+            else cls.from_mapping(dict(defaults or {}), "node config")
+        )
         if not inline:
             return base
         merged = {key: getattr(base, attr) for key, attr in KEYS.items() if getattr(base, attr) is not None}
@@ -124,9 +139,15 @@ class PrivacyPolicy:
         """The delta epsilon is accounted at: the institution's own, else the run's."""
         return self.delta if self.delta is not None else settings.privacy.delta
 
-    def violations(self, settings: RunSettings, plan: RoundPlan) -> list[str]:
-        """What in the coordinator's proposal breaks this policy (empty: nothing)."""
+    def violations(self, settings: RunSettings, plan: RoundPlan, *, secure_aggregation: bool) -> list[str]:
+        """What in the coordinator's proposal breaks this policy (empty: nothing).
+
+        ``secure_aggregation`` says whether this round's update would leave masked by
+        SecAgg+ (what the message is, not what the run config claims).
+        """
         out = []
+        if self.require_secure_aggregation and not secure_aggregation:
+            out.append("the update would leave without secure aggregation, which the policy requires")
         if self.delta is not None and settings.privacy.delta > self.delta:
             out.append(f"delta {settings.privacy.delta:g} is above the policy's delta {self.delta:g}")
         if plan.noise_multiplier < self.min_noise_multiplier:

@@ -43,7 +43,14 @@ def main() -> None:
     import flwr.supernode.start_client_internal as internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    cap_polling(internal, float(os.environ.get("FEDSILO_SUPERNODE_POLL_S", DEFAULT_POLL_S)))
+    raw = os.environ.get("FEDSILO_SUPERNODE_POLL_S", str(DEFAULT_POLL_S))
+    try:
+        cap = float(raw)
+    except ValueError:
+        cap = -1.0
+    if not 0.05 <= cap <= 3:
+        raise SystemExit(f"FEDSILO_SUPERNODE_POLL_S must be a number of seconds in [0.05, 3]. Found {raw!r}.")
+    cap_polling(internal, cap)
     flower_supernode()
 
 

@@ -85,6 +85,12 @@ class PrivacyLedger:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
+    @classmethod
+    def others(cls, state_dir: Path, fingerprint: str) -> list[PrivacyLedger]:
+        """Every other dataset's ledger in the same state directory (read, not locked)."""
+        paths = sorted((Path(state_dir) / "ledgers").glob("*.json"))
+        return [cls.for_dataset(state_dir, p.stem) for p in paths if p.stem != fingerprint]
+
     def epsilon(self, *, delta: float) -> float:
         """Epsilon spent on this dataset over every recorded round."""
         return epsilon_spent((e.event() for e in self.entries), delta=delta)

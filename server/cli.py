@@ -119,6 +119,11 @@ def start(
             "[bold red]WARNING: --insecure: no TLS and no node authentication. Updates, keys and metrics "
             "cross the network in the clear and anyone can join. Never use this with real data.[/bold red]"
         )
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # before the SuperLink starts: it is always stopped with us
     try:
         fed.load()
         chosen = port or fed.port
@@ -126,11 +131,6 @@ def start(
     except FedsiloError as err:
         print_error(console, err)
         raise typer.Exit(2) from None
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
     console.print(f"SuperLink listening on {host}:{chosen} ({'INSECURE' if insecure else 'TLS, node authentication'})")
     console.print(f"admitted institutions: {', '.join(sorted(fed.institutions())) or 'none yet'}")
     console.print(f"log: {fed.superlink_dir / 'superlink.log'}; stop with Ctrl-C")

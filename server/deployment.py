@@ -68,20 +68,23 @@ def start_superlink(
         stderr=subprocess.STDOUT,
     )
     address = f"{_connect_host(host)}:{port}"
-    fed.write_connection(address, insecure=insecure)
-    deadline = time.monotonic() + timeout
-    while not healthy(address, None if insecure else fed.ca_cert):
-        if process.poll() is not None:
-            raise FedsiloError(f"the SuperLink exited with code {process.returncode}; see {log.name}")
-        if time.monotonic() > deadline:
-            process.terminate()
-            raise FedsiloError(f"the SuperLink did not answer on {address} within {timeout:.0f} s; see {log.name}")
-        time.sleep(0.2)
-    (fed.superlink_dir / "superlink.json").write_text(
-        json.dumps({"pid": process.pid, "address": address, "insecure": insecure}), encoding="utf-8"
-    )
-    if not insecure:
-        register_admitted(fed)
+    try:  # whatever goes wrong from here on, the SuperLink does not outlive this call
+        fed.write_connection(address, insecure=insecure)
+        deadline = time.monotonic() + timeout
+        while not healthy(address, None if insecure else fed.ca_cert):
+            if process.poll() is not None:
+                raise FedsiloError(f"the SuperLink exited with code {process.returncode}; see {log.name}")
+            if time.monotonic() > deadline:
+                raise FedsiloError(f"the SuperLink did not answer on {address} within {timeout:.0f} s; see {log.name}")
+            time.sleep(0.2)
+        (fed.superlink_dir / "superlink.json").write_text(
+            json.dumps({"pid": process.pid, "address": address, "insecure": insecure}), encoding="utf-8"
+        )
+        if not insecure:
+            register_admitted(fed)
+    except BaseException:
+        stop_superlink(process, fed)
+        raise
     return process
 
 

@@ -101,6 +101,16 @@ class Federation:
         fed = cls(root)
         if fed.config_path.exists():
             raise ConfigError(f"{fed.config_path} exists: {root} already holds a federation")
+        for existing in ("ca.key", "ca.crt", "server.key", "server.crt"):
+            if (fed.certs / existing).exists():
+                raise ConfigError(f"{fed.certs / existing} exists; use an empty directory for a new federation")
+        if not 0 < port < 65536:
+            raise ConfigError(f"--port must be in 1..65535. Found {port}.")
+        for host in hosts:
+            if not host or any(c.isspace() for c in host) or not host.isascii():
+                raise ConfigError(f"--host {host!r}: give a DNS name (ASCII) or an IP address")
+        # This machine's own tools (start's health check, run, status) connect over loopback.
+        hosts = tuple(dict.fromkeys((*hosts, *DEFAULT_HOSTS)))
         source = schema if schema is not None else builtin_schema_path(dataset)
         Schema.load(source)  # a malformed schema fails here, before anything is written
         run = RunSettings().with_overrides({"dataset": dataset, **(settings or {})})

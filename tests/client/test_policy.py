@@ -110,6 +110,27 @@ def test_a_proposal_that_breaks_the_policy_is_refused_before_training(
     assert fit_round(data, weights, SETTINGS, server_round=1, run_id="a").num_examples == len(data.train_y)
 
 
+def test_a_round_whose_update_would_leave_unmasked_is_refused_when_the_policy_requires_secagg(
+    tmp_path: Path,
+) -> None:
+    data = institution(tmp_path, PrivacyPolicy(max_epsilon=10.0, require_secure_aggregation=True))
+    # The run config may claim SecAgg+; what counts is how the message actually arrived.
+    out = fit_round(data, initial(data), SETTINGS, server_round=1, run_id="a", secure_aggregation=False)
+    assert out.num_examples == 0 and "without secure aggregation" in str(out.metrics["refused"])
+    assert PrivacyLedger.for_dataset(tmp_path, data.fingerprint).entries == ()
+    masked = fit_round(data, initial(data), SETTINGS, server_round=1, run_id="a", secure_aggregation=True)
+    assert masked.num_examples == len(data.train_y)
+
+
+def test_re_encoded_records_do_not_start_a_fresh_budget(tmp_path: Path) -> None:
+    data = institution(tmp_path, PrivacyPolicy(max_epsilon=1.4))
+    assert fit_round(data, initial(data), SETTINGS, server_round=1, run_id="a").num_examples > 0  # spends 1.19
+    # The same records under another schema have another fingerprint, but the same state directory.
+    renamed = replace(data, fingerprint="0" * 24)
+    out = fit_round(renamed, initial(data), SETTINGS, server_round=1, run_id="b")
+    assert out.num_examples == 0 and "already spent 1.19" in str(out.metrics["refused"])
+
+
 def test_epsilon_is_accounted_at_the_institutions_own_delta(tmp_path: Path) -> None:
     data = institution(tmp_path, PrivacyPolicy(max_epsilon=10.0, delta=1e-3))
     out = fit_round(data, initial(data), SETTINGS.with_overrides({"delta": 1e-6}), server_round=1, run_id="a")
@@ -152,7 +173,13 @@ def test_a_deployed_institution_must_set_its_own_budget(tmp_path: Path) -> None:
     # Without a delta of its own, it accounts at 1e-5, whatever delta the coordinator proposes.
     assert merged.delta == 1e-5
     generous = SETTINGS.with_overrides({"delta": 0.5})  # a larger delta would make epsilon look small
-    assert "above the policy's delta 1e-05" in " ".join(merged.violations(generous, _plan(generous)))
+    plan = _plan(generous)
+    assert "above the policy's delta 1e-05" in " ".join(merged.violations(generous, plan, secure_aggregation=True))
+    # Unless the policy says otherwise, a deployed institution wants SecAgg+ and keeps its metrics.
+    assert merged.require_secure_aggregation and not merged.share_eval_metrics
+    policy_path.write_text("max-epsilon = 4\nshare-eval-metrics = true\nrequire-secure-aggregation = false\n")
+    relaxed = deployed_policy({"policy-path": str(policy_path)})
+    assert relaxed.share_eval_metrics and not relaxed.require_secure_aggregation
 
 
 def _plan(settings: RunSettings) -> RoundPlan:

@@ -103,7 +103,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
     # German credit, split three ways: each bank holds its own CSV.
     frame = load_builtin("german-credit").frame
     order = np.random.default_rng(0).permutation(len(frame))
-    (root / "policy.toml").write_text("max-epsilon = 10.0\nmin-noise-multiplier = 0.3\n")
+    (root / "policy.toml").write_text("max-epsilon = 10.0\nmin-noise-multiplier = 0.3\nshare-eval-metrics = true\n")
     for bank, rows in zip(BANKS, np.array_split(order, 3), strict=True):
         (root / bank).mkdir()
         frame.iloc[np.sort(rows)].to_csv(root / bank / "records.csv", index=False)
@@ -160,6 +160,7 @@ def test_two_secure_rounds_survive_a_superlink_restart_and_resume(deployment: di
     assert [row["round"] for row in report["rounds"]] == [1, 2]
     assert f"rounds {ROUNDS} to {ROUNDS}" in resumed.stdout
     assert report["rounds_completed"] == ROUNDS and report["secure_aggregation"] is True
+    assert 0 < report["final_metrics"]["accuracy"] <= 1  # the banks' policy shares evaluation metrics
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0001.pt", "round-0002.pt"]
     final, last = torch.load(run_dir / "model.pt"), torch.load(run_dir / "checkpoints" / "round-0002.pt")
     assert list(final) == list(last) and all(torch.equal(final[k], last[k]) for k in final)

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from common.errors import ConfigError
-from common.keys import new_node_keys
+from common.keys import certificate_hosts, new_node_keys
 from common.settings import RunSettings
 from server.cli import app
 from server.federation import Federation
@@ -23,6 +23,8 @@ def test_init_writes_certificates_schema_and_settings(tmp_path: Path) -> None:
     for name in ("ca.crt", "ca.key", "server.crt", "server.key"):
         assert (fed.certs / name).exists()
     assert stat.S_IMODE((fed.certs / "ca.key").stat().st_mode) == 0o600
+    # The given host, and loopback for the coordinator's own tools.
+    assert set(certificate_hosts(fed.certs / "server.crt")) == {"10.1.2.3", "localhost", "127.0.0.1", "::1"}
     assert "german-credit" in fed.schema_path.read_text() or "creditability" in fed.schema_path.read_text()
     settings = fed.settings()
     assert settings.data.dataset == "german-credit" and settings.data.schema_path == str(fed.schema_path)
