@@ -21,7 +21,8 @@ QUIET = {
 
 
 # Flower's SuperExec looks for a new app to launch every second by default; each SecAgg+
-# round is five messages per institution, each waiting on that poll.
+# round is five messages per institution, each waiting on that poll. (The caller's own
+# environment wins, for measuring.)
 DEPLOYMENT = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 
 
@@ -30,7 +31,7 @@ def flower_env(home: Path) -> dict[str, str]:
     home.mkdir(parents=True, exist_ok=True)
     # Flower's processes start more of Flower's executables by name: find this environment's first.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return {**os.environ, **QUIET, **DEPLOYMENT, "FLWR_HOME": str(home.resolve()), "PATH": path}
+    return {**DEPLOYMENT, **os.environ, **QUIET, "FLWR_HOME": str(home.resolve()), "PATH": path}
 
 
 def flower_bin(name: str) -> str:

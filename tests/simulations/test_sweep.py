@@ -35,7 +35,11 @@ RUNNER = CliRunner()
         ('partitions = ["random"]\n', "'partitions' must hold iid, dirichlet:ALPHA or column:NAME. Found 'random'."),
         ('secure-aggregation = ["yes"]\n', "'secure-aggregation' must hold true or false (on/off). Found 'yes'."),
         ("delta = 2\n", "'delta' must be in (0, 1), e.g. 1e-5. Found 2."),
-        ('dataset = "mnist"\n', "'dataset' must be one of breast-cancer, digits, german-credit. Found 'mnist'."),
+        (
+            'dataset = "mnist"\n',
+            "'dataset' must be one of breast-cancer, digits, fashion-mnist, german-credit or a CSV/Parquet file. "
+            "Found 'mnist'.",
+        ),
         ("[settings]\nlearning-rat = 0.1\n", "[settings] has unknown run-config key 'learning-rat'"),
         ("[settings]\nseed = 3\n", "[settings] sets 'seed', which the sweep itself sets; use its sweep key"),
         ("[settings]\nlearning-rate = -1\n", "[settings]: 'learning-rate' must be > 0. Found -1.0."),
