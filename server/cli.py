@@ -19,7 +19,8 @@ from common.cli import print_error
 from common.errors import FedsiloError
 from common.flower_env import flower_bin, flower_env
 from common.keys import DEFAULT_HOSTS
-from server.federation import DEFAULT_PORT, Federation
+from common.settings import RunSettings
+from server.federation import DEFAULT_PORT, MANAGED_KEYS, Federation
 
 app = typer.Typer(help="fedsilo for coordinators.", no_args_is_help=True)
 console = Console(soft_wrap=True)
@@ -166,6 +167,14 @@ def run(
         if running_address(fed) is None:
             raise FedsiloError(f"no SuperLink is running for {fed.root}; start it with `fedsilo-server start`")
         overrides: dict[str, Any] = _parse_config(config)
+        known = set(RunSettings().to_config())
+        unknown, managed = sorted(set(overrides) - known), sorted(set(overrides) & set(MANAGED_KEYS))
+        if unknown:
+            raise FedsiloError(
+                f"--config: unknown run setting(s) {unknown}; known: {sorted(known - set(MANAGED_KEYS))}"
+            )
+        if managed:
+            raise FedsiloError(f"--config may not set {managed}: fedsilo-server chooses these paths")
         if rounds is not None:
             overrides["num-server-rounds"] = rounds
         if epsilon is not None:

@@ -141,6 +141,9 @@ class Federation:
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{self.config_path}: not valid TOML ({err})") from None
         managed = sorted(set(raw.get("run", {})) & set(MANAGED_KEYS))
+        unknown = sorted(set(raw.get("run", {})) - set(RunSettings().to_config()))
+        if unknown:
+            raise ConfigError(f"{self.config_path}: [run] has unknown setting(s) {unknown}; check the spelling")
         if managed:
             raise ConfigError(f"{self.config_path}: [run] may not set {managed}; fedsilo-server chooses these paths")
         self.settings(raw)  # every value is checked

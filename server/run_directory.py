@@ -162,13 +162,23 @@ class RunDirectory:
     def checkpoint(self, server_round: int, weights: list[np.ndarray]) -> None:
         self.rounds_completed = server_round
         self.save_model(weights, f"checkpoints/round-{server_round:04d}.pt")
+        self._save_progress()
+
+    def fit_booked(self, server_round: int) -> None:
+        """Every reply of a round's fit is booked: updates have left, so a resume never repeats it."""
+        self.last_round = max(self.last_round, server_round)
+        self._save_progress()
 
     def record_round(self, row: dict[str, Any]) -> None:
-        """Append a completed round's row; then what a resume needs is saved atomically."""
+        """Append a completed round's row."""
         self.rounds.append(row)
-        self.last_round = int(row["round"])
+        self.last_round = max(self.last_round, int(row["round"]))
         with open(self.path / "metrics.csv", "a", newline="", encoding="utf-8") as fh:
             csv.writer(fh).writerow([row.get(c, "") for c in METRIC_COLUMNS])
+        self._save_progress()
+
+    def _save_progress(self) -> None:
+        """What a resume needs, written atomically after every step of a round."""
         progress = {
             "settings": self.settings.to_config(),
             "rounds_completed": self.rounds_completed,

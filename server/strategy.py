@@ -94,6 +94,7 @@ class FedsiloStrategy(FedAvg):
             log(WARNING, "round %s: an institution failed: %s", server_round, failure)
         trained = [r for r in results if r[1].num_examples > 0]
         self._trained[server_round] = (len(trained), len(results) - len(trained) + len(failures))
+        self.run_dir.fit_booked(server_round)
         return trained
 
     def aggregate_fit(

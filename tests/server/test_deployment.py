@@ -142,7 +142,7 @@ def test_two_secure_rounds_survive_a_superlink_restart_and_resume(deployment: di
 
     def first_round_done() -> bool:
         progress[:] = list((fed / "runs").glob("*/progress.json"))
-        return bool(progress) and json.loads(progress[0].read_text())["last_round"] >= 1
+        return bool(progress) and len(json.loads(progress[0].read_text())["rounds"]) >= 1  # round 1 evaluated
 
     wait_for("round 1", first_round_done, 400)
     run_dir = progress[0].parent

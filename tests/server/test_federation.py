@@ -1,5 +1,6 @@
 """The federation directory: init, admit and settings, checked before anything runs."""
 
+import os
 import stat
 import tomllib
 from pathlib import Path
@@ -49,6 +50,9 @@ def test_federation_toml_values_are_checked(tmp_path: Path) -> None:
     fed.config_path.write_text(text + 'out-dir = "/elsewhere"\n')
     with pytest.raises(ConfigError, match="may not set"):
         fed.load()
+    fed.config_path.write_text(text + "target-epsilion = 3\n")
+    with pytest.raises(ConfigError, match="unknown setting"):
+        fed.load()
 
 
 def test_admit_records_keys_and_refuses_duplicates_and_bad_keys(tmp_path: Path) -> None:
@@ -72,3 +76,14 @@ def test_commands_on_a_directory_that_is_no_federation_say_so(tmp_path: Path) ->
     for command in (["status", str(tmp_path)], ["run", str(tmp_path)], ["start", str(tmp_path)]):
         result = RUNNER.invoke(app, command)
         assert result.exit_code == 2 and "not a federation directory" in result.output
+
+
+def test_run_refuses_unknown_and_managed_settings_before_submitting(tmp_path: Path) -> None:
+    fed = Federation.init(tmp_path / "fed")
+    fed.admit(new_node_keys(tmp_path / "a" / "node.key"), "bank-1")
+    (fed.superlink_dir).mkdir(parents=True)
+    (fed.superlink_dir / "superlink.json").write_text(f'{{"pid": {os.getpid()}, "address": "127.0.0.1:1"}}')
+    for config, words in (("target-epsilion=3", "unknown run setting"), ('out-dir="/x"', "may not set")):
+        result = RUNNER.invoke(app, ["run", str(fed.root), "--config", config])
+        assert result.exit_code == 2 and words in result.output, result.output
+    assert not fed.app_dir.exists()  # nothing was written or submitted
