@@ -34,12 +34,21 @@ def flower_env(home: Path) -> dict[str, str]:
     return {**DEPLOYMENT, **os.environ, **QUIET, "FLWR_HOME": str(home.resolve()), "PATH": path}
 
 
-def flower_bin(name: str) -> str:
-    """A Flower executable from this Python's environment (falling back to PATH)."""
+def executable(name: str) -> str:
+    """An executable of this Python's environment, Flower's or fedsilo's (falling back to PATH)."""
     beside = Path(sys.executable).parent / name
     if beside.exists():
         return str(beside)
     found = shutil.which(name)
     if found is None:
-        raise FedsiloError(f"cannot find Flower's '{name}' executable; is fedsilo installed in this environment?")
+        raise FedsiloError(f"cannot find the '{name}' executable; is fedsilo installed in this environment?")
     return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (for local federations: tests, benchmarks)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from common.cli import print_error
 from common.errors import FedsiloError
-from common.flower_env import flower_bin, flower_env
+from common.flower_env import executable, flower_env
 from common.keys import DEFAULT_HOSTS
 from common.settings import RunSettings
 from server.federation import DEFAULT_PORT, MANAGED_KEYS, Federation
@@ -196,7 +196,7 @@ def run(
         print_error(console, err)
         raise typer.Exit(2) from None
     console.print(f"{'resuming' if resume else 'starting'} run {run_dir.name} ({run_dir})")
-    argv = [flower_bin("flwr"), "run", str(fed.app_dir), "fedsilo", "--stream", "--run-config", _run_config(overrides)]
+    argv = [executable("flwr"), "run", str(fed.app_dir), "fedsilo", "--stream", "--run-config", _run_config(overrides)]
     with subprocess.Popen(
         argv, cwd=fed.root, env=flower_env(fed.flwr_home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ) as flower:
@@ -275,9 +275,9 @@ def _parse_config(text: str) -> dict[str, Any]:
 
 
 def _run_config(values: dict[str, Any]) -> str:
-    from server.federation import _toml_value
+    from server.federation import toml_value
 
-    return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
+    return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
 
 
 def _unfinished_run(fed: Federation) -> Path:

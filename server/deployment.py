@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError, FedsiloError
-from common.flower_env import flower_bin, flower_env
+from common.flower_env import executable, flower_env
 from server.federation import Federation
 
 
@@ -29,7 +29,7 @@ def superlink_argv(fed: Federation, *, host: str, port: int, insecure: bool = Fa
     """``flower-superlink`` with TLS and SuperNode authentication (``insecure``: neither)."""
     fed.superlink_dir.mkdir(parents=True, exist_ok=True)
     argv = [
-        flower_bin("flower-superlink"),
+        executable("flower-superlink"),
         "--host",
         host,
         "--port",
@@ -129,7 +129,7 @@ def running_address(fed: Federation) -> str | None:
 def flwr(fed: Federation, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
     """Run the ``flwr`` CLI against this federation's SuperLink (connection ``fedsilo``)."""
     return subprocess.run(
-        [flower_bin("flwr"), *args],
+        [executable("flwr"), *args],
         cwd=fed.root,
         env=flower_env(fed.flwr_home),
         capture_output=True,

@@ -125,7 +125,7 @@ class Federation:
             "",
             "# Run settings: the keys of [tool.flwr.app.config] in fedsilo's pyproject.toml.",
             "[run]",
-            *(f"{key} = {_toml_value(value)}" for key, value in run.to_config().items() if key not in MANAGED_KEYS),
+            *(f"{key} = {toml_value(value)}" for key, value in run.to_config().items() if key not in MANAGED_KEYS),
             "",
         ]
         fed.config_path.write_text("\n".join(lines), encoding="utf-8")
@@ -193,7 +193,7 @@ class Federation:
     def write_app(self) -> Path:
         """The Flower app ``flwr run`` submits: fedsilo's components, this federation's defaults."""
         settings = self.settings()
-        config = "\n".join(f"{k} = {_toml_value(v)}" for k, v in settings.to_config().items())
+        config = "\n".join(f"{k} = {toml_value(v)}" for k, v in settings.to_config().items())
         self.app_dir.mkdir(parents=True, exist_ok=True)
         (self.app_dir / "pyproject.toml").write_text(
             "# Written by fedsilo-server: the installed fedsilo package provides the code.\n"
@@ -217,7 +217,7 @@ class Federation:
         )
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float) and value == float("inf"):

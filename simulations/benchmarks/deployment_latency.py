@@ -17,9 +17,7 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,17 +26,8 @@ from typing import Any
 import numpy as np
 
 from common.datasets import load_builtin
+from common.flower_env import executable, free_port
 from server.deployment import healthy
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _bin(name: str) -> str:
-    return str(Path(sys.executable).parent / name)
 
 
 def machine() -> dict[str, Any]:
@@ -53,8 +42,8 @@ def machine() -> dict[str, Any]:
 
 def measure(rounds: int, institutions: int, dataset: str, work: Path) -> dict[str, Any]:
     """Set up a federation, run ``rounds`` rounds, return per-round seconds."""
-    port, fed = _free_port(), work / "fed"
-    server, client = _bin("fedsilo-server"), _bin("fedsilo-client")
+    port, fed = free_port(), work / "fed"
+    server, client = executable("fedsilo-server"), executable("fedsilo-client")
     init = [server, "init", str(fed), "--dataset", dataset, "--port", str(port)]
     subprocess.run(init, check=True, capture_output=True)
     frame = load_builtin(dataset).frame
@@ -80,7 +69,7 @@ def measure(rounds: int, institutions: int, dataset: str, work: Path) -> dict[st
             argv = [client, "start", "--server", f"127.0.0.1:{port}", "--ca", str(fed / "certs" / "ca.crt")]
             argv += ["--key", str(work / name / "node.key"), "--data", str(work / name / "records.csv")]
             argv += ["--schema", str(fed / "schema.toml"), "--policy", str(work / "policy.toml")]
-            argv += ["--state-dir", str(work / name / "state"), "--name", name, "--port", str(_free_port())]
+            argv += ["--state-dir", str(work / name / "state"), "--name", name, "--port", str(free_port())]
             processes.append(subprocess.Popen(argv, stdout=logs, stderr=logs))
         started = time.monotonic()
         subprocess.run([server, "run", str(fed), "--rounds", str(rounds)], check=True, stdout=logs, stderr=logs)

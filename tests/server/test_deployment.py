@@ -12,9 +12,7 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +23,7 @@ import pytest
 import torch
 
 from common.datasets import load_builtin
-from common.flower_env import flower_bin, flower_env
+from common.flower_env import executable, flower_env, free_port
 from common.keys import issue_server_certificates
 from common.ledger import PrivacyLedger
 from server.deployment import healthy
@@ -33,16 +31,6 @@ from server.deployment import healthy
 pytestmark = pytest.mark.deployment
 BANKS = ("bank-1", "bank-2", "bank-3")
 ROUNDS = 2
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def command(name: str) -> str:
-    return str(Path(sys.executable).parent / name)
 
 
 class Processes:
@@ -97,7 +85,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
     procs = Processes(root / "logs")
     port = free_port()
     fed = root / "fed"
-    server, client = command("fedsilo-server"), command("fedsilo-client")
+    server, client = executable("fedsilo-server"), executable("fedsilo-client")
     done = cli(server, "init", str(fed), "--dataset", "german-credit", "--port", str(port))
     assert done.returncode == 0, done.stdout + done.stderr
     # German credit, split three ways: each bank holds its own CSV.
@@ -189,7 +177,7 @@ def test_an_institution_that_was_not_admitted_is_refused(deployment: dict[str, A
 def test_a_client_that_does_not_trust_the_ca_cannot_connect(deployment: dict[str, Any]) -> None:
     other = deployment["root"] / "other-ca"
     issue_server_certificates(other)
-    client = command("fedsilo-client")
+    client = executable("fedsilo-client")
     port = deployment["port"]
     root = deployment["root"]
     argv = [client, "start", "--server", f"127.0.0.1:{port}", "--ca", str(other / "ca.crt")]
@@ -202,7 +190,7 @@ def test_a_client_that_does_not_trust_the_ca_cannot_connect(deployment: dict[str
 
 
 def test_a_plaintext_client_cannot_talk_to_the_tls_server(deployment: dict[str, Any]) -> None:
-    argv = [flower_bin("flower-supernode"), "--superlink", f"127.0.0.1:{deployment['port']}", "--insecure"]
+    argv = [executable("flower-supernode"), "--superlink", f"127.0.0.1:{deployment['port']}", "--insecure"]
     argv += ["--port", str(free_port()), "--max-retries", "1"]
     process = deployment["procs"].start("plaintext", argv, env=flower_env(deployment["root"] / "plaintext"))
     assert process.wait(120) != 0
@@ -212,7 +200,7 @@ def test_a_plaintext_client_cannot_talk_to_the_tls_server(deployment: dict[str, 
 def test_bad_data_stops_an_institution_before_its_supernode_starts(deployment: dict[str, Any]) -> None:
     root = deployment["root"]
     (root / "broken.csv").write_text("a,b\n1,2\n")
-    client = command("fedsilo-client")
+    client = executable("fedsilo-client")
     argv = [client, "start", "--server", f"127.0.0.1:{deployment['port']}"]
     argv += ["--ca", str(deployment["fed"] / "certs" / "ca.crt"), "--key", str(root / "bank-1" / "node.key")]
     argv += ["--data", str(root / "broken.csv"), "--schema", str(deployment["fed"] / "schema.toml")]

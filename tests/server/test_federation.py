@@ -41,7 +41,7 @@ def test_the_app_carries_the_federations_settings(tmp_path: Path) -> None:
     assert fed.settings().rounds == 5 and fed.settings().privacy.target_epsilon == 1.0
 
 
-def test_federation_toml_values_are_checked(tmp_path: Path) -> None:
+def test_federationtoml_values_are_checked(tmp_path: Path) -> None:
     fed = Federation.init(tmp_path / "fed")
     text = fed.config_path.read_text()
     fed.config_path.write_text(text.replace("num-server-rounds = 8", "num-server-rounds = 0"))
