@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,6 +23,9 @@ from common.settings import RunSettings
 app = typer.Typer(help="fedsilo for institutions: privacy budget and data tools.", no_args_is_help=True)
 console = Console(soft_wrap=True)
 DEFAULTS = RunSettings()
+ACTIVATION_ATTEMPTS = 12  # a SuperNode refused at start is retried for about two minutes
+ACTIVATION_WINDOW_S = 30.0
+ACTIVATION_PAUSE_S = 10
 
 
 @app.callback()
@@ -206,19 +210,28 @@ def start(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)  # before the SuperNode starts: it is always stopped with us
-    process = subprocess.Popen(argv, env=flower_env(state_dir / "flwr"), cwd=state_dir)
     console.print(f"{who}: SuperNode connecting to {server} over TLS; stop with Ctrl-C")
-    try:
-        code = process.wait()
-    except KeyboardInterrupt:
-        code = 0
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    code = 0
+    for attempt in range(ACTIVATION_ATTEMPTS if max_retries is None else 1):
+        started = time.monotonic()
+        process = subprocess.Popen(argv, env=flower_env(state_dir / "flwr"), cwd=state_dir)
+        try:
+            code = process.wait()
+        except KeyboardInterrupt:
+            code = 0
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+        # Right after this node stopped, or after the SuperLink restarted, the SuperLink may
+        # still hold the node's previous session and refuse to activate it for a while.
+        if code == 0 or time.monotonic() - started > ACTIVATION_WINDOW_S or attempt == ACTIVATION_ATTEMPTS - 1:
+            break
+        console.print(f"{who}: the SuperNode stopped at once (code {code}); trying again in {ACTIVATION_PAUSE_S} s")
+        time.sleep(ACTIVATION_PAUSE_S)
     if code:
         print_error(console, f"the SuperNode exited with code {code}")
         raise typer.Exit(1)

@@ -95,10 +95,6 @@ class PrivacyLedger:
         """Epsilon spent on this dataset over every recorded round."""
         return epsilon_spent((e.event() for e in self.entries), delta=delta)
 
-    def epsilon_with(self, entry: LedgerEntry, *, delta: float) -> float:
-        """Epsilon this dataset would have spent after also training ``entry``."""
-        return epsilon_spent((e.event() for e in (*self.entries, entry)), delta=delta)
-
     def append(self, entry: LedgerEntry) -> PrivacyLedger:
         """Persist ``entry`` atomically and return the ledger that includes it."""
         updated = PrivacyLedger(self.path, self.dataset_fingerprint, (*self.entries, entry))

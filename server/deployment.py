@@ -151,32 +151,34 @@ def flwr_json(fed: Federation, *args: str) -> dict[str, Any]:
     return dict(answer)
 
 
+def _registered(fed: Federation) -> dict[str, dict[str, str]]:
+    """Institutions registered with this federation's SuperLink: name -> fingerprint and Flower node id.
+
+    The file lives beside the SuperLink's state database and is only valid with it.
+    """
+    path = fed.superlink_dir / "registered.json"
+    return dict(json.loads(path.read_text(encoding="utf-8"))) if path.exists() else {}
+
+
 def register_admitted(fed: Federation) -> list[str]:
     """Register admitted institutions the SuperLink does not know yet; return their names."""
-    done_path = fed.superlink_dir / "registered.json"  # lives and dies with state.db beside it
-    done: dict[str, str] = json.loads(done_path.read_text(encoding="utf-8")) if done_path.exists() else {}
-    nodes_path = fed.superlink_dir / "nodes.json"
-    nodes: dict[str, str] = json.loads(nodes_path.read_text(encoding="utf-8")) if nodes_path.exists() else {}
+    registered = _registered(fed)
     new = []
     for name, inst in fed.institutions().items():
-        if done.get(name) == inst.fingerprint:
+        if registered.get(name, {}).get("fingerprint") == inst.fingerprint:
             continue
         key_file = fed.superlink_dir / f"{name}.pub"
         key_file.write_text(inst.public_key + "\n", encoding="utf-8")
         answer = flwr_json(fed, "supernode", "register", str(key_file), "fedsilo", "--name", name)
-        done[name] = inst.fingerprint
-        nodes[name] = str(answer.get("node-id", ""))
-        done_path.write_text(json.dumps(done, indent=2), encoding="utf-8")
-        nodes_path.write_text(json.dumps(nodes, indent=2), encoding="utf-8")
+        registered[name] = {"fingerprint": inst.fingerprint, "node-id": str(answer.get("node-id", ""))}
+        (fed.superlink_dir / "registered.json").write_text(json.dumps(registered, indent=2), encoding="utf-8")
         new.append(name)
     return new
 
 
 def node_names(fed: Federation) -> dict[str, str]:
-    """Flower's node id of each registered institution."""
-    path = fed.superlink_dir / "nodes.json"
-    names: dict[str, str] = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    return {node_id: name for name, node_id in names.items()}
+    """Each registered institution's name, by Flower node id."""
+    return {entry["node-id"]: name for name, entry in _registered(fed).items()}
 
 
 def healthy(address: str, ca_cert: Path | None) -> bool:

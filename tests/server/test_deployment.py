@@ -116,8 +116,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
     context.update(start_server=start_server, start_bank=start_bank, server=server)
     try:
         context["superlink"] = start_server()
-        for bank in BANKS:
-            start_bank(bank)
+        context["banks"] = {bank: start_bank(bank) for bank in BANKS}
         yield context
     finally:
         procs.stop_all()
@@ -134,11 +133,16 @@ def test_two_secure_rounds_survive_a_superlink_restart_and_resume(deployment: di
 
     wait_for("round 1", first_round_done, 400)
     run_dir = progress[0].parent
-    # Stop the coordinator's SuperLink mid-run, then bring it back.
+    # Stop everything mid-run (the institutions first, so that no SuperNode holds a message
+    # of the stopped run), then bring the coordinator and the institutions back.
+    for bank in deployment["banks"].values():
+        procs.stop(bank)
     procs.stop(deployment["superlink"])
     procs.stop(run)
     assert not (run_dir / "report.json").exists()
     deployment["superlink"] = deployment["start_server"]()
+    for bank in BANKS:
+        deployment["banks"][bank] = deployment["start_bank"](bank)
     resumed = subprocess.run(
         [deployment["server"], "run", str(fed), "--resume"], capture_output=True, text=True, timeout=500, check=False
     )
