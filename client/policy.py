@@ -22,7 +22,6 @@ A policy file::
 from __future__ import annotations
 
 import math
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 from common.errors import ConfigError
 from common.settings import RunSettings
+from common.tomlfile import read_toml
 from common.training import RoundPlan
 
 KEYS = {
@@ -91,14 +91,7 @@ class PrivacyPolicy:
         ``defaults`` (policy keys) apply where the file is silent.
         """
         path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: policy file not found; check the path") from None
-        except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path}: cannot read the policy file ({err})") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path}: not valid TOML ({err}); see the policy format in the README") from None
+        raw = read_toml(path, "policy file")
         overrides = raw.pop("institutions", {})
         if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
             raise ConfigError(f"{path}: [institutions.NAME] must be tables of policy keys")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 from common.datasets import BUILTIN, TABLE_SUFFIXES
 from common.errors import ConfigError
 from common.settings import RunSettings
+from common.tomlfile import read_toml
 from simulations.engines import ENGINES
 
 AXES = ("epsilons", "noise-multipliers", "institutions", "partitions", "secure-aggregation", "local-epochs", "seeds")
@@ -149,15 +149,7 @@ class SweepSpec:
 
 def load_sweep_file(path: Path | str) -> dict[str, Any]:
     """Read a sweep file's raw values (checked by ``parse_sweep``)."""
-    path = Path(path)
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: sweep file not found; check the path") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: cannot read the sweep file ({err})") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML ({err}); see the sweep file format in the README") from None
+    return read_toml(path, "sweep file")
 
 
 def parse_sweep(values: Mapping[str, Any], source: str) -> SweepSpec:

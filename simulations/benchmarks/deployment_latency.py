@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import os
-import platform
 import signal
 import subprocess
 import tempfile
@@ -28,16 +25,7 @@ import numpy as np
 from common.datasets import load_builtin
 from common.flower_env import executable, free_port
 from server.deployment import healthy
-
-
-def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
-    return {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "load_average_1m": os.getloadavg()[0],
-    }
+from simulations.benchmarks import emit, machine
 
 
 def measure(rounds: int, institutions: int, dataset: str, work: Path) -> dict[str, Any]:
@@ -106,10 +94,7 @@ def main() -> None:
             "machine": machine(),
             **measure(args.rounds, args.institutions, args.dataset, Path(scratch)),
         }
-    print(json.dumps(result, indent=2))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,7 @@ JSON; it never fails on a time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import time
 import warnings
 from collections.abc import Callable
@@ -30,6 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from common.datasets import load_builtin
 from common.images import load_fashion_mnist
 from common.models import SmallCNN, build_mlp
+from simulations.benchmarks import emit, machine
 
 MODES = ("hooks", "functorch", "ew", "ghost")
 
@@ -137,13 +136,10 @@ def main() -> None:
     cnn = measure("cnn-fashion-mnist", SmallCNN, ix[: args.images], iy[: args.images], args.batch_size, args.repeats)
     result = {
         "benchmark": "DP-SGD overhead per epoch (Opacus modes against non-private)",
-        "machine": {"cpus": os.cpu_count(), "threads": args.threads, "platform": platform.platform()},
+        "machine": machine(threads=args.threads),
         "results": [mlp, cnn],
     }
-    print(json.dumps(result, indent=2))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import os
-import platform
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from common.settings import RunSettings
+from simulations.benchmarks import emit, machine
 from simulations.runner import run_federation
 
 
@@ -71,15 +69,12 @@ def main() -> None:
         results = [measure(size, args.rounds, args.dataset, Path(scratch)) for size in sizes]
     result = {
         "benchmark": "SecAgg+ overhead per round (Flower simulation engine)",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine(),
         "dataset": args.dataset,
         "rounds": args.rounds,
         "results": results,
     }
-    print(json.dumps(result, indent=2))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,13 @@ its wall time, start-up included. A benchmark: it never fails on a time.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from simulations.benchmarks import emit, machine
 
 
 def main() -> None:
@@ -36,12 +35,9 @@ def main() -> None:
     result = {
         "benchmark": f"Sweep {args.epsilons} x seeds {args.seeds}, breast-cancer, 4 hospitals, {args.rounds} rounds",
         "wall_s": wall,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine(),
     }
-    print(json.dumps(result, indent=2))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":
