@@ -1,4 +1,4 @@
-"""An institution's SuperNode: its command line and node config, and nothing else.
+"""An institution's processes: its SuperNode and warm trainer, their command lines and node config.
 
 The node config carries where the institution's records, schema, policy and
 state live; the coordinator never sees these paths, only what the ClientApp
@@ -12,16 +12,25 @@ import sys
 from pathlib import Path
 
 
-def node_config(*, name: str, data: Path, schema: Path, policy: Path, state_dir: Path) -> str:
-    """Flower's ``--node-config`` string (TOML values) for a deployed institution."""
-    values = {
+def node_config(*, name: str, data: Path, schema: Path, policy: Path, state_dir: Path) -> dict[str, str]:
+    """A deployed institution's node config."""
+    return {
         "name": name,
         "data-path": str(data.resolve()),
         "schema-path": str(schema.resolve()),
         "policy-path": str(policy.resolve()),
         "state-dir": str(state_dir.resolve()),
     }
+
+
+def node_config_arg(values: dict[str, str]) -> str:
+    """Flower's ``--node-config`` string (TOML values)."""
     return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
+
+
+def trainer_argv(*, socket_path: Path, config: dict[str, str]) -> list[str]:
+    """The warm trainer (``client.trainer``) for this node config."""
+    return [sys.executable, "-m", "client.trainer", "--socket", str(socket_path), "--node-config", json.dumps(config)]
 
 
 def supernode_argv(

@@ -1,21 +1,85 @@
-"""Flower's SuperNode, polling the SuperLink for messages more often than every 3 s.
+"""Flower's SuperNode, running only fedsilo's own ClientApp and polling more often than every 3 s.
 
-Flower 1.41's SuperNode sleeps a fixed 3 s whenever it finds no message waiting
-(``flwr/supernode/start_client_internal.py``), and a SecAgg+ round sends every
-institution five messages one after the other, so a round waits on that sleep
-five times. This entry point caps the SuperNode's sleeps at ``POLL_S`` seconds
-(``FEDSILO_SUPERNODE_POLL_S``, default 0.5) and otherwise runs Flower's own
-``flower-supernode`` unchanged, with the same command-line options.
+Two changes to Flower 1.41's ``flower-supernode``, which otherwise runs unchanged
+with the same command-line options (``flwr/supernode/start_client_internal.py``):
+
+- **Only the installed fedsilo ClientApp runs.** A SuperNode runs whatever
+  ClientApp the Flower app bundle (FAB) of a run names, and the coordinator
+  chooses the FAB. Flower's answer, ``--trusted-entities``, accepts only FABs
+  signed through Flower Hub, which a private federation does not use. So this
+  SuperNode accepts a FAB only if it carries no code at all (``pyproject.toml``
+  and Flower's manifest, nothing else) and names ``client.client_app:app`` as
+  its ClientApp: the code that touches the records is then the institution's
+  own installed fedsilo. Any other FAB gets Flower's own refusal (an
+  ``INVALID_FAB`` error reply), through Flower's FAB-verification hook.
+- **Polling.** The SuperNode sleeps a fixed 3 s whenever it finds no message
+  waiting, and a SecAgg+ round sends every institution five messages one after
+  the other. Sleeps are capped at ``FEDSILO_SUPERNODE_POLL_S`` seconds (default 0.5).
 """
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import time
+import tomllib
+import zipfile
+from collections.abc import Callable
+from dataclasses import replace
 from types import ModuleType
 from typing import Any
 
 DEFAULT_POLL_S = 0.5
+CLIENT_APP = "client.client_app:app"
+FAB_FILES = frozenset({"pyproject.toml", ".info/CONTENT"})
+_PINNED = {"fedsilo": "only FABs without code that name fedsilo's installed ClientApp"}
+
+
+def fab_problem(content: bytes) -> str | None:
+    """Why this SuperNode refuses a FAB, or None if it is fedsilo's (no code, fedsilo's ClientApp)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(content)) as fab:
+            names = set(fab.namelist())
+            if extra := sorted(names - FAB_FILES):
+                return f"the app bundle carries files of its own ({', '.join(extra[:5])})"
+            config = tomllib.loads(fab.read("pyproject.toml").decode("utf-8"))
+    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        return f"the app bundle cannot be read: {err}"
+    named = config.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {}).get("clientapp")
+    if named != CLIENT_APP:
+        return f"the app bundle names the ClientApp {named!r}, not {CLIENT_APP!r}"
+    return None
+
+
+def pin_client_app(module: ModuleType) -> None:
+    """Make Flower's SuperNode loop (``module``) refuse every FAB but fedsilo's, with its own error reply."""
+    pull, verify = getattr(module, "_pull_and_store_message", None), getattr(module, "_verify_fab", None)
+    if pull is None or verify is None or getattr(pull, "__wrapped__", None) is not None:
+        raise RuntimeError(f"{module.__name__} no longer has the FAB-verification hook as expected; review this patch")
+
+    def checked_get_fab(get_fab: Callable[[str, int], Any]) -> Callable[[str, int], Any]:
+        def get(fab_hash: str, run_id: int) -> Any:
+            fab = get_fab(fab_hash, run_id)
+            # Flower checks this flag before calling the verification hook below.
+            return replace(fab, verifications={**fab.verifications, "valid_license": "checked by fedsilo"})
+
+        return get
+
+    def pull_and_store_message(*, get_fab: Callable[[str, int], Any], trusted_entities: Any, **kwargs: Any) -> Any:
+        return pull(get_fab=checked_get_fab(get_fab), trusted_entities=_PINNED, **kwargs)
+
+    def verify_fab(fab: Any, trusted_entities: dict[str, str]) -> bool:
+        problem = fab_problem(fab.content)
+        if problem is not None:
+            from flwr.common.logger import log
+
+            log(logging.ERROR, "fedsilo refused a run's app: %s", problem)
+        return problem is None
+
+    pull_and_store_message.__wrapped__ = pull  # type: ignore[attr-defined]
+    module._pull_and_store_message = pull_and_store_message  # type: ignore[attr-defined]
+    module._verify_fab = verify_fab  # type: ignore[attr-defined]
 
 
 class _CappedSleep:
@@ -39,7 +103,7 @@ def cap_polling(module: ModuleType, cap: float) -> None:
 
 
 def main() -> None:
-    """``flower-supernode`` with capped polling."""
+    """``flower-supernode`` with capped polling, running only fedsilo's ClientApp."""
     import flwr.supernode.start_client_internal as internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
@@ -51,6 +115,7 @@ def main() -> None:
     if not 0.05 <= cap <= 3:
         raise SystemExit(f"FEDSILO_SUPERNODE_POLL_S must be a number of seconds in [0.05, 3]. Found {raw!r}.")
     cap_polling(internal, cap)
+    pin_client_app(internal)
     flower_supernode()
 
 

@@ -155,7 +155,7 @@ def new_node_keys(private_path: Path) -> Path:
 
 
 def load_node_public_key(path: Path) -> bytes:
-    """An OpenSSH ECDSA public key, checked; errors name the file and what is wrong."""
+    """An OpenSSH ECDSA public key, checked and in canonical form; errors name the file and what is wrong."""
     try:
         text = path.read_bytes().strip()
     except OSError as err:
@@ -169,7 +169,8 @@ def load_node_public_key(path: Path) -> bytes:
     if not isinstance(key, ec.EllipticCurvePublicKey):
         kind = type(key).__name__
         raise ConfigError(f"{path}: an ECDSA key is needed (Flower's node authentication); this is {kind}")
-    return text
+    # The key itself, re-encoded: no comment, no stray text from the file.
+    return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
 
 
 def fingerprint(public_key: bytes) -> str:

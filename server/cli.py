@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
@@ -96,7 +98,11 @@ def admit(
         entry = fed.admit(public_key, name)
         live = running_address(fed) is not None
         if live:
-            register_admitted(fed)
+            try:
+                register_admitted(fed)
+            except FedsiloError:
+                fed.withdraw(name)  # not half admitted: the SuperLink would refuse it until a restart
+                raise
     except FedsiloError as err:
         print_error(console, err)
         raise typer.Exit(2) from None
@@ -128,21 +134,25 @@ def start(
     try:
         fed.load()
         chosen = port or fed.port
-        process = start_superlink(fed, host=host, port=chosen, insecure=insecure)
+        running = start_superlink(fed, host=host, port=chosen, insecure=insecure)
     except FedsiloError as err:
         print_error(console, err)
         raise typer.Exit(2) from None
-    console.print(f"SuperLink listening on {host}:{chosen} ({'INSECURE' if insecure else 'TLS, node authentication'})")
+    mode = "INSECURE" if insecure else "TLS, node authentication"
+    console.print(f"Fleet API on {host}:{chosen} ({mode}); the Control API listens on loopback only")
     console.print(f"admitted institutions: {', '.join(sorted(fed.institutions())) or 'none yet'}")
+    if running.stopped_runs:
+        console.print(f"stopped Flower run(s) {', '.join(running.stopped_runs)} left over from before the restart")
     console.print(f"log: {fed.superlink_dir / 'superlink.log'}; stop with Ctrl-C")
     try:
-        code = process.wait()
-        print_error(console, f"the SuperLink exited with code {code}; see {fed.superlink_dir / 'superlink.log'}")
+        while (gone := running.exited()) is None:
+            time.sleep(0.5)
+        print_error(console, f"the {gone[0]} exited with code {gone[1]}; see {fed.superlink_dir / 'superlink.log'}")
         raise typer.Exit(1)
     except KeyboardInterrupt:
         console.print("stopping the SuperLink")
     finally:
-        stop_superlink(process, fed)
+        stop_superlink(running, fed)
 
 
 @app.command()
@@ -158,14 +168,16 @@ def run(
     verbose: Annotated[bool, typer.Option(help="Show all of Flower's log.")] = False,
 ) -> None:
     """Submit a run to the SuperLink, stream its progress and write its run directory under DIR/runs."""
-    from server.deployment import require_admitted, running_address
+    from server.deployment import active_runs, require_admitted, run_lock, running_address
 
     fed = Federation(directory)
+    held = contextlib.ExitStack()  # the federation's run lock, from the checks to the end of the run
     try:
         fed.load()
         require_admitted(fed)
         if running_address(fed) is None:
             raise FedsiloError(f"no SuperLink is running for {fed.root}; start it with `fedsilo-server start`")
+        held.enter_context(run_lock(fed))
         overrides: dict[str, Any] = _parse_config(config)
         known = set(RunSettings().to_config())
         unknown, managed = sorted(set(overrides) - known), sorted(set(overrides) & set(MANAGED_KEYS))
@@ -191,30 +203,86 @@ def run(
             run_dir = fed.runs_dir / datetime.now().strftime("%Y%m%d-%H%M%S")
             overrides["out-dir"] = str(run_dir)
         fed.settings(overrides=overrides)  # every value checked before anything is submitted
+        if active := active_runs(fed):
+            raise FedsiloError(
+                f"Flower run(s) {', '.join(active)} are still active on the SuperLink; a second run would "
+                f"compete for the same institutions. Stop them with `fedsilo-server stop {directory}`"
+            )
         fed.write_app()
+    except FedsiloError as err:
+        held.close()
+        print_error(console, err)
+        raise typer.Exit(2) from None
+    try:
+        with held:
+            console.print(f"{'resuming' if resume else 'starting'} run {run_dir.name} ({run_dir})")
+            _drive(fed, overrides, verbose=verbose)
     except FedsiloError as err:
         print_error(console, err)
         raise typer.Exit(2) from None
-    console.print(f"{'resuming' if resume else 'starting'} run {run_dir.name} ({run_dir})")
-    argv = [executable("flwr"), "run", str(fed.app_dir), "fedsilo", "--stream", "--run-config", _run_config(overrides)]
-    with subprocess.Popen(
-        argv, cwd=fed.root, env=flower_env(fed.flwr_home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    ) as flower:
-        assert flower.stdout is not None
-        shown = ""
-        for line in flower.stdout:
-            if verbose:
-                sys.stdout.write(line)
-            elif "[fedsilo]" in line or "ERROR" in line:
-                text = line.split("[fedsilo] ")[-1]
-                if text != shown:  # Flower logs each line through two handlers
-                    sys.stdout.write(text)
-                shown = text
-            sys.stdout.flush()
+    except KeyboardInterrupt:
+        print_error(console, f"interrupted; `fedsilo-server run {directory} --resume` continues from the last round")
+        raise typer.Exit(130) from None
     if not (run_dir / "report.json").exists():
         print_error(console, f"the run ended without writing {run_dir / 'report.json'}; rerun with --verbose")
         raise typer.Exit(1)
     report(run_dir)
+
+
+def _drive(fed: Federation, overrides: dict[str, Any], *, verbose: bool) -> None:
+    """Submit the run with ``flwr run --stream`` and show its progress; Ctrl-C stops the Flower run too."""
+    import re
+
+    from server.deployment import stop_run
+
+    def interrupted(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+    argv = [executable("flwr"), "run", str(fed.app_dir), "fedsilo", "--stream", "--run-config", _run_config(overrides)]
+    run_id = None
+    with subprocess.Popen(
+        argv, cwd=fed.root, env=flower_env(fed.flwr_home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as flower:
+        assert flower.stdout is not None
+        try:
+            shown = ""
+            for line in flower.stdout:
+                if run_id is None and (started := re.search(r"Successfully started run (\d+)", line)):
+                    run_id = started.group(1)
+                if verbose:
+                    sys.stdout.write(line)
+                elif "[fedsilo]" in line or "ERROR" in line:
+                    text = line.split("[fedsilo] ")[-1]
+                    if text != shown:  # Flower logs each line through two handlers
+                        sys.stdout.write(text)
+                    shown = text
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            flower.terminate()
+            if run_id is not None:  # the stream is only a view: the run itself goes on until stopped
+                stop_run(fed, run_id)
+                console.print(f"stopped Flower run {run_id}")
+            raise
+
+
+@app.command()
+def stop(directory: Annotated[Path, typer.Argument(help="The federation directory.")]) -> None:
+    """Stop every run that is active on the federation's SuperLink (a completed round stays resumable)."""
+    from server.deployment import active_runs, running_address, stop_run
+
+    fed = Federation(directory)
+    try:
+        fed.load()
+        if running_address(fed) is None:
+            raise FedsiloError(f"no SuperLink is running for {fed.root}")
+        active = active_runs(fed)
+        for run_id in active:
+            stop_run(fed, run_id)
+    except FedsiloError as err:
+        print_error(console, err)
+        raise typer.Exit(2) from None
+    console.print(f"stopped Flower run(s) {', '.join(active)}" if active else "no active run")
 
 
 @app.command()
@@ -231,7 +299,11 @@ def status(directory: Annotated[Path, typer.Argument(help="The federation direct
     address = running_address(fed)
     info = json.loads((fed.superlink_dir / "superlink.json").read_text()) if address else {}
     up = address is not None and healthy(address, None if info.get("insecure") else fed.ca_cert)
-    console.print(f"SuperLink: {'healthy at ' + address if up and address else 'not running'}")
+    public = str(info.get("public", address))
+    if up:
+        console.print(f"SuperLink: healthy; institutions connect to {public} (Fleet API only; control on {address})")
+    else:
+        console.print("SuperLink: not running")
     nodes: list[dict[str, Any]] = []
     if up:
         try:

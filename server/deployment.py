@@ -14,14 +14,16 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError, FedsiloError
-from common.flower_env import executable, flower_env
+from common.flower_env import executable, flower_env, free_port
 from server.federation import Federation
 
 
@@ -52,51 +54,107 @@ def superlink_argv(fed: Federation, *, host: str, port: int, insecure: bool = Fa
     ]
 
 
+class SuperLink:
+    """A running SuperLink on loopback and the Fleet gateway in front of it (``server.gateway``)."""
+
+    def __init__(self, superlink: subprocess.Popen[bytes], gateway: subprocess.Popen[bytes] | None = None) -> None:
+        self.superlink = superlink
+        self.gateway = gateway
+        self.stopped_runs: list[str] = []
+
+    @property
+    def processes(self) -> list[subprocess.Popen[bytes]]:
+        return [p for p in (self.gateway, self.superlink) if p is not None]
+
+    def exited(self) -> tuple[str, int] | None:
+        """Which process has exited, and its code; None while both run."""
+        for name, process in (("SuperLink", self.superlink), ("gateway", self.gateway)):
+            if process is not None and process.poll() is not None:
+                return name, process.returncode
+        return None
+
+
+def gateway_argv(fed: Federation, *, listen: str, upstream: str, insecure: bool = False) -> list[str]:
+    """The Fleet gateway's command line (TLS with the federation's server certificate unless ``insecure``)."""
+    argv = [sys.executable, "-m", "server.gateway", "--listen", listen, "--upstream", upstream]
+    if insecure:
+        return argv
+    certs = ["--certfile", str(fed.certs / "server.crt"), "--keyfile", str(fed.certs / "server.key")]
+    return [*argv, *certs, "--ca", str(fed.ca_cert)]
+
+
 def start_superlink(
     fed: Federation, *, host: str, port: int, insecure: bool = False, timeout: float = 60.0
-) -> subprocess.Popen[bytes]:
-    """Start the SuperLink, wait until it answers, register every admitted institution."""
+) -> SuperLink:
+    """Start the SuperLink on loopback and the Fleet gateway on ``host:port``; register admitted institutions.
+
+    Flower 1.41 serves its Control and Runtime APIs, which do not authenticate
+    their callers, on the same port as the Fleet API: only the gateway, which
+    forwards nothing but Fleet calls, faces the network.
+    """
     if _port_in_use(host, port):
         raise FedsiloError(f"{host}:{port} is already in use; is a SuperLink already running? choose --port")
     fed.superlink_dir.mkdir(parents=True, exist_ok=True)
-    log = open(fed.superlink_dir / "superlink.log", "ab")  # noqa: SIM115 - the child process owns it
-    process = subprocess.Popen(
-        superlink_argv(fed, host=host, port=port, insecure=insecure),
-        cwd=fed.superlink_dir,
-        env=flower_env(fed.flwr_home),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    address = f"{_connect_host(host)}:{port}"
-    try:  # whatever goes wrong from here on, the SuperLink does not outlive this call
-        fed.write_connection(address, insecure=insecure)
-        deadline = time.monotonic() + timeout
-        while not healthy(address, None if insecure else fed.ca_cert):
-            if process.poll() is not None:
-                raise FedsiloError(f"the SuperLink exited with code {process.returncode}; see {log.name}")
-            if time.monotonic() > deadline:
-                raise FedsiloError(f"the SuperLink did not answer on {address} within {timeout:.0f} s; see {log.name}")
-            time.sleep(0.2)
-        (fed.superlink_dir / "superlink.json").write_text(
-            json.dumps({"pid": process.pid, "address": address, "insecure": insecure}), encoding="utf-8"
+    internal = f"127.0.0.1:{free_port()}"
+    public = f"{_connect_host(host)}:{port}"
+    ca = None if insecure else fed.ca_cert
+    log = open(fed.superlink_dir / "superlink.log", "ab")  # noqa: SIM115 - the child processes own it
+    running = SuperLink(
+        subprocess.Popen(
+            superlink_argv(fed, host="127.0.0.1", port=int(internal.rsplit(":", 1)[1]), insecure=insecure),
+            cwd=fed.superlink_dir,
+            env=flower_env(fed.flwr_home),
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
+    )
+    try:  # whatever goes wrong from here on, no process outlives this call
+        fed.write_connection(internal, insecure=insecure)
+        _wait_healthy(running, internal, ca, timeout, log.name)
+        # Before anyone can reach it (no superlink.json for `run`, no gateway for institutions):
+        # register the admitted keys, and stop the runs the previous SuperLink left active. Those
+        # have no ServerApp any more (it spoke to the old loopback port) and would block `run --resume`.
         if not insecure:
             register_admitted(fed)
+        running.stopped_runs = active_runs(fed)
+        for run_id in running.stopped_runs:
+            stop_run(fed, run_id)
+        info = {"pid": running.superlink.pid, "address": internal, "public": public, "insecure": insecure}
+        (fed.superlink_dir / "superlink.json").write_text(json.dumps(info), encoding="utf-8")
+        running.gateway = subprocess.Popen(
+            gateway_argv(fed, listen=_listen(host, port), upstream=internal, insecure=insecure),
+            cwd=fed.superlink_dir,
+            env=flower_env(fed.flwr_home),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        _wait_healthy(running, public, ca, timeout, log.name)
     except BaseException:
-        stop_superlink(process, fed)
+        stop_superlink(running, fed)
         raise
-    return process
+    return running
 
 
-def stop_superlink(process: subprocess.Popen[bytes], fed: Federation, timeout: float = 20.0) -> None:
-    """Stop the SuperLink (and the ServerApp processes it started)."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+def _wait_healthy(running: SuperLink, address: str, ca: Path | None, timeout: float, log: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not healthy(address, ca):
+        if (gone := running.exited()) is not None:
+            raise FedsiloError(f"the {gone[0]} exited with code {gone[1]}; see {log}")
+        if time.monotonic() > deadline:
+            raise FedsiloError(f"the SuperLink did not answer on {address} within {timeout:.0f} s; see {log}")
+        time.sleep(0.2)
+
+
+def stop_superlink(running: SuperLink, fed: Federation, timeout: float = 20.0) -> None:
+    """Stop the gateway, the SuperLink and the ServerApp processes it started."""
+    for process in running.processes:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
     _stop_orphans(fed)
     (fed.superlink_dir / "superlink.json").unlink(missing_ok=True)
 
@@ -151,6 +209,43 @@ def flwr_json(fed: Federation, *args: str) -> dict[str, Any]:
     return dict(answer)
 
 
+ACTIVE_STATES = ("pending", "starting", "running")
+
+
+def active_runs(fed: Federation) -> list[str]:
+    """Flower run ids that are pending, starting or running on this federation's SuperLink."""
+    runs = flwr_json(fed, "ls", "fedsilo").get("runs", [])
+    return [str(r["run-id"]) for r in runs if str(r.get("status", "")).split(":")[0] in ACTIVE_STATES]
+
+
+def stop_run(fed: Federation, run_id: str) -> None:
+    """Stop a Flower run on this federation's SuperLink."""
+    done = flwr(fed, "stop", run_id, "fedsilo")
+    if done.returncode != 0:
+        raise FedsiloError(f"flwr stop {run_id} failed: {(done.stderr or done.stdout).strip()[-500:]}")
+
+
+@contextlib.contextmanager
+def run_lock(fed: Federation) -> Iterator[None]:
+    """Held while ``fedsilo-server run`` drives a run: one driver per federation."""
+    import fcntl
+
+    fed.superlink_dir.mkdir(parents=True, exist_ok=True)
+    with open(fed.superlink_dir / "run.lock", "a+", encoding="utf-8") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise FedsiloError(
+                f"another `fedsilo-server run` (pid {lock.read().strip() or '?'}) is driving a run of {fed.root}; "
+                "wait for it, or stop it with Ctrl-C or `fedsilo-server stop`"
+            ) from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+
+
 def _registered(fed: Federation) -> dict[str, dict[str, str]]:
     """Institutions registered with this federation's SuperLink: name -> fingerprint and Flower node id.
 
@@ -203,6 +298,10 @@ def _connect_host(host: str) -> str:
     if host == "::":
         return "[::1]"
     return f"[{host}]" if ":" in host else host
+
+
+def _listen(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _port_in_use(host: str, port: int) -> bool:

@@ -15,7 +15,9 @@ Layout (everything Flower writes stays inside it)::
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 import tomllib
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -114,7 +116,23 @@ class Federation:
         source = schema if schema is not None else builtin_schema_path(dataset)
         Schema.load(source)  # a malformed schema fails here, before anything is written
         run = RunSettings().with_overrides({"dataset": dataset, **(settings or {})})
-        fed.root.mkdir(parents=True, exist_ok=True)
+        # Everything is written in a scratch folder beside DIR and moved in at the end, so a
+        # failure part-way leaves no DIR, or DIR as it was.
+        fed.root.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{fed.root.name}.init-", dir=fed.root.parent))
+        try:
+            cls._write_new(cls(scratch), source, hosts, port, run)
+            if not fed.root.exists():
+                scratch.rename(fed.root)
+            else:
+                for entry in sorted(scratch.iterdir()):
+                    entry.rename(fed.root / entry.name)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return fed
+
+    @staticmethod
+    def _write_new(fed: Federation, source: Path, hosts: tuple[str, ...], port: int, run: RunSettings) -> None:
         issue_server_certificates(fed.certs, hosts)
         shutil.copyfile(source, fed.schema_path)
         lines = [
@@ -130,7 +148,6 @@ class Federation:
         ]
         fed.config_path.write_text("\n".join(lines), encoding="utf-8")
         fed.registry_path.write_text("# institutions admitted with `fedsilo-server admit`\n", encoding="utf-8")
-        return fed
 
     def load(self) -> dict[str, Any]:
         """federation.toml, checked."""
@@ -182,12 +199,27 @@ class Federation:
             if other.public_key.split()[:2] == key.split()[:2]:
                 raise ConfigError(f"{public_key_path}: this key is already admitted as {other.name}")
         entry = Institution(name, key, fingerprint(key.encode()), datetime.now(UTC).isoformat(timespec="seconds"))
-        with open(self.registry_path, "a", encoding="utf-8") as fh:
-            fh.write(
-                f"\n[institutions.{json.dumps(name)}]\npublic_key = {json.dumps(entry.public_key)}\n"
-                f"fingerprint = {json.dumps(entry.fingerprint)}\nadmitted_at = {json.dumps(entry.admitted_at)}\n"
-            )
+        self._write_registry([*known.values(), entry])
         return entry
+
+    def withdraw(self, name: str) -> None:
+        """Undo an admission (when registering it with the running SuperLink failed)."""
+        self._write_registry([inst for inst in self.institutions().values() if inst.name != name])
+
+    def _write_registry(self, institutions: list[Institution]) -> None:
+        """institutions.toml, replaced in one step."""
+        lines = ["# institutions admitted with `fedsilo-server admit`"]
+        for inst in institutions:
+            lines += [
+                "",
+                f"[institutions.{json.dumps(inst.name)}]",
+                f"public_key = {json.dumps(inst.public_key)}",
+                f"fingerprint = {json.dumps(inst.fingerprint)}",
+                f"admitted_at = {json.dumps(inst.admitted_at)}",
+            ]
+        partial = self.registry_path.with_suffix(".toml.partial")
+        partial.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        os.replace(partial, self.registry_path)
 
     # the Flower app and connection
     def write_app(self) -> Path:

@@ -28,8 +28,13 @@ from server.deployment import healthy
 from simulations.benchmarks import emit, machine
 
 
-def measure(rounds: int, institutions: int, dataset: str, work: Path) -> dict[str, Any]:
-    """Set up a federation, run ``rounds`` rounds, return per-round seconds."""
+def measure(rounds: int, institutions: int, dataset: str, work: Path, *, warm: bool = True) -> dict[str, Any]:
+    """Set up a federation, run ``rounds`` rounds, return per-round seconds.
+
+    ``warm``: each institution runs its warm trainer (the default); otherwise
+    every fit and evaluate starts from a cold ClientApp process.
+    """
+    work.mkdir(parents=True)
     port, fed = free_port(), work / "fed"
     server, client = executable("fedsilo-server"), executable("fedsilo-client")
     init = [server, "init", str(fed), "--dataset", dataset, "--port", str(port)]
@@ -58,6 +63,7 @@ def measure(rounds: int, institutions: int, dataset: str, work: Path) -> dict[st
             argv += ["--key", str(work / name / "node.key"), "--data", str(work / name / "records.csv")]
             argv += ["--schema", str(fed / "schema.toml"), "--policy", str(work / "policy.toml")]
             argv += ["--state-dir", str(work / name / "state"), "--name", name, "--port", str(free_port())]
+            argv += [] if warm else ["--no-warm-trainer"]
             processes.append(subprocess.Popen(argv, stdout=logs, stderr=logs))
         started = time.monotonic()
         subprocess.run([server, "run", str(fed), "--rounds", str(rounds)], check=True, stdout=logs, stderr=logs)
@@ -72,9 +78,6 @@ def measure(rounds: int, institutions: int, dataset: str, work: Path) -> dict[st
     elapsed = [float(row["elapsed_s"]) for row in csv.DictReader(metrics.open())]
     per_round = [b - a for a, b in zip([0.0, *elapsed], elapsed, strict=False)]
     return {
-        "institutions": institutions,
-        "rounds": rounds,
-        "dataset": dataset,
         "seconds_per_round": per_round,
         "median_seconds_per_round": float(np.median(per_round[1:] if len(per_round) > 1 else per_round)),
         "run_wall_s": wall,
@@ -86,14 +89,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--institutions", type=int, default=3)
     parser.add_argument("--dataset", default="german-credit")
+    parser.add_argument("--cold", action="store_true", help="Also measure without warm trainers, for comparison.")
     parser.add_argument("--out", type=Path, default=None, help="Write the result as JSON here.")
     args = parser.parse_args()
+    result: dict[str, Any] = {
+        "benchmark": "deployment round latency (TLS, node auth, SecAgg+)",
+        "machine": machine(),
+        "institutions": args.institutions,
+        "rounds": args.rounds,
+        "dataset": args.dataset,
+    }
     with tempfile.TemporaryDirectory(prefix="fedsilo-bench-") as scratch:
-        result = {
-            "benchmark": "deployment round latency (TLS, node auth, SecAgg+)",
-            "machine": machine(),
-            **measure(args.rounds, args.institutions, args.dataset, Path(scratch)),
-        }
+        result |= measure(args.rounds, args.institutions, args.dataset, Path(scratch) / "warm")
+        print(f"warm trainers: median {result['median_seconds_per_round']:.1f} s per round", flush=True)
+        if args.cold:
+            result["cold"] = measure(args.rounds, args.institutions, args.dataset, Path(scratch) / "cold", warm=False)
+            print(f"cold ClientApps: median {result['cold']['median_seconds_per_round']:.1f} s per round", flush=True)
     emit(result, args.out)
 
 

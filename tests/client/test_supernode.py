@@ -1,13 +1,16 @@
-"""The SuperNode entry point caps Flower's 3 s poll, and notices if Flower changes under it."""
+"""The SuperNode entry point caps Flower's 3 s poll, runs only fedsilo's ClientApp, and notices if Flower changes."""
 
+import io
 import time
 import types
+import zipfile
 from pathlib import Path
 
 import flwr.supernode.start_client_internal as internal
 import pytest
 
-from client.supernode import cap_polling
+from client.supernode import CLIENT_APP, cap_polling, fab_problem, pin_client_app
+from server.federation import Federation
 
 
 def test_flowers_supernode_still_sleeps_through_the_time_module() -> None:
@@ -25,3 +28,43 @@ def test_capped_sleeps_are_short_and_the_rest_of_time_is_untouched() -> None:
     assert module.time.monotonic is time.monotonic  # type: ignore[attr-defined]
     with pytest.raises(RuntimeError, match="no longer uses the time module"):
         cap_polling(module, 0.01)  # already patched: refuse to stack
+
+
+def fab(files: dict[str, str]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, text in files.items():
+            archive.writestr(name, text)
+    return buffer.getvalue()
+
+
+def fedsilo_pyproject(tmp_path: Path) -> str:
+    fed = Federation.init(tmp_path / "fed", dataset="german-credit")
+    return (fed.write_app() / "pyproject.toml").read_text()
+
+
+def test_the_fab_fedsilo_server_submits_is_accepted(tmp_path: Path) -> None:
+    pyproject = fedsilo_pyproject(tmp_path)
+    assert fab_problem(fab({"pyproject.toml": pyproject, ".info/CONTENT": "x"})) is None
+
+
+def test_a_fab_with_code_or_another_clientapp_is_refused(tmp_path: Path) -> None:
+    pyproject = fedsilo_pyproject(tmp_path)
+    # Code in the bundle could shadow the installed package (the FAB folder comes first on sys.path).
+    shadow = fab({"pyproject.toml": pyproject, "client/client_app.py": "app = None"})
+    assert "files of its own (client/client_app.py)" in str(fab_problem(shadow))
+    other = fab({"pyproject.toml": pyproject.replace(CLIENT_APP, "evil:app")})
+    assert "names the ClientApp 'evil:app'" in str(fab_problem(other))
+    assert "cannot be read" in str(fab_problem(b"not a zip"))
+
+
+def test_flowers_fab_verification_hook_is_still_where_the_pin_expects_it() -> None:
+    source = Path(internal.__file__).read_text()
+    assert 'fab.verifications.get("valid_license", "")' in source  # the flag the pin sets
+    assert "_verify_fab(fab, trusted_entities)" in source and "trusted_entities=trusted_entities" in source
+    module = types.ModuleType("fake")
+    module._pull_and_store_message = internal._pull_and_store_message  # type: ignore[attr-defined]
+    module._verify_fab = internal._verify_fab  # type: ignore[attr-defined]
+    pin_client_app(module)
+    with pytest.raises(RuntimeError, match="review this patch"):
+        pin_client_app(module)  # already pinned: refuse to stack

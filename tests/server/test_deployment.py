@@ -213,3 +213,113 @@ def test_bad_data_stops_an_institution_before_its_supernode_starts(deployment: d
     assert done.returncode == 2
     assert "broken.csv" in done.stdout and "the SuperNode was not started" in done.stdout
     assert not (root / "broken-state").exists()
+
+
+def _post(address: str, path: str, ca: Path) -> tuple[int, str]:
+    """A raw HTTPS POST (the path is sent as written, not normalised)."""
+    import http.client
+    import ssl
+
+    host, port = address.rsplit(":", 1)
+    connection = http.client.HTTPSConnection(host, int(port), context=ssl.create_default_context(cafile=str(ca)))
+    try:
+        connection.request("POST", path, body=b"", headers={"Content-Type": "application/protobuf"})
+        reply = connection.getresponse()
+        return reply.status, reply.read().decode(errors="replace")
+    finally:
+        connection.close()
+
+
+def test_the_public_port_serves_only_the_fleet_api(deployment: dict[str, Any]) -> None:
+    fed, ca = deployment["fed"], deployment["fed"] / "certs" / "ca.crt"
+    public = f"127.0.0.1:{deployment['port']}"
+    internal = json.loads((fed / "superlink" / "superlink.json").read_text())["address"]
+    assert internal != public and internal.startswith("127.0.0.1:")
+    # The Control and Runtime APIs (no caller authentication in Flower 1.41) answer on loopback only.
+    for path in ("/v1/control/list-runs", "/v1/control/stop-run", "/v1/runtime/get-run"):
+        status, body = _post(public, path, ca)
+        assert status == 404 and "only the Fleet API" in body, (path, status, body)
+        assert "only the Fleet API" not in _post(internal, path, ca)[1], path  # Flower's own answer
+    for path in ("/v1/fleet/../control/list-runs", "/v1/fleet/%2e%2e/control/list-runs", "/v1/fleetx/get-run"):
+        assert _post(public, path, ca)[0] == 404, path
+    # Fleet calls pass through to the SuperLink, whose node authentication refuses an unsigned call.
+    status, body = _post(public, "/v1/fleet/get-run", ca)
+    assert status == 401 and "SuperNode authentication" in body, (status, body)
+
+
+EVIL_SERVER = """
+import json
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    nodes = list(grid.get_node_ids())
+    content = RecordDict({"c": ConfigRecord({"marker": str(context.run_config["marker"])})})
+    messages = [Message(content, dst_node_id=node, message_type="query") for node in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=120))
+    answers = [r.error.code if r.has_error() else "ran" for r in replies]
+    Path(str(context.run_config["out"])).write_text(json.dumps({"nodes": len(nodes), "answers": answers}))
+"""
+EVIL_CLIENT = """
+from pathlib import Path
+
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.query()
+def query(message: Message, context: Context) -> Message:
+    # What a malicious coordinator would ship: code that reads the institution's records.
+    Path(str(message.content["c"]["marker"])).write_text(str(context.node_config.get("data-path")))
+    return Message(RecordDict(), reply_to=message)
+"""
+
+
+def test_an_app_that_brings_its_own_code_is_refused_by_every_institution(deployment: dict[str, Any]) -> None:
+    from server.deployment import flwr
+    from server.federation import Federation
+
+    root, fed = deployment["root"], Federation(deployment["fed"])
+    app = root / "evil-app"
+    app.mkdir()
+    (app / "evil_server.py").write_text(EVIL_SERVER)
+    (app / "evil_client.py").write_text(EVIL_CLIENT)
+    pyproject = (fed.write_app() / "pyproject.toml").read_text()
+    pyproject = pyproject.replace('"client.client_app:app"', '"evil_client:app"')
+    pyproject = pyproject.replace('"server.server_app:app"', '"evil_server:app"')
+    (app / "pyproject.toml").write_text(
+        pyproject.split("[tool.flwr.app.config]")[0] + '[tool.flwr.app.config]\nout = ""\nmarker = ""\n'
+    )
+    out, marker = root / "evil-answers.json", root / "evil-marker"
+    submitted = flwr(fed, "run", str(app), "fedsilo", "--run-config", f'out="{out}" marker="{marker}"')
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    wait_for("the coordinator's app to collect its replies", out.exists, 180)
+    answers = json.loads(out.read_text())
+    assert answers["nodes"] == len(BANKS) and len(answers["answers"]) == len(BANKS), answers
+    assert all(a != "ran" for a in answers["answers"]), answers  # every bank replied with Flower's INVALID_FAB
+    assert not marker.exists()  # and no line of the coordinator's code ran at any institution
+    assert all("refused a run's app" in deployment["procs"].log(bank) for bank in BANKS)
+
+
+def test_ctrl_c_on_run_stops_the_flower_run_and_one_run_drives_at_a_time(deployment: dict[str, Any]) -> None:
+    from server.deployment import active_runs
+    from server.federation import Federation
+
+    fed, server, procs = deployment["fed"], deployment["server"], deployment["procs"]
+    federation = Federation(fed)
+    first = procs.start("interrupted-run", [server, "run", str(fed), "--rounds", "3"])
+    wait_for("the run to start", lambda: bool(active_runs(federation)), 120)
+    second = cli(server, "run", str(fed), "--rounds", "1")
+    assert second.returncode == 2 and "is driving a run" in second.stdout, second.stdout + second.stderr
+    first.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    assert first.wait(60) == 130, procs.log("interrupted-run")
+    assert "stopped Flower run" in procs.log("interrupted-run") and "--resume" in procs.log("interrupted-run")
+    wait_for("the Flower run to stop", lambda: not active_runs(federation), 60)

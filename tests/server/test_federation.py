@@ -72,6 +72,39 @@ def test_admit_records_keys_and_refuses_duplicates_and_bad_keys(tmp_path: Path) 
     assert list(fed.institutions()) == ["bank-1"]
 
 
+def test_admit_stores_the_key_itself_and_a_withdrawal_rewrites_the_registry(tmp_path: Path) -> None:
+    fed = Federation.init(tmp_path / "fed")
+    one, two = new_node_keys(tmp_path / "a" / "node.key"), new_node_keys(tmp_path / "b" / "node.key")
+    key = one.read_text().split()[:2]
+    one.write_text(f"  {key[0]} {key[1]} someone@laptop = [institutions.evil]\n\n")  # comment, stray text
+    fed.admit(one, "bank-1")
+    fed.admit(two, "bank-2")
+    assert fed.institutions()["bank-1"].public_key == " ".join(key)
+    fed.withdraw("bank-1")
+    assert list(fed.institutions()) == ["bank-2"]
+    assert fed.institutions()["bank-2"].public_key == " ".join(two.read_text().split()[:2])
+
+
+def test_a_failed_init_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import server.federation
+
+    def failing(directory: Path, hosts: tuple[str, ...]) -> None:
+        directory.mkdir(parents=True)
+        (directory / "ca.key").write_text("half-written")
+        raise ConfigError("the disk is full")
+
+    monkeypatch.setattr(server.federation, "issue_server_certificates", failing)
+    with pytest.raises(ConfigError, match="disk is full"):
+        Federation.init(tmp_path / "fed")
+    assert list(tmp_path.iterdir()) == []  # no DIR, no scratch folder
+    (tmp_path / "existing").mkdir()
+    (tmp_path / "existing" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="disk is full"):
+        Federation.init(tmp_path / "existing")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
+    assert [p.name for p in (tmp_path / "existing").iterdir()] == ["notes.txt"]
+
+
 def test_commands_on_a_directory_that_is_no_federation_say_so(tmp_path: Path) -> None:
     for command in (["status", str(tmp_path)], ["run", str(tmp_path)], ["start", str(tmp_path)]):
         result = RUNNER.invoke(app, command)
