@@ -12,6 +12,10 @@ with the same command-line options (``flwr/supernode/start_client_internal.py``)
   its ClientApp: the code that touches the records is then the institution's
   own installed fedsilo. Any other FAB gets Flower's own refusal (an
   ``INVALID_FAB`` error reply), through Flower's FAB-verification hook.
+- **Warm ClientApp processes.** The SuperNode starts ``flower-superexec``, which
+  starts a fresh ``flwr-clientapp`` process for every message; here it starts
+  ``client.superexec`` instead (Flower's SuperExec, forking each ClientApp from
+  a process that has Flower and fedsilo's ClientApp imported).
 - **Polling.** The SuperNode sleeps a fixed 3 s whenever it finds no message
   waiting, and a SecAgg+ round sends every institution five messages one after
   the other. Sleeps are capped at ``FEDSILO_SUPERNODE_POLL_S`` seconds (default 0.5).
@@ -22,13 +26,16 @@ from __future__ import annotations
 import io
 import logging
 import os
-import time
+import subprocess
+import sys
 import tomllib
 import zipfile
 from collections.abc import Callable
 from dataclasses import replace
 from types import ModuleType
 from typing import Any
+
+from common.polling import cap_polling, poll_seconds
 
 DEFAULT_POLL_S = 0.5
 CLIENT_APP = "client.client_app:app"
@@ -50,6 +57,31 @@ def fab_problem(content: bytes) -> str | None:
     if named != CLIENT_APP:
         return f"the app bundle names the ClientApp {named!r}, not {CLIENT_APP!r}"
     return None
+
+
+class _SuperExecLauncher:
+    """The ``subprocess`` module, except that ``flower-superexec`` becomes ``client.superexec``."""
+
+    def Popen(self, args: list[str], *rest: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        if args and args[0] == "flower-superexec":
+            args = [sys.executable, "-m", "client.superexec", *args[1:]]
+        return subprocess.Popen(args, *rest, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)
+
+
+def warm_clientapps(module: ModuleType) -> None:
+    """Make Flower's SuperNode (``module``) start fedsilo's forking SuperExec instead of Flower's."""
+    if getattr(module, "subprocess", None) is not subprocess or '["flower-superexec"]' not in _source(module):
+        raise RuntimeError(f"{module.__name__} no longer starts flower-superexec as expected; review this patch")
+    module.subprocess = _SuperExecLauncher()  # type: ignore[attr-defined]
+
+
+def _source(module: ModuleType) -> str:
+    from pathlib import Path
+
+    return Path(str(module.__file__)).read_text(encoding="utf-8")
 
 
 def pin_client_app(module: ModuleType) -> None:
@@ -82,40 +114,15 @@ def pin_client_app(module: ModuleType) -> None:
     module._verify_fab = verify_fab  # type: ignore[attr-defined]
 
 
-class _CappedSleep:
-    """The ``time`` module, except that ``sleep`` waits at most ``cap`` seconds."""
-
-    def __init__(self, cap: float) -> None:
-        self.cap = cap
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.cap))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-
-def cap_polling(module: ModuleType, cap: float) -> None:
-    """Make ``module``'s ``time.sleep`` calls wait at most ``cap`` seconds."""
-    if getattr(module, "time", None) is not time:
-        raise RuntimeError(f"{module.__name__} no longer uses the time module as expected; remove this patch")
-    module.time = _CappedSleep(cap)  # type: ignore[attr-defined]
-
-
 def main() -> None:
     """``flower-supernode`` with capped polling, running only fedsilo's ClientApp."""
     import flwr.supernode.start_client_internal as internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    raw = os.environ.get("FEDSILO_SUPERNODE_POLL_S", str(DEFAULT_POLL_S))
-    try:
-        cap = float(raw)
-    except ValueError:
-        cap = -1.0
-    if not 0.05 <= cap <= 3:
-        raise SystemExit(f"FEDSILO_SUPERNODE_POLL_S must be a number of seconds in [0.05, 3]. Found {raw!r}.")
-    cap_polling(internal, cap)
+    cap_polling(internal, poll_seconds("FEDSILO_SUPERNODE_POLL_S", DEFAULT_POLL_S))
     pin_client_app(internal)
+    if os.environ.get("FEDSILO_FORKING_CLIENTAPPS", "1") != "0":
+        warm_clientapps(internal)
     flower_supernode()
 
 

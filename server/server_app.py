@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 
 from common.datasets import builtin_schema_path
 from common.models import build_mlp, get_weights
+from common.polling import cap_grid_polling
 from common.schema import Schema
 from common.settings import RunSettings
 from server.run_directory import RunDirectory
@@ -70,6 +71,7 @@ def build_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        cap_grid_polling()  # deployed, Flower waits 3 s between asks for the institutions' replies
         settings = RunSettings.from_config(context.run_config)
         if settings.resume_from:  # the stopped run's own settings, whatever the run config says
             settings = RunDirectory.saved_settings(Path(settings.resume_from).resolve())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import signal
 import subprocess
 import tempfile
@@ -27,12 +28,43 @@ from common.flower_env import executable, free_port
 from server.deployment import healthy
 from simulations.benchmarks import emit, machine
 
+# ServerApp log lines that open and close each of a round's five message exchanges.
+MARKERS = (
+    ("stage 0 (keys)", "[Stage 0] Sending", "[Stage 0] Received"),
+    ("stage 1 (shares)", "[Stage 1] Forwarding", "[Stage 1] Received"),
+    ("stage 2 (fit, masked)", "[Stage 2] Forwarding", "[Stage 2] Received"),
+    ("stage 3 (unmask)", "[Stage 3] Requesting", "[Stage 3] Received"),
+    ("evaluate", "configure_evaluate", "aggregate_evaluate"),
+)
+
+
+def last_round_phases(lines: list[tuple[float, str]]) -> list[dict[str, Any]]:
+    """Seconds in each exchange of the last round, and before each (the coordinator's share).
+
+    ``lines`` are the streamed ServerApp log lines with the time each arrived;
+    Flower uploads the log about once a second, so each figure is good to about 1 s.
+    """
+    starts = [i for i, (_, text) in enumerate(lines) if "[ROUND " in text]
+    if not starts:
+        return []
+    tail = lines[starts[-1] :]
+    previous, out = tail[0][0], []
+    for name, opening, closing in MARKERS:
+        opened = next((t for t, text in tail if opening in text), None)
+        closed = next((t for t, text in tail if closing in text), None)
+        if opened is None or closed is None:
+            continue
+        out.append({"exchange": name, "before_s": opened - previous, "exchange_s": closed - opened})
+        previous = closed
+    return out
+
 
 def measure(rounds: int, institutions: int, dataset: str, work: Path, *, warm: bool = True) -> dict[str, Any]:
     """Set up a federation, run ``rounds`` rounds, return per-round seconds.
 
-    ``warm``: each institution runs its warm trainer (the default); otherwise
-    every fit and evaluate starts from a cold ClientApp process.
+    ``warm``: each institution runs its warm trainer and forks its ClientApp
+    processes warm (the defaults); otherwise every message starts a fresh
+    ``flwr-clientapp`` process that imports everything it needs.
     """
     work.mkdir(parents=True)
     port, fed = free_port(), work / "fed"
@@ -64,9 +96,19 @@ def measure(rounds: int, institutions: int, dataset: str, work: Path, *, warm: b
             argv += ["--schema", str(fed / "schema.toml"), "--policy", str(work / "policy.toml")]
             argv += ["--state-dir", str(work / name / "state"), "--name", name, "--port", str(free_port())]
             argv += [] if warm else ["--no-warm-trainer"]
-            processes.append(subprocess.Popen(argv, stdout=logs, stderr=logs))
+            # Cold: Flower's own launcher too, a fresh flwr-clientapp process for every message.
+            env = {**os.environ, "FEDSILO_FORKING_CLIENTAPPS": "1" if warm else "0"}
+            processes.append(subprocess.Popen(argv, stdout=logs, stderr=logs, env=env))
         started = time.monotonic()
-        subprocess.run([server, "run", str(fed), "--rounds", str(rounds)], check=True, stdout=logs, stderr=logs)
+        argv = [server, "run", str(fed), "--rounds", str(rounds), "--verbose"]
+        lines: list[tuple[float, str]] = []
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as run:
+            assert run.stdout is not None
+            for line in run.stdout:
+                lines.append((time.monotonic(), line))
+                logs.write(line.encode())
+        if run.returncode != 0:
+            raise RuntimeError(f"the run failed; see {work / 'processes.log'}")
         wall = time.monotonic() - started
     finally:
         for process in reversed(processes):
@@ -78,6 +120,8 @@ def measure(rounds: int, institutions: int, dataset: str, work: Path, *, warm: b
     elapsed = [float(row["elapsed_s"]) for row in csv.DictReader(metrics.open())]
     per_round = [b - a for a, b in zip([0.0, *elapsed], elapsed, strict=False)]
     return {
+        "load_average_1m_after": os.getloadavg()[0],
+        "last_round_exchanges": last_round_phases(lines),
         "seconds_per_round": per_round,
         "median_seconds_per_round": float(np.median(per_round[1:] if len(per_round) > 1 else per_round)),
         "run_wall_s": wall,
@@ -89,7 +133,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--institutions", type=int, default=3)
     parser.add_argument("--dataset", default="german-credit")
-    parser.add_argument("--cold", action="store_true", help="Also measure without warm trainers, for comparison.")
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="Also measure with a cold process per message (no warm trainer or fork), for comparison.",
+    )
     parser.add_argument("--out", type=Path, default=None, help="Write the result as JSON here.")
     args = parser.parse_args()
     result: dict[str, Any] = {
@@ -101,10 +149,18 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory(prefix="fedsilo-bench-") as scratch:
         result |= measure(args.rounds, args.institutions, args.dataset, Path(scratch) / "warm")
-        print(f"warm trainers: median {result['median_seconds_per_round']:.1f} s per round", flush=True)
+        print(
+            f"warm (trainer + forked ClientApps): median {result['median_seconds_per_round']:.1f} s per round",
+            flush=True,
+        )
+        for e in result["last_round_exchanges"]:
+            print(f"  last round: {e['before_s']:.1f} s, then {e['exchange']} {e['exchange_s']:.1f} s", flush=True)
         if args.cold:
             result["cold"] = measure(args.rounds, args.institutions, args.dataset, Path(scratch) / "cold", warm=False)
-            print(f"cold ClientApps: median {result['cold']['median_seconds_per_round']:.1f} s per round", flush=True)
+            print(
+                f"cold (a fresh process per message): median {result['cold']['median_seconds_per_round']:.1f} s",
+                flush=True,
+            )
     emit(result, args.out)
 
 

@@ -32,7 +32,7 @@ def _rows(name: str, data: dict[str, Any]) -> list[tuple[str, str, str]]:
     elif name == "deployment_latency":
         figure = f"{data['median_seconds_per_round']:.1f} s per round"
         if "cold" in data:
-            figure += f" (without warm trainers: {data['cold']['median_seconds_per_round']:.1f} s)"
+            figure += f" (a cold process per message: {data['cold']['median_seconds_per_round']:.1f} s)"
         rows.append((f"Deployment round, {data['institutions']} institutions, TLS + SecAgg+", figure, "<= 10 s"))
     elif name == "sweep":
         rows.append((data["benchmark"], f"{data['wall_s']:.1f} s", "< 60 s"))

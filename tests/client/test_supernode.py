@@ -1,6 +1,7 @@
 """The SuperNode entry point caps Flower's 3 s poll, runs only fedsilo's ClientApp, and notices if Flower changes."""
 
 import io
+import subprocess
 import time
 import types
 import zipfile
@@ -9,7 +10,8 @@ from pathlib import Path
 import flwr.supernode.start_client_internal as internal
 import pytest
 
-from client.supernode import CLIENT_APP, cap_polling, fab_problem, pin_client_app
+from client.supernode import CLIENT_APP, fab_problem, pin_client_app, warm_clientapps
+from common.polling import cap_polling
 from server.federation import Federation
 
 
@@ -68,3 +70,28 @@ def test_flowers_fab_verification_hook_is_still_where_the_pin_expects_it() -> No
     pin_client_app(module)
     with pytest.raises(RuntimeError, match="review this patch"):
         pin_client_app(module)  # already pinned: refuse to stack
+
+
+def test_the_supernode_starts_fedsilos_superexec_which_is_flowers_own_with_a_warm_launcher() -> None:
+    assert internal.subprocess is subprocess and '["flower-superexec"]' in Path(internal.__file__).read_text()
+    module = types.ModuleType("fake")
+    module.__file__ = internal.__file__
+    module.subprocess = subprocess  # type: ignore[attr-defined]
+    warm_clientapps(module)
+    # What the SuperNode runs as `flower-superexec ...`: Flower's SuperExec command line, via client.superexec.
+    launched = module.subprocess.Popen(  # type: ignore[attr-defined]
+        ["flower-superexec", "--help"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    out, _ = launched.communicate(timeout=120)
+    assert launched.returncode == 0 and b"Run Flower SuperExec" in out
+    assert module.subprocess.DEVNULL is subprocess.DEVNULL  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError, match="review this patch"):
+        warm_clientapps(module)  # already patched: refuse to stack
+
+
+def test_flowers_superexec_still_picks_its_executor_where_fedsilo_replaces_it() -> None:
+    import flwr.supercore.superexec.run_superexec as superexec
+    from flwr.supercore.superexec.executor.types import ExecutionSpec
+
+    assert callable(superexec.get_executor) and "executor = get_executor(" in Path(superexec.__file__).read_text()
+    assert {"task_type", "runtime_api_address", "token", "parent_pid"} <= set(ExecutionSpec.__dataclass_fields__)
