@@ -15,6 +15,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import NDArrays, Scalar
 
 from client.mods import UNDER_SECURE_AGGREGATION, secure_aggregation_mod
+from client.simulated_data import SimulatedTables
 
 if TYPE_CHECKING:
     from client.institution import InstitutionData
@@ -24,8 +25,9 @@ if TYPE_CHECKING:
 class InstitutionClient(NumPyClient):
     """Translates Flower's fit/evaluate calls into ``client.institution``."""
 
-    def __init__(self, context: Context) -> None:
+    def __init__(self, context: Context, tables: SimulatedTables) -> None:
         self.context = context
+        self.tables = tables
 
     def _settings_and_data(self, config: dict[str, Scalar]) -> tuple[RunSettings, InstitutionData]:
         import torch
@@ -35,7 +37,7 @@ class InstitutionClient(NumPyClient):
 
         torch.set_num_threads(1)
         settings = RunSettings.from_config(config)
-        return settings, InstitutionData.from_node_config(self.context.node_config, settings)
+        return settings, InstitutionData.from_node_config(self.context.node_config, settings, tables=self.tables)
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         from client.institution import fit_round
@@ -58,9 +60,15 @@ class InstitutionClient(NumPyClient):
         return evaluate_round(data, parameters, settings)
 
 
-def client_fn(context: Context) -> Client:
-    """Build the client for one message (Flower rebuilds it for every message)."""
-    return InstitutionClient(context).to_client()
+def build_client_app() -> ClientApp:
+    """A ClientApp whose simulated institutions share one encoded copy of the dataset per process."""
+    tables = SimulatedTables()
+
+    def client_fn(context: Context) -> Client:
+        """Build the client for one message (Flower rebuilds it for every message)."""
+        return InstitutionClient(context, tables).to_client()
+
+    return ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod])
 
 
-app = ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod])
+app = build_client_app()
