@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import NDArrays, Scalar
 
 from client.mods import UNDER_SECURE_AGGREGATION, secure_aggregation_mod
-from client.simulated_data import SimulatedTables
+from client.simulated_data import PROCESS_TABLES, SimulatedTables
 
 if TYPE_CHECKING:
     from client.institution import InstitutionData
@@ -60,15 +60,9 @@ class InstitutionClient(NumPyClient):
         return evaluate_round(data, parameters, settings)
 
 
-def build_client_app() -> ClientApp:
-    """A ClientApp whose simulated institutions share one encoded copy of the dataset per process."""
-    tables = SimulatedTables()
-
-    def client_fn(context: Context) -> Client:
-        """Build the client for one message (Flower rebuilds it for every message)."""
-        return InstitutionClient(context, tables).to_client()
-
-    return ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod])
+def client_fn(context: Context) -> Client:
+    """Build the client for one message (Flower rebuilds it for every message)."""
+    return InstitutionClient(context, PROCESS_TABLES).to_client()
 
 
-app = build_client_app()
+app = ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod])

@@ -40,12 +40,14 @@ class SimulatedTables:
 
     Flower's simulation runs every message of every institution in a few worker
     processes; loading and encoding the dataset again for each message costs more
-    than the round's training (about 17 s per message for Fashion-MNIST). Owned by
-    whoever builds the institutions (the ClientApp, the in-process engine) and
-    keyed by everything the split depends on, so a changed setting is a new entry.
+    than the round's training (about 17 s per message for Fashion-MNIST). Keyed by
+    everything the split depends on, so a changed setting is a new entry. The
+    ClientApp uses ``PROCESS_TABLES``; the in-process engine and the baselines
+    build their own.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, keep: int = 2) -> None:
+        self.keep = keep  # datasets held at once (oldest dropped first), and 4x as many splits
         self._encoded: dict[tuple[str, str], tuple[Any, Schema, str, np.ndarray, np.ndarray]] = {}
         self._splits: dict[tuple[str, str, str, int, int], SimulatedTable] = {}
 
@@ -61,7 +63,20 @@ class SimulatedTables:
                 dataset = load_dataset(data.dataset, data.schema_path)
                 inputs, labels = dataset.schema.transform(dataset.frame, source=dataset.name)
                 self._encoded[source] = (dataset.frame, dataset.schema, dataset.institution_noun, inputs, labels)
+                _drop_oldest(self._encoded, self.keep)
             frame, schema, noun, inputs, labels = self._encoded[source]
             rows = simulated_partition(settings, frame, labels, count)
             self._splits[split_key] = SimulatedTable(schema, noun, inputs, labels, rows)
+            _drop_oldest(self._splits, 4 * self.keep)
         return self._splits[split_key]
+
+
+def _drop_oldest(entries: dict[Any, Any], keep: int) -> None:
+    while len(entries) > keep:
+        del entries[next(iter(entries))]
+
+
+# One per process, on purpose: Flower's Ray backend pickles the ClientApp and sends it
+# with every message, so an object the app holds is a fresh copy each time; only a
+# module's own object lives as long as the worker process.
+PROCESS_TABLES = SimulatedTables()

@@ -28,17 +28,32 @@ from flwr.common.logger import log
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import FedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
 from server.aggregation import MIN_CONTRIBUTORS, may_unmask
-from server.strategy import FedsiloStrategy
+from server.strategy import WAIT_S, FedsiloStrategy
 
 
 class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
-    """``SecAggPlusWorkflow`` that halts before unmasking fewer than two contributions."""
+    """``SecAggPlusWorkflow`` that halts before unmasking fewer than two contributions.
+
+    A ``num_shares`` count at least as large as a round's sample makes every
+    sampled institution a neighbour (as ``num_shares = 1.0`` does); Flower would
+    instead ask for more shares than there are neighbours and halt the round.
+    """
+
+    def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        configured = self.num_shares
+        if isinstance(configured, int) and configured >= _sample_size(context):
+            self.num_shares = 1.0
+        try:
+            return super().setup_stage(grid, context, state)
+        finally:
+            self.num_shares = configured
 
     def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         if not super().collect_masked_vectors_stage(grid, context, state):
@@ -60,6 +75,16 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
 
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         return super().unmask_stage(cast(Grid, ThresholdShares(grid, state.threshold)), context, state)
+
+
+def _sample_size(context: LegacyContext) -> int:
+    """How many institutions the strategy's ``configure_fit`` is about to sample."""
+    strategy, manager = context.strategy, context.client_manager
+    if not isinstance(strategy, FedAvg):
+        return manager.num_available()
+    if isinstance(strategy, FedsiloStrategy):  # it waits for min-institutions before sampling
+        manager.wait_for(strategy.min_available_clients, timeout=WAIT_S)
+    return strategy.num_fit_clients(manager.num_available())[0]
 
 
 class ThresholdShares:

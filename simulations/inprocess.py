@@ -16,9 +16,10 @@ the Flower engine runs, in the order Flower runs it:
   the same FedAvg, bookkeeping and run directory (metrics.csv, checkpoints,
   model.pt, report.json).
 
-The one difference: with ``fraction-fit`` below 1, institutions are sampled by
-a generator seeded from the run seed over their names, whereas Flower samples
-its random node ids; the sample differs, its size does not.
+The one difference: with ``fraction-fit`` or ``fraction-evaluate`` below 1,
+institutions are sampled by a generator seeded from the run seed over their
+names, whereas Flower samples its random node ids; the sample differs, its size
+does not.
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ def run_inprocess(
             else:  # GuardedSecAggPlusWorkflow halts: book the replies, keep the model
                 strategy.book_fit(server_round, results, [])
             evaluations: EvalResults = []
-            for data in members:
+            size, _ = strategy.num_evaluation_clients(len(members))
+            for data in members if size >= len(members) else sampler.sample(members, size):
                 loss, count, metrics = evaluate_round(data, strategy.current, client_settings)
                 evaluations.append((LocalInstitution(data.name), EvaluateRes(OK, loss, count, metrics)))
             strategy.aggregate_evaluate(server_round, evaluations, [])
