@@ -34,7 +34,8 @@ def _rows(name: str, data: dict[str, Any]) -> list[tuple[str, str, str]]:
     elif name == "scale":
         what = (
             f"Scale: {data['institutions']:,} institutions, {data['sampled_per_round']} sampled per round, "
-            f"SecAgg+ (secagg-num-shares {data['secagg']['num_shares']:g}), {data['dataset']}"
+            f"SecAgg+ (secagg-num-shares {data['secagg']['num_shares']:g}), {data['dataset']}, "
+            f"{data.get('fraction_evaluate', 1.0):.0%} evaluating"
         )
         steady = f"{data['steady_s']:.1f} s per round (first round {data['first_round_s']:.1f} s)"
         rows.append((what + ": seconds per round", steady, "<= 20 s"))
