@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import NDArrays, Scalar
 
 from client.mods import UNDER_SECURE_AGGREGATION, secure_aggregation_mod
+from client.simulated_data import PROCESS_TABLES, SimulatedTables
 from client.trainer import SOCKET_KEY, TrainerUnavailable, call
 
 if TYPE_CHECKING:
@@ -30,8 +31,9 @@ if TYPE_CHECKING:
 class InstitutionClient(NumPyClient):
     """Translates Flower's fit/evaluate calls into ``client.institution``."""
 
-    def __init__(self, context: Context) -> None:
+    def __init__(self, context: Context, tables: SimulatedTables) -> None:
         self.context = context
+        self.tables = tables
 
     def _settings_and_data(self, config: dict[str, Scalar]) -> tuple[RunSettings, InstitutionData]:
         import torch
@@ -41,7 +43,7 @@ class InstitutionClient(NumPyClient):
 
         torch.set_num_threads(1)
         settings = RunSettings.from_config(config)
-        return settings, InstitutionData.from_node_config(self.context.node_config, settings)
+        return settings, InstitutionData.from_node_config(self.context.node_config, settings, tables=self.tables)
 
     def _warm_trainer(
         self, op: str, header: dict[str, object], parameters: NDArrays
@@ -84,7 +86,7 @@ class InstitutionClient(NumPyClient):
 
 def client_fn(context: Context) -> Client:
     """Build the client for one message (Flower rebuilds it for every message)."""
-    return InstitutionClient(context).to_client()
+    return InstitutionClient(context, PROCESS_TABLES).to_client()
 
 
 app = ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod])

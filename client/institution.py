@@ -23,12 +23,12 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 from client.policy import PrivacyPolicy
+from client.simulated_data import SimulatedTables
 from common.accounting import epsilon_spent
-from common.datasets import load_dataset, read_table
+from common.datasets import read_table
 from common.errors import ConfigError
 from common.ledger import LedgerEntry, PrivacyLedger
 from common.models import build_mlp, get_weights, set_weights
-from common.partition import partition
 from common.schema import Schema
 from common.settings import PrivacySettings, RunSettings
 from common.training import evaluate, plan_round, train_round
@@ -52,8 +52,15 @@ class InstitutionData:
     policy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
 
     @classmethod
-    def from_node_config(cls, node_config: Mapping[str, Any], settings: RunSettings) -> InstitutionData:
-        """Load from ``data-path``/``schema-path`` (deployment) or a simulated partition."""
+    def from_node_config(
+        cls, node_config: Mapping[str, Any], settings: RunSettings, *, tables: SimulatedTables | None = None
+    ) -> InstitutionData:
+        """Load from ``data-path``/``schema-path`` (deployment) or a simulated partition.
+
+        ``tables`` keeps the encoded dataset and its split between calls in one
+        process (a simulation worker serves many institutions); without it every
+        call loads and encodes the whole dataset again.
+        """
         if "data-path" in node_config:
             path = Path(str(node_config["data-path"]))
             schema = Schema.load(str(node_config["schema-path"]))
@@ -68,12 +75,11 @@ class InstitutionData:
                     "node config needs data-path, schema-path and state-dir (or a simulation partition-id)"
                 )
             pid, count = int(node_config["partition-id"]), int(node_config["num-partitions"])
-            dataset = load_dataset(settings.data.dataset, settings.data.schema_path)
-            schema = dataset.schema
-            all_x, all_y = schema.transform(dataset.frame, source=dataset.name)
-            rows = simulated_partition(settings, dataset.frame, all_y, count)[pid]
-            inputs, labels = all_x[rows], all_y[rows]
-            name = f"{dataset.institution_noun}-{pid + 1}"
+            table = (tables or SimulatedTables()).partition(settings, count)
+            schema = table.schema
+            rows = table.rows[pid]
+            inputs, labels = table.inputs[rows], table.labels[rows]
+            name = f"{table.institution_noun}-{pid + 1}"
             state_dir = Path(settings.state_root) / name
             reproducible = True  # a simulation: the researcher holds every record and every seed
             # The researcher plays every institution, so the run config may carry their policies.
@@ -122,12 +128,6 @@ def records_fingerprint(inputs: np.ndarray, labels: np.ndarray) -> str:
     rows = np.concatenate([inputs.astype(np.float64), labels[:, None].astype(np.float64)], axis=1)
     row_digests = sorted(hashlib.sha256(row.tobytes()).digest() for row in rows)
     return hashlib.sha256(f"{rows.shape}".encode() + b"".join(row_digests)).hexdigest()[:24]
-
-
-def simulated_partition(settings: RunSettings, frame: Any, labels: np.ndarray, count: int) -> list[np.ndarray]:
-    """The rows of every simulated institution: a pure function of the seed."""
-    rng = np.random.default_rng([settings.seed, 1])
-    return partition(settings.data.partition, frame, labels, count, rng)
 
 
 def split_holdout(

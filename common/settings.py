@@ -173,6 +173,8 @@ class RunSettings:
     rounds: int = field(default=8, metadata=_key("num-server-rounds"))
     seed: int = field(default=42, metadata=_key("seed"))
     fraction_fit: float = field(default=1.0, metadata=_key("fraction-fit"))
+    # Institutions evaluating the global model each round; below 1, a fresh sample every round.
+    fraction_evaluate: float = field(default=1.0, metadata=_key("fraction-evaluate"))
     min_institutions: int = field(default=2, metadata=_key("min-institutions"))
     out_dir: str = field(default="", metadata=_key("out-dir"))
     state_root: str = field(default="", metadata=_key("state-root"))
@@ -188,6 +190,7 @@ class RunSettings:
         _check(self.rounds >= 1, "num-server-rounds", self.rounds, "an integer >= 1")
         _check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
         _check(0 < self.fraction_fit <= 1, "fraction-fit", self.fraction_fit, "in (0, 1]")
+        _check(0 < self.fraction_evaluate <= 1, "fraction-evaluate", self.fraction_evaluate, "in (0, 1]")
         _check(self.min_institutions >= 1, "min-institutions", self.min_institutions, "an integer >= 1")
 
     @classmethod

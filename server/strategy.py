@@ -48,7 +48,7 @@ class FedsiloStrategy(FedAvg):
     ) -> None:
         super().__init__(
             fraction_fit=settings.fraction_fit,
-            fraction_evaluate=1.0,
+            fraction_evaluate=settings.fraction_evaluate,
             # Every round waits until min-institutions are connected (see configure_fit).
             min_fit_clients=min(2, settings.min_institutions),
             min_evaluate_clients=1,

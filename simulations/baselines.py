@@ -20,6 +20,7 @@ import numpy as np
 from torch import nn
 
 from client.institution import InstitutionData
+from client.simulated_data import SimulatedTables
 from common.accounting import DPSGDEvent, epsilon_spent
 from common.models import build_mlp
 from common.settings import RunSettings
@@ -30,8 +31,9 @@ BASELINE_SEED_SALT = {"pooled": 101, "alone": 202}
 
 def federation_members(settings: RunSettings, institutions: int) -> list[InstitutionData]:
     """The simulated institutions of a run, built exactly as both engines build them."""
+    tables = SimulatedTables()  # the dataset is loaded and split once, not once per institution
     return [
-        InstitutionData.from_node_config({"partition-id": i, "num-partitions": institutions}, settings)
+        InstitutionData.from_node_config({"partition-id": i, "num-partitions": institutions}, settings, tables=tables)
         for i in range(institutions)
     ]
 

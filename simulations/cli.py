@@ -298,7 +298,7 @@ def _check_policy(settings: RunSettings, count: int) -> None:
 
 def _check_data(settings: RunSettings, count: int) -> None:
     """Fail before Flower starts if the dataset or partition cannot work."""
-    from client.institution import simulated_partition
+    from client.simulated_data import simulated_partition
     from common.datasets import load_dataset
 
     dataset = load_dataset(settings.data.dataset, settings.data.schema_path)

@@ -16,9 +16,10 @@ the Flower engine runs, in the order Flower runs it:
   the same FedAvg, bookkeeping and run directory (metrics.csv, checkpoints,
   model.pt, report.json).
 
-The one difference: with ``fraction-fit`` below 1, institutions are sampled by
-a generator seeded from the run seed over their names, whereas Flower samples
-its random node ids; the sample differs, its size does not.
+The one difference: with ``fraction-fit`` or ``fraction-evaluate`` below 1,
+institutions are sampled by a generator seeded from the run seed over their
+names, whereas Flower samples its random node ids; the sample differs, its size
+does not.
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ import torch
 from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters
 from flwr.server.client_proxy import ClientProxy
 
-from client.institution import InstitutionData, evaluate_round, fit_round
+from client.institution import evaluate_round, fit_round
 from client.mods import quantization_seed, seeded_global_numpy
 from common.settings import RunSettings
 from server.aggregation import may_unmask, secaggplus_client_vector, secaggplus_unmasked_aggregate
 from server.server_app import open_run
 from server.strategy import EvalResults, FedsiloStrategy, FitResults, RoundCallback
+from simulations.baselines import federation_members
 
 OK = Status(code=Code.OK, message="")
 
@@ -88,10 +90,7 @@ def run_inprocess(
         settings, directory, strategy = open_run(settings, on_round, strategy_cls)
         assert strategy.on_fit_config_fn is not None and strategy.on_evaluate_config_fn is not None
         client_settings = RunSettings.from_config(strategy.on_fit_config_fn(1))  # what every FitIns carries
-        members = [
-            InstitutionData.from_node_config({"partition-id": i, "num-partitions": institutions}, client_settings)
-            for i in range(institutions)
-        ]
+        members = federation_members(client_settings, institutions)
         who = {data.name: str(i) for i, data in enumerate(members)}  # a simulated node's partition-id
         started = time.monotonic()
         for server_round in range(1, settings.rounds + 1):
@@ -131,7 +130,8 @@ def run_inprocess(
             else:  # GuardedSecAggPlusWorkflow halts: book the replies, keep the model
                 strategy.book_fit(server_round, results, [])
             evaluations: EvalResults = []
-            for data in members:
+            size, _ = strategy.num_evaluation_clients(len(members))
+            for data in members if size >= len(members) else sampler.sample(members, size):
                 loss, count, metrics = evaluate_round(data, strategy.current, client_settings)
                 evaluations.append((LocalInstitution(data.name), EvaluateRes(OK, loss, count, metrics)))
             strategy.aggregate_evaluate(server_round, evaluations, [])

@@ -26,7 +26,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from client.institution import InstitutionData, simulated_partition
+from client.institution import InstitutionData
+from client.simulated_data import simulated_partition
 from common.audit import loss_threshold_auc, record_losses
 from common.datasets import load_dataset
 from common.errors import ConfigError

@@ -28,8 +28,8 @@ def seconds_per_round(run_dir: Path) -> list[float]:
     return [b - a for a, b in zip([0.0, *elapsed], elapsed, strict=False)]
 
 
-def measure(size: int, rounds: int, dataset: str, scratch: Path) -> dict[str, Any]:
-    out: dict[str, Any] = {"institutions": size}
+def measure(size: int, rounds: int, dataset: str, num_shares: float, scratch: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {"institutions": size, "rounds": rounds, "num_shares": num_shares}
     for secure in (False, True):
         run_dir = scratch / f"{size}-{'secagg' if secure else 'plain'}"
         settings = RunSettings().with_overrides(
@@ -37,6 +37,7 @@ def measure(size: int, rounds: int, dataset: str, scratch: Path) -> dict[str, An
                 "dataset": dataset,
                 "num-server-rounds": rounds,
                 "secure-aggregation": secure,
+                "secagg-num-shares": num_shares,
                 "out-dir": str(run_dir),
                 "seed": 0,
             }
@@ -59,19 +60,21 @@ def measure(size: int, rounds: int, dataset: str, scratch: Path) -> dict[str, An
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="5,10,50,100", help="Federation sizes, comma-separated.")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sizes", default="5,10,50,100:2", help="Federation sizes, comma-separated (SIZE:ROUNDS).")
+    parser.add_argument("--rounds", type=int, default=3, help="Rounds of a size given without its own.")
+    parser.add_argument("--num-shares", type=float, default=RunSettings().secagg.num_shares)
     parser.add_argument("--dataset", default="german-credit")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
+    specs = (spec.partition(":") for spec in args.sizes.split(","))
+    sizes = [(int(size), int(rounds or args.rounds)) for size, _, rounds in specs]
     with tempfile.TemporaryDirectory(prefix="fedsilo-bench-") as scratch:
-        results = [measure(size, args.rounds, args.dataset, Path(scratch)) for size in sizes]
+        results = [measure(size, rounds, args.dataset, args.num_shares, Path(scratch)) for size, rounds in sizes]
     result = {
         "benchmark": "SecAgg+ overhead per round (Flower simulation engine)",
         "machine": machine(),
         "dataset": args.dataset,
-        "rounds": args.rounds,
+        "num_shares": args.num_shares,
         "results": results,
     }
     emit(result, args.out)

@@ -21,14 +21,26 @@ def _rows(name: str, data: dict[str, Any]) -> list[tuple[str, str, str]]:
                 entry = result[mode]
                 figure = f"{entry['ratio']:.2f}x" if "ratio" in entry else f"fails: {entry['error'][:60]}"
                 rows.append((f"DP-SGD overhead, {result['model']}, {mode}", figure, target))
-    elif name == "secagg_overhead":
+    elif name.startswith("secagg_overhead"):
         for result in data["results"]:
             n = result["institutions"]
             target = "<= 1.2x" if n <= 10 else "<= 1.5x" if n >= 100 else "-"
             figure = (
                 f"{result['ratio']:.2f}x ({result['plain']['steady_s']:.1f} s -> {result['secagg']['steady_s']:.1f} s)"
             )
-            rows.append((f"SecAgg+ overhead per round, {n} institutions", figure, target))
+            shares = result.get("num_shares", 1.0)
+            graph = "every institution a neighbour" if shares == 1.0 else f"secagg-num-shares {shares:g}"
+            rows.append((f"SecAgg+ overhead per round, {n} institutions ({graph})", figure, target))
+    elif name == "scale":
+        what = (
+            f"Scale: {data['institutions']:,} institutions, {data['sampled_per_round']} sampled per round, "
+            f"SecAgg+ (secagg-num-shares {data['secagg']['num_shares']:g}), {data['dataset']}, "
+            f"{data.get('fraction_evaluate', 1.0):.0%} evaluating"
+        )
+        steady = f"{data['steady_s']:.1f} s per round (first round {data['first_round_s']:.1f} s)"
+        rows.append((what + ": seconds per round", steady, "<= 20 s"))
+        memory = f"{data['peak_pss_gb']:.2f} GB PSS ({data['peak_rss_gb']:.2f} GB RSS summed)"
+        rows.append((what + ": peak memory, whole process tree", memory, "<= 4 GB"))
     elif name == "deployment_latency":
         figure = f"{data['median_seconds_per_round']:.1f} s per round"
         if "cold" in data:
