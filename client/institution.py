@@ -27,7 +27,7 @@ from common.accounting import epsilon_spent
 from common.datasets import load_dataset, read_table
 from common.errors import ConfigError
 from common.ledger import LedgerEntry, PrivacyLedger
-from common.models import build_mlp, get_weights, set_weights
+from common.models import build_model, get_weights, set_weights
 from common.partition import partition
 from common.schema import Schema
 from common.settings import PrivacySettings, RunSettings
@@ -58,35 +58,86 @@ class InstitutionData:
             path = Path(str(node_config["data-path"]))
             schema = Schema.load(str(node_config["schema-path"]))
             inputs, labels = schema.transform(read_table(path), source=str(path))
-            name = str(node_config.get("name", path.stem))
-            state_dir = Path(str(node_config["state-dir"]))
-            reproducible = str(node_config.get("reproducible-noise", "false")).lower() == "true"
-            policy = deployed_policy(node_config)
-        else:
-            if "partition-id" not in node_config:
-                raise ConfigError(
-                    "node config needs data-path, schema-path and state-dir (or a simulation partition-id)"
-                )
-            pid, count = int(node_config["partition-id"]), int(node_config["num-partitions"])
-            dataset = load_dataset(settings.data.dataset, settings.data.schema_path)
-            schema = dataset.schema
-            all_x, all_y = schema.transform(dataset.frame, source=dataset.name)
-            rows = simulated_partition(settings, dataset.frame, all_y, count)[pid]
-            inputs, labels = all_x[rows], all_y[rows]
-            name = f"{dataset.institution_noun}-{pid + 1}"
-            state_dir = Path(settings.state_root) / name
-            reproducible = True  # a simulation: the researcher holds every record and every seed
-            # The researcher plays every institution, so the run config may carry their policies.
-            policy = (
-                PrivacyPolicy.load(settings.simulation_policy, institution=name)
-                if settings.simulation_policy
-                else PrivacyPolicy(source="simulation")
+            return cls.of_records(
+                str(node_config.get("name", path.stem)),
+                schema,
+                inputs,
+                labels,
+                settings,
+                state_dir=Path(str(node_config["state-dir"])),
+                reproducible=str(node_config.get("reproducible-noise", "false")).lower() == "true",
+                policy=deployed_policy(node_config),
             )
+        if "partition-id" not in node_config:
+            raise ConfigError("node config needs data-path, schema-path and state-dir (or a simulation partition-id)")
+        pid, count = int(node_config["partition-id"]), int(node_config["num-partitions"])
+        data = _SimulatedFederation.load(settings, count).institution(pid)
         if "state-dir" in node_config:
-            state_dir = Path(str(node_config["state-dir"]))
+            data = replace(data, state_dir=Path(str(node_config["state-dir"])))
+        return data
+
+    @classmethod
+    def of_records(
+        cls,
+        name: str,
+        schema: Schema,
+        inputs: np.ndarray,
+        labels: np.ndarray,
+        settings: RunSettings,
+        *,
+        state_dir: Path,
+        reproducible: bool,
+        policy: PrivacyPolicy,
+    ) -> InstitutionData:
+        """Split encoded records into training and held-out records, and fingerprint them."""
         train_x, test_x, train_y, test_y = split_holdout(inputs, labels, settings)
         fingerprint = records_fingerprint(inputs, labels)
         return cls(name, schema, train_x, train_y, test_x, test_y, state_dir, fingerprint, reproducible, policy)
+
+
+@dataclass(frozen=True)
+class _SimulatedFederation:
+    """A built-in dataset or table, encoded once, and its split into simulated institutions."""
+
+    noun: str
+    schema: Schema
+    inputs: np.ndarray
+    labels: np.ndarray
+    parts: list[np.ndarray]
+    settings: RunSettings
+
+    @classmethod
+    def load(cls, settings: RunSettings, count: int) -> _SimulatedFederation:
+        dataset = load_dataset(settings.data.dataset, settings.data.schema_path)
+        inputs, labels = dataset.schema.transform(dataset.frame, source=dataset.name)
+        parts = simulated_partition(settings, dataset.frame, labels, count)
+        return cls(dataset.institution_noun, dataset.schema, inputs, labels, parts, settings)
+
+    def institution(self, pid: int) -> InstitutionData:
+        rows, settings = self.parts[pid], self.settings
+        name = f"{self.noun}-{pid + 1}"
+        # The researcher plays every institution, so the run config may carry their policies.
+        policy = (
+            PrivacyPolicy.load(settings.simulation_policy, institution=name)
+            if settings.simulation_policy
+            else PrivacyPolicy(source="simulation")
+        )
+        return InstitutionData.of_records(
+            name,
+            self.schema,
+            self.inputs[rows],
+            self.labels[rows],
+            settings,
+            state_dir=Path(settings.state_root) / name,
+            reproducible=True,  # a simulation: the researcher holds every record and every seed
+            policy=policy,
+        )
+
+
+def simulated_institutions(settings: RunSettings, count: int) -> list[InstitutionData]:
+    """Every simulated institution of a run, as each ClientApp builds its own, the data loaded once."""
+    federation = _SimulatedFederation.load(settings, count)
+    return [federation.institution(pid) for pid in range(count)]
 
 
 DEPLOYED_DEFAULTS = {"share-eval-metrics": False, "require-secure-aggregation": True}
@@ -133,9 +184,15 @@ def simulated_partition(settings: RunSettings, frame: Any, labels: np.ndarray, c
 def split_holdout(
     inputs: np.ndarray, labels: np.ndarray, settings: RunSettings
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """An institution's own train / held-out split, stratified where possible, seeded."""
-    counts = np.bincount(labels)
-    stratify = labels if counts[counts > 0].min() >= 2 else None
+    """An institution's own train / held-out split, stratified where possible, seeded.
+
+    Stratifying needs two records of every class and room for every class on both sides.
+    """
+    present = np.bincount(labels)
+    present = present[present > 0]
+    held_out = math.ceil(settings.data.test_fraction * len(labels))  # as scikit-learn counts it
+    room = min(held_out, len(labels) - held_out) >= len(present)
+    stratify = labels if present.min() >= 2 and room else None
     parts = train_test_split(
         inputs, labels, test_size=settings.data.test_fraction, random_state=settings.seed, stratify=stratify
     )
@@ -237,7 +294,7 @@ def fit_round(
 
 
 def _model_with(data: InstitutionData, settings: RunSettings, weights: Sequence[np.ndarray]) -> nn.Module:
-    model = build_mlp(data.schema.num_inputs, data.schema.num_classes, settings.train.hidden_units, seed=settings.seed)
+    model = build_model(settings.train, data.schema, seed=settings.seed)
     set_weights(model, weights)
     return model
 

@@ -3,8 +3,9 @@
 A fast path for one machine, not a second framework. Each round calls the code
 the Flower engine runs, in the order Flower runs it:
 
-- every institution is ``InstitutionData.from_node_config`` with its
-  simulation ``partition-id``, and trains and evaluates through
+- every institution is built as ``InstitutionData.from_node_config`` builds it
+  from its simulation ``partition-id`` (``simulated_institutions``, which
+  loads the data once), and trains and evaluates through
   ``client.institution.fit_round`` / ``evaluate_round`` (what the ClientApp calls),
   so splits, policies, refusals, ledgers and epsilon are the same;
 - with secure aggregation, each update goes through SecAgg+'s weighting, clipping
@@ -35,7 +36,7 @@ import torch
 from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters
 from flwr.server.client_proxy import ClientProxy
 
-from client.institution import InstitutionData, evaluate_round, fit_round
+from client.institution import evaluate_round, fit_round, simulated_institutions
 from client.mods import quantization_seed, seeded_global_numpy
 from common.settings import RunSettings
 from server.aggregation import may_unmask, secaggplus_client_vector, secaggplus_unmasked_aggregate
@@ -88,10 +89,7 @@ def run_inprocess(
         settings, directory, strategy = open_run(settings, on_round, strategy_cls)
         assert strategy.on_fit_config_fn is not None and strategy.on_evaluate_config_fn is not None
         client_settings = RunSettings.from_config(strategy.on_fit_config_fn(1))  # what every FitIns carries
-        members = [
-            InstitutionData.from_node_config({"partition-id": i, "num-partitions": institutions}, client_settings)
-            for i in range(institutions)
-        ]
+        members = simulated_institutions(client_settings, institutions)
         who = {data.name: str(i) for i, data in enumerate(members)}  # a simulated node's partition-id
         started = time.monotonic()
         for server_round in range(1, settings.rounds + 1):
