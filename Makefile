@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python -m simulations.benchmarks.dp_overhead --images 60000 --out bench/dp_overhead.json
 	$(BIN)/python -m simulations.benchmarks.secagg_overhead --sizes 5,10,50,100 --out bench/secagg_overhead.json
 	$(BIN)/python -m simulations.benchmarks.deployment_latency --rounds 4 --out bench/deployment_latency.json
+	$(BIN)/python -m simulations.benchmarks.fashion_mnist --out bench/fashion_mnist.json
 	$(BIN)/python -m simulations.benchmarks.table bench > bench/RESULTS.md
 	cat bench/RESULTS.md
 
