@@ -113,3 +113,41 @@ def test_the_cnn_trains_with_dp_sgd(activation: str) -> None:
     assert any((a != b).any() for a, b in zip(before, get_weights(model), strict=True))
     assert all(p.grad is None and not hasattr(p, "grad_sample") for p in model.parameters())
     assert isinstance(model, nn.Module) and not type(model).__name__.startswith("GradSample")
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ew", "ghost"])
+def test_the_tanh_cnn_takes_every_opacus_grad_sample_mode(mode: str) -> None:
+    """The modes simulations/benchmarks/dp_overhead.py compares all apply to the CNN the federation builds."""
+    import warnings
+
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    # Prepare
+    model = build_model(TrainSettings(model="cnn", activation="tanh"), FASHION, seed=0)
+    before = get_weights(model)
+    data = TensorDataset(torch.rand(32, 784), torch.randint(0, 10, (32,)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    criterion: nn.Module = nn.CrossEntropyLoss()
+    # Execute
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        made = PrivacyEngine(accountant="rdp").make_private(
+            module=model,
+            optimizer=optimizer,
+            criterion=criterion,
+            data_loader=DataLoader(data, batch_size=16),
+            noise_multiplier=1.0,
+            max_grad_norm=0.1,
+            grad_sample_mode=mode,
+        )
+        module, optimizer, *rest = made
+        if mode == "ghost":
+            criterion, loader = rest
+        else:
+            (loader,) = rest
+        x, y = next(iter(loader))
+        criterion(module(x), y).backward()
+        optimizer.step()
+    # Assert
+    assert any((a != b).any() for a, b in zip(before, get_weights(model), strict=True))
