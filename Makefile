@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python -m simulations.benchmarks.secagg_overhead --sizes 50,100 --num-shares 21 --out bench/secagg_overhead_21.json
 	$(BIN)/python -m simulations.benchmarks.scale --institutions 1000 --fraction-fit 0.1 --rounds 3 --num-shares 21 --out bench/scale.json
 	$(BIN)/python -m simulations.benchmarks.deployment_latency --rounds 4 --cold --out bench/deployment_latency.json
+	$(BIN)/python -m simulations.benchmarks.fashion_mnist --out bench/fashion_mnist.json
 	$(BIN)/python -m simulations.benchmarks.table bench > bench/RESULTS.md
 	cat bench/RESULTS.md
 

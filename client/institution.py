@@ -28,7 +28,7 @@ from common.accounting import epsilon_spent
 from common.datasets import read_table
 from common.errors import ConfigError
 from common.ledger import LedgerEntry, PrivacyLedger
-from common.models import build_mlp, get_weights, set_weights
+from common.models import build_model, get_weights, set_weights
 from common.schema import Schema
 from common.settings import PrivacySettings, RunSettings
 from common.training import evaluate, plan_round, train_round
@@ -133,9 +133,15 @@ def records_fingerprint(inputs: np.ndarray, labels: np.ndarray) -> str:
 def split_holdout(
     inputs: np.ndarray, labels: np.ndarray, settings: RunSettings
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """An institution's own train / held-out split, stratified where possible, seeded."""
-    counts = np.bincount(labels)
-    stratify = labels if counts[counts > 0].min() >= 2 else None
+    """An institution's own train / held-out split, stratified where possible, seeded.
+
+    Stratifying needs two records of every class and room for every class on both sides.
+    """
+    present = np.bincount(labels)
+    present = present[present > 0]
+    held_out = math.ceil(settings.data.test_fraction * len(labels))  # as scikit-learn counts it
+    room = min(held_out, len(labels) - held_out) >= len(present)
+    stratify = labels if present.min() >= 2 and room else None
     parts = train_test_split(
         inputs, labels, test_size=settings.data.test_fraction, random_state=settings.seed, stratify=stratify
     )
@@ -237,7 +243,7 @@ def fit_round(
 
 
 def _model_with(data: InstitutionData, settings: RunSettings, weights: Sequence[np.ndarray]) -> nn.Module:
-    model = build_mlp(data.schema.num_inputs, data.schema.num_classes, settings.train.hidden_units, seed=settings.seed)
+    model = build_model(settings.train, data.schema, seed=settings.seed)
     set_weights(model, weights)
     return model
 

@@ -20,6 +20,7 @@ SCHEMAS = {
     "german-credit": DATA_DIR / "german_credit.schema.toml",
     "digits": DATA_DIR / "digits.schema.toml",
     "fashion-mnist": DATA_DIR / "fashion_mnist.schema.toml",
+    "fashion-mnist-train": DATA_DIR / "fashion_mnist.schema.toml",
 }
 
 
@@ -59,11 +60,11 @@ def _digits() -> TabularDataset:
     return TabularDataset("digits", frame, schema, "clinic")
 
 
-def _fashion_mnist() -> TabularDataset:
-    """All 70,000 images (train and test files together), one pixel per column, as a table."""
+def fashion_mnist(*splits: str) -> TabularDataset:
+    """Fashion-MNIST's ``splits`` (``train``: 60,000 images, ``test``: 10,000), one pixel per column, as a table."""
     from common import images
 
-    parts = [images.load_fashion_mnist(split, FASHION_MNIST_DIR) for split in ("train", "test")]
+    parts = [images.load_fashion_mnist(split, FASHION_MNIST_DIR) for split in splits]
     pixels = np.concatenate([p[0] for p in parts]).reshape(-1, 28 * 28) * 255.0
     labels = np.concatenate([p[1] for p in parts])
     frame = pd.DataFrame(
@@ -71,14 +72,18 @@ def _fashion_mnist() -> TabularDataset:
     )
     schema = Schema.load(SCHEMAS["fashion-mnist"])
     frame["label"] = np.asarray(schema.classes)[labels]
-    return TabularDataset("fashion-mnist", frame, schema, "clinic")
+    name = "fashion-mnist" if splits == ("train", "test") else f"fashion-mnist-{'-'.join(splits)}"
+    return TabularDataset(name, frame, schema, "clinic")
 
 
 BUILTIN: dict[str, Callable[[], TabularDataset]] = {
     "breast-cancer": _breast_cancer,
     "german-credit": _german_credit,
     "digits": _digits,
-    "fashion-mnist": _fashion_mnist,
+    # All 70,000 images (train and test files together); or the official training split only,
+    # to test on the official 10,000 test images as the literature does.
+    "fashion-mnist": lambda: fashion_mnist("train", "test"),
+    "fashion-mnist-train": lambda: fashion_mnist("train"),
 }
 
 

@@ -19,6 +19,14 @@ Scalar = bool | int | float | str
 _T = TypeVar("_T")
 
 
+MODELS = ("mlp", "cnn")
+ACTIVATIONS = ("relu", "tanh")
+
+
+def _one_of(choices: tuple[str, ...]) -> str:
+    return "one of " + ", ".join(f"{c!r}" for c in choices)
+
+
 def _key(name: str) -> Any:
     """Field metadata naming the run-config key of a setting."""
     return {"key": name}
@@ -37,13 +45,19 @@ class TrainSettings:
     batch_size: int = field(default=32, metadata=_key("batch-size"))
     learning_rate: float = field(default=0.2, metadata=_key("learning-rate"))
     momentum: float = field(default=0.9, metadata=_key("momentum"))
-    hidden_layers: str = field(default="64", metadata=_key("hidden-layers"))
+    # The model: "mlp" (TabularMLP, any schema) or "cnn" (SmallCNN, 28x28 images only); see common.models.
+    model: str = field(default="mlp", metadata=_key("model"))
+    # Hidden activation: "relu", or "tanh" (the tempered sigmoid of Papernot et al., AAAI 2021).
+    activation: str = field(default="relu", metadata=_key("activation"))
+    hidden_layers: str = field(default="64", metadata=_key("hidden-layers"))  # the MLP's only
 
     def __post_init__(self) -> None:
         _check(self.local_epochs >= 1, "local-epochs", self.local_epochs, "an integer >= 1")
         _check(self.batch_size >= 1, "batch-size", self.batch_size, "an integer >= 1")
         _check(self.learning_rate > 0, "learning-rate", self.learning_rate, "> 0")
         _check(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
+        _check(self.model in MODELS, "model", self.model, _one_of(MODELS))
+        _check(self.activation in ACTIVATIONS, "activation", self.activation, _one_of(ACTIVATIONS))
         try:
             units = self.hidden_units
         except ValueError:

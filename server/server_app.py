@@ -15,7 +15,7 @@ from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.serverapp import Grid
 
 from common.datasets import builtin_schema_path
-from common.models import build_mlp, get_weights
+from common.models import build_model, get_weights, model_spec
 from common.polling import cap_grid_polling
 from common.schema import Schema
 from common.settings import RunSettings
@@ -47,16 +47,8 @@ def open_run(
         Path(settings.data.schema_path) if settings.data.schema_path else builtin_schema_path(settings.data.dataset)
     )
     schema = Schema.load(schema_path)
-    model = build_mlp(schema.num_inputs, schema.num_classes, settings.train.hidden_units, seed=settings.seed)
-    spec = {
-        "kind": "mlp",
-        "num_inputs": schema.num_inputs,
-        "num_classes": schema.num_classes,
-        "classes": list(schema.classes),
-        "hidden_layers": list(settings.train.hidden_units),
-        "keys": list(model.state_dict().keys()),
-    }
-    directory = RunDirectory(run_dir, settings, spec, schema_path)
+    model = build_model(settings.train, schema, seed=settings.seed)
+    directory = RunDirectory(run_dir, settings, model_spec(settings.train, schema, model), schema_path)
     weights = directory.last_checkpoint() or get_weights(model)
     round_config = {**settings.to_config(), "run-name": run_dir.name}  # the ledgers' run id, kept on resume
     strategy = strategy_cls(settings, directory, ndarrays_to_parameters(weights), round_config, on_round)

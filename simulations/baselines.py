@@ -22,7 +22,8 @@ from torch import nn
 from client.institution import InstitutionData
 from client.simulated_data import SimulatedTables
 from common.accounting import DPSGDEvent, epsilon_spent
-from common.models import build_mlp
+from common.models import build_model
+from common.schema import Schema
 from common.settings import RunSettings
 from common.training import plan_round, train_round
 
@@ -53,12 +54,12 @@ class Trained:
 
 
 def train_centrally(
-    inputs: np.ndarray, labels: np.ndarray, settings: RunSettings, *, num_inputs: int, num_classes: int, salt: int
+    inputs: np.ndarray, labels: np.ndarray, settings: RunSettings, *, schema: Schema, salt: int
 ) -> Trained:
     """Train one model on one set of records for the federation's rounds x local epochs, DP as configured."""
     train = replace(settings.train, local_epochs=settings.train.local_epochs * settings.rounds)
     plan = plan_round(num_examples=len(labels), train=train, privacy=settings.privacy, planned_rounds=1)
-    model = build_mlp(num_inputs, num_classes, settings.train.hidden_units, seed=settings.seed)
+    model = build_model(settings.train, schema, seed=settings.seed)
     seed = int(np.random.SeedSequence([settings.seed, salt, len(labels)]).generate_state(1)[0])
     train_round(model, inputs, labels, plan=plan, train=train, max_grad_norm=settings.privacy.max_grad_norm, seed=seed)
     epsilon = epsilon_spent(
@@ -69,12 +70,9 @@ def train_centrally(
 
 def pooled(members: list[InstitutionData], settings: RunSettings) -> Trained:
     """One model on every institution's training records (what pooling the data would give)."""
-    schema = members[0].schema
     x = np.concatenate([m.train_x for m in members])
     y = np.concatenate([m.train_y for m in members])
-    return train_centrally(
-        x, y, settings, num_inputs=schema.num_inputs, num_classes=schema.num_classes, salt=BASELINE_SEED_SALT["pooled"]
-    )
+    return train_centrally(x, y, settings, schema=members[0].schema, salt=BASELINE_SEED_SALT["pooled"])
 
 
 def alone(member: InstitutionData, settings: RunSettings, index: int) -> Trained:
@@ -83,7 +81,6 @@ def alone(member: InstitutionData, settings: RunSettings, index: int) -> Trained
         member.train_x,
         member.train_y,
         settings,
-        num_inputs=member.schema.num_inputs,
-        num_classes=member.schema.num_classes,
+        schema=member.schema,
         salt=BASELINE_SEED_SALT["alone"] * 1000 + index,
     )

@@ -65,6 +65,12 @@ def run(
         int, typer.Option(help="Expected batch size (Poisson sampling).")
     ] = DEFAULTS.train.batch_size,
     learning_rate: Annotated[float, typer.Option(help="SGD learning rate.")] = DEFAULTS.train.learning_rate,
+    model: Annotated[
+        str, typer.Option(help="mlp (any schema) or cnn (28x28 images: fashion-mnist).")
+    ] = DEFAULTS.train.model,
+    activation: Annotated[
+        str, typer.Option(help="relu, or tanh (the tempered sigmoid that suits DP-SGD).")
+    ] = DEFAULTS.train.activation,
     seed: Annotated[int, typer.Option(help="Seed of every random source.")] = DEFAULTS.seed,
     out: Annotated[Path | None, typer.Option(help="Run directory (default: runs/<time>-<dataset>).")] = None,
     state_root: Annotated[
@@ -99,6 +105,8 @@ def run(
                 "local-epochs": local_epochs,
                 "batch-size": batch_size,
                 "learning-rate": learning_rate,
+                "model": model,
+                "activation": activation,
                 "seed": seed,
                 "out-dir": str(out_dir.resolve()),
                 "state-root": str(state_root.resolve()) if state_root else "",
@@ -297,11 +305,13 @@ def _check_policy(settings: RunSettings, count: int) -> None:
 
 
 def _check_data(settings: RunSettings, count: int) -> None:
-    """Fail before Flower starts if the dataset or partition cannot work."""
+    """Fail before Flower starts if the dataset, the model or the partition cannot work."""
     from client.simulated_data import simulated_partition
     from common.datasets import load_dataset
+    from common.models import check_model_fits
 
     dataset = load_dataset(settings.data.dataset, settings.data.schema_path)
+    check_model_fits(settings.train, dataset.schema)
     _, labels = dataset.schema.transform(dataset.frame, source=dataset.name)
     simulated_partition(settings, dataset.frame, labels, count)
 

@@ -3,8 +3,9 @@
 A fast path for one machine, not a second framework. Each round calls the code
 the Flower engine runs, in the order Flower runs it:
 
-- every institution is ``InstitutionData.from_node_config`` with its
-  simulation ``partition-id``, and trains and evaluates through
+- every institution is built as ``InstitutionData.from_node_config`` builds it
+  from its simulation ``partition-id`` (``simulations.baselines.federation_members``,
+  which loads the data once), and trains and evaluates through
   ``client.institution.fit_round`` / ``evaluate_round`` (what the ClientApp calls),
   so splits, policies, refusals, ledgers and epsilon are the same;
 - with secure aggregation, each update goes through SecAgg+'s weighting, clipping

@@ -31,7 +31,7 @@ from client.simulated_data import simulated_partition
 from common.audit import loss_threshold_auc, record_losses
 from common.datasets import load_dataset
 from common.errors import ConfigError
-from common.models import build_mlp, set_weights
+from common.models import build_model, set_weights
 from simulations.baselines import alone, federation_members, pooled, records_digest
 from simulations.engines import run_engine
 from simulations.sweep_spec import SweepSpec, Task
@@ -141,7 +141,7 @@ def run_task(spec: SweepSpec, task: Task, out_dir: str) -> TaskResult:
     started = time.monotonic()
     run_dir = Path(out_dir) / "runs" / task.run_id
     report = run_engine(spec.engine, settings.with_overrides({"out-dir": str(run_dir)}), institutions=n)
-    model = build_mlp(schema.num_inputs, schema.num_classes, settings.train.hidden_units, seed=settings.seed)
+    model = build_model(settings.train, schema, seed=settings.seed)
     set_weights(model, [t.numpy() for t in torch.load(run_dir / "model.pt").values()])
     book("federated", [model] * n, float(report["max_epsilon"]), started)
     for row in report["rounds"]:

@@ -64,3 +64,5 @@ def test_fashion_mnist_is_read_from_debians_idx_files(tmp_path: Path, monkeypatc
     assert x.shape == (5, 784) and y.tolist() == [0, 1, 2, 7, 8]
     assert dataset.frame["label"].tolist()[:2] == ["T-shirt/top", "Trouser"]
     assert x.min() >= 0.0 and x.max() <= 1.0
+    official_train = load_builtin("fashion-mnist-train")
+    assert official_train.schema.transform(official_train.frame)[1].tolist() == [0, 1, 2]

@@ -35,6 +35,8 @@ def test_round_trip_through_flat_config() -> None:
         ("secure-aggregation", "maybe", "'secure-aggregation' must be true or false"),
         ("secagg-modulus-range", 3 * 2**22, "power of two"),
         ("hidden-layers", "64,x", "'hidden-layers' must be comma-separated positive widths"),
+        ("model", "resnet", "'model' must be one of 'mlp', 'cnn'. Found 'resnet'."),
+        ("activation", "sigmoid", "'activation' must be one of 'relu', 'tanh'. Found 'sigmoid'."),
         ("learning-rate", "fast", "'learning-rate' must be a number"),
     ],
 )

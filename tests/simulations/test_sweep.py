@@ -37,7 +37,8 @@ RUNNER = CliRunner()
         ("delta = 2\n", "'delta' must be in (0, 1), e.g. 1e-5. Found 2."),
         (
             'dataset = "mnist"\n',
-            "'dataset' must be one of breast-cancer, digits, fashion-mnist, german-credit or a CSV/Parquet file. "
+            "'dataset' must be one of breast-cancer, digits, fashion-mnist, fashion-mnist-train, german-credit or a "
+            "CSV/Parquet file. "
             "Found 'mnist'.",
         ),
         ("[settings]\nlearning-rat = 0.1\n", "[settings] has unknown run-config key 'learning-rat'"),

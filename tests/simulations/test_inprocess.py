@@ -1,0 +1,82 @@
+"""The in-process engine trains the model the run settings choose: the CNN on (synthetic) Fashion-MNIST files."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common import datasets
+from common.errors import ConfigError
+from common.models import SmallCNN, build_model
+from common.schema import Schema
+from common.settings import RunSettings
+from simulations.inprocess import run_inprocess
+
+
+def write_idx(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """Debian's IDX files: big-endian header, then the bytes."""
+    count = len(labels)
+    header = (2051).to_bytes(4, "big") + count.to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+    (folder / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + images.tobytes()))
+    label_header = (2049).to_bytes(4, "big") + count.to_bytes(4, "big")
+    (folder / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(label_header + labels.tobytes()))
+
+
+@pytest.fixture
+def fashion_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """72 training images of two classes (bright top half, bright bottom half) and 8 test images."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    for prefix, count in (("train", 72), ("t10k", 8)):
+        labels = (np.arange(count) % 2).astype(np.uint8)
+        images = rng.integers(0, 60, size=(count, 28, 28), dtype=np.uint8)
+        for i, label in enumerate(labels):
+            images[i, 14 * label : 14 * label + 14] += 180
+        write_idx(folder, prefix, images, labels)
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DIR", folder)
+    return folder
+
+
+def test_a_cnn_federation_trains_with_dp_and_reports_its_model(fashion_files: Path, tmp_path: Path) -> None:
+    # Prepare
+    settings = RunSettings().with_overrides(
+        {
+            "dataset": "fashion-mnist-train",
+            "model": "cnn",
+            "activation": "tanh",
+            "num-server-rounds": 2,
+            "local-epochs": 1,
+            "batch-size": 8,
+            "learning-rate": 0.5,
+            "target-epsilon": 3.0,
+            "max-grad-norm": 0.1,
+            "out-dir": str(tmp_path / "run"),
+        }
+    )
+    # Execute
+    report = run_inprocess(settings, institutions=3)
+    # Assert
+    assert report["rounds_completed"] == 2
+    assert report["settings"]["model"] == "cnn" and report["settings"]["activation"] == "tanh"
+    assert {k: report["model"][k] for k in ("kind", "activation", "num_inputs")} == {
+        "kind": "cnn",
+        "activation": "tanh",
+        "num_inputs": 784,
+    }
+    assert all(0 < i["epsilon"] <= 3.0 + 1e-6 and len(i["ledger"]) == 2 for i in report["institutions"])
+    assert 0.0 <= report["final_metrics"]["accuracy"] <= 1.0
+    model = build_model(settings.train, Schema.load(datasets.builtin_schema_path("fashion-mnist")), seed=0)
+    model.load_state_dict(torch.load(tmp_path / "run" / "model.pt"))
+    assert isinstance(model, SmallCNN)
+
+
+def test_a_cnn_on_a_tabular_schema_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    settings = RunSettings().with_overrides({"model": "cnn", "out-dir": str(tmp_path / "run")})
+    with pytest.raises(ConfigError, match="28x28 grayscale image"):
+        run_inprocess(settings, institutions=3)
+    assert not (tmp_path / "run" / "report.json").exists()
