@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,20 +74,26 @@ def train_round(
     dataset = TensorDataset(torch.as_tensor(inputs, dtype=torch.float32), torch.as_tensor(labels))
     loader = DataLoader(dataset, batch_size=train.batch_size, shuffle=True, generator=sampler_gen)
     optimizer = torch.optim.SGD(model.parameters(), lr=train.learning_rate, momentum=train.momentum)
-    criterion = nn.CrossEntropyLoss()
+    criterion: Any = nn.CrossEntropyLoss()
     module: nn.Module = model
     if plan.noise_multiplier > 0:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # secure-RNG advice; seeds come from config on purpose
-            module, optimizer, loader = PrivacyEngine(accountant="rdp").make_private(
+            made = PrivacyEngine(accountant="rdp").make_private(
                 module=model,
                 optimizer=optimizer,
+                criterion=criterion,
                 data_loader=loader,
                 noise_multiplier=plan.noise_multiplier,
                 max_grad_norm=max_grad_norm,
                 poisson_sampling=True,
                 noise_generator=noise_gen,
+                grad_sample_mode=train.grad_sample_mode,
             )
+        if train.grad_sample_mode == "ghost":  # ghost clipping wraps the loss: it backpropagates twice
+            module, optimizer, criterion, loader = made
+        else:
+            module, optimizer, loader = made
         if not math.isclose(getattr(loader, "sample_rate", math.nan), plan.sample_rate):
             raise RuntimeError("Opacus sample rate differs from the planned one; accounting would be wrong")
     module.train()
@@ -114,7 +121,7 @@ def train_round(
 def _detach_opacus(model: nn.Module) -> None:
     """Drop per-sample gradients Opacus left on the model's parameters."""
     for p in model.parameters():
-        for attr in ("grad_sample", "_forward_counter", "summed_grad"):
+        for attr in ("grad_sample", "_forward_counter", "summed_grad", "_norm_sample"):
             if hasattr(p, attr):
                 delattr(p, attr)
         p.grad = None

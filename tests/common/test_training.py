@@ -1,13 +1,16 @@
 """DP-SGD training: planned before it runs, clipped, noisy, and reproducible."""
 
 import math
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from opacus import PrivacyEngine
 
 from common.models import build_mlp, get_weights
-from common.settings import RunSettings
+from common.settings import GRAD_SAMPLE_MODES, RunSettings
 from common.training import RoundPlan, evaluate, plan_round, train_round
 
 RNG = np.random.default_rng(0)
@@ -36,6 +39,30 @@ def test_same_seed_same_weights_other_seed_other_weights(noise: float) -> None:
     first, again, other = trained(plan, 1), trained(plan, 1), trained(plan, 2)
     assert all((a == b).all() for a, b in zip(first, again, strict=True))
     assert any((a != b).any() for a, b in zip(first, other, strict=True))
+
+
+def test_every_grad_sample_mode_trains_the_same_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Same clipping, same Poisson batches (empty ones included), same noise: only the speed differs.
+    used: list[str] = []
+    make_private = PrivacyEngine.make_private
+
+    def spy(self: PrivacyEngine, **kwargs: Any) -> Any:
+        used.append(kwargs["grad_sample_mode"])
+        return make_private(self, **kwargs)
+
+    monkeypatch.setattr(PrivacyEngine, "make_private", spy)
+    plan = RoundPlan(sample_rate=0.02, steps=30, noise_multiplier=1.0)  # about 1 in 7 batches empty
+    weights = {}
+    for mode in GRAD_SAMPLE_MODES:
+        model = build_mlp(6, 2, (8,), seed=0)
+        train = replace(SETTINGS.train, grad_sample_mode=mode, batch_size=2)
+        train_round(model, X, Y, plan=plan, train=train, max_grad_norm=0.5, seed=4)
+        weights[mode] = torch.cat([p.detach().flatten() for p in model.parameters()])
+        assert not any(hasattr(p, "_norm_sample") or hasattr(p, "grad_sample") for p in model.parameters())
+    for mode in GRAD_SAMPLE_MODES:
+        assert torch.allclose(weights[mode], weights["hooks"], atol=1e-5), mode
+    assert used == list(GRAD_SAMPLE_MODES)
+    assert SETTINGS.train.grad_sample_mode == "ghost"
 
 
 def test_dp_update_is_bounded_by_clipping_without_noise_amplification() -> None:
