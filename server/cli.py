@@ -260,6 +260,10 @@ def _drive(fed: Federation, overrides: dict[str, Any], *, verbose: bool) -> None
                 sys.stdout.flush()
         except KeyboardInterrupt:
             flower.terminate()
+            try:
+                flower.wait(5)
+            except subprocess.TimeoutExpired:  # `flwr run --stream` can sit in its stream past SIGTERM
+                flower.kill()
             if run_id is not None:  # the stream is only a view: the run itself goes on until stopped
                 stop_run(fed, run_id)
                 console.print(f"stopped Flower run {run_id}")

@@ -72,12 +72,16 @@ def _fashion_mnist_rows(data: dict[str, Any]) -> list[tuple[str, str, str]]:
 def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "bench")
     rows: list[tuple[str, str, str]] = []
-    machine = ""
+    machines: set[str] = set()
     for path in sorted(folder.glob("*.json")):
         data = json.loads(path.read_text(encoding="utf-8"))
-        machine = machine or json.dumps(data.get("machine", {}))
+        spec = data.get("machine", {})
+        machines.add(f"{spec.get('cpus', '?')} CPUs, {spec.get('platform', '?')}")
         rows += _rows(path.stem, data)
-    print(f"Measured {date.today().isoformat()} on {machine}\n")
+    print(
+        f"Tabulated {date.today().isoformat()} from {folder}/*.json, measured on {'; '.join(sorted(machines))} "
+        "(each file records its machine and the load average while it ran).\n"
+    )
     print("| benchmark | figure | target |\n|---|---|---|")
     for what, figure, target in rows:
         print(f"| {what} | {figure} | {target} |")

@@ -15,6 +15,7 @@ from flwr.app import Context, RecordDict
 from client.client_app import InstitutionClient
 from client.deployment import node_config
 from client.institution import InstitutionData, fit_round
+from client.simulated_data import SimulatedTables
 from client.trainer import SOCKET_KEY, Trainer, TrainerError, TrainerUnavailable, call
 from common.datasets import builtin_schema_path, load_builtin
 from common.ledger import PrivacyLedger
@@ -107,5 +108,5 @@ def test_without_its_trainer_the_clientapp_trains_itself(tmp_path: Path) -> None
         state=RecordDict(),
         run_config={},
     )
-    weights, count, metrics = InstitutionClient(context).fit(initial(), CONFIG)
+    weights, count, metrics = InstitutionClient(context, SimulatedTables()).fit(initial(), CONFIG)
     assert count > 0 and "refused" not in metrics and len(weights) == len(initial())

@@ -171,6 +171,32 @@ def test_two_secure_rounds_survive_a_superlink_restart_and_resume(deployment: di
     assert all(f"{bank} " in status.stdout for bank in BANKS)
 
 
+def test_a_superlink_restart_mid_run_needs_no_institution_restart(deployment: dict[str, Any]) -> None:
+    # The coordinator's machine goes down and comes back; the institutions' processes stay up,
+    # drop what they held of the stopped run, and take part in the resumed run.
+    fed, procs = deployment["fed"], deployment["procs"]
+    before = set((fed / "runs").iterdir())
+    run = procs.start("run-kept-banks", [deployment["server"], "run", str(fed), "--rounds", "3"])
+    progress: list[Path] = []
+
+    def first_round_done() -> bool:
+        progress[:] = [p for p in (fed / "runs").glob("*/progress.json") if p.parent not in before]
+        return bool(progress) and len(json.loads(progress[0].read_text())["rounds"]) >= 1
+
+    wait_for("round 1", first_round_done, 400)
+    procs.stop(deployment["superlink"])
+    procs.stop(run)
+    deployment["superlink"] = deployment["start_server"]()
+    resumed = subprocess.run(
+        [deployment["server"], "run", str(fed), "--resume"], capture_output=True, text=True, timeout=400, check=False
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr + procs.log("server")
+    report = json.loads((progress[0].parent / "report.json").read_text())
+    rounds = [row["round"] for row in report["rounds"]]
+    assert rounds == sorted(set(rounds)) and rounds[-1] == 3 and report["rounds_completed"] == 3
+    assert all(bank.poll() is None for bank in deployment["banks"].values())  # never restarted
+
+
 def test_an_institution_that_was_not_admitted_is_refused(deployment: dict[str, Any]) -> None:
     data = deployment["root"] / "bank-1" / "records.csv"
     intruder = deployment["start_bank"]("intruder", "--max-retries", "1", data=data)
@@ -315,7 +341,8 @@ def test_ctrl_c_on_run_stops_the_flower_run_and_one_run_drives_at_a_time(deploym
 
     fed, server, procs = deployment["fed"], deployment["server"], deployment["procs"]
     federation = Federation(fed)
-    first = procs.start("interrupted-run", [server, "run", str(fed), "--rounds", "3"])
+    # Rounds enough that the run cannot finish before the Ctrl-C (a round takes seconds now).
+    first = procs.start("interrupted-run", [server, "run", str(fed), "--rounds", "50"])
     wait_for("the run to start", lambda: bool(active_runs(federation)), 120)
     second = cli(server, "run", str(fed), "--rounds", "1")
     assert second.returncode == 2 and "is driving a run" in second.stdout, second.stdout + second.stderr
