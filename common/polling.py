@@ -18,23 +18,29 @@ from typing import Any
 
 
 class CappedSleep:
-    """The ``time`` module, except that ``sleep`` waits at most ``cap`` seconds."""
+    """The ``time`` module, except that ``sleep`` waits at most ``cap`` seconds.
 
-    def __init__(self, cap: float) -> None:
+    With ``short_cap``, sleeps of under a second (Flower's waits on its own process's
+    state, not on the network) wait at most ``short_cap`` seconds instead.
+    """
+
+    def __init__(self, cap: float, short_cap: float | None = None) -> None:
         self.cap = cap
+        self.short_cap = short_cap
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.cap))
+        cap = self.short_cap if self.short_cap is not None and seconds < 1 else self.cap
+        time.sleep(min(seconds, cap))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
 
 
-def cap_polling(module: ModuleType, cap: float) -> None:
-    """Make ``module``'s ``time.sleep`` calls wait at most ``cap`` seconds."""
+def cap_polling(module: ModuleType, cap: float, short_cap: float | None = None) -> None:
+    """Make ``module``'s ``time.sleep`` calls wait at most ``cap`` seconds (see ``CappedSleep``)."""
     if getattr(module, "time", None) is not time:
         raise RuntimeError(f"{module.__name__} no longer uses the time module as expected; remove this patch")
-    module.time = CappedSleep(cap)  # type: ignore[attr-defined]
+    module.time = CappedSleep(cap, short_cap)  # type: ignore[attr-defined]
 
 
 def poll_seconds(variable: str, default: float) -> float:

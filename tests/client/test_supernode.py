@@ -17,7 +17,21 @@ from server.federation import Federation
 
 def test_flowers_supernode_still_sleeps_through_the_time_module() -> None:
     assert internal.time is time  # what cap_polling replaces; a Flower upgrade that changes it fails here
-    assert "time.sleep(3)" in Path(internal.__file__).read_text()
+    source = Path(internal.__file__).read_text()
+    assert "time.sleep(3)" in source  # the idle poll of the coordinator: capped at FEDSILO_SUPERNODE_POLL_S
+    push = source.split("def _push_messages", 1)[1]
+    assert push.count("time.sleep(0.5)") == 2  # the waits on its own state: capped at LOCAL_POLL_S
+
+
+def test_short_waits_have_their_own_cap() -> None:
+    module = types.ModuleType("fake")
+    module.time = time  # type: ignore[attr-defined]
+    cap_polling(module, 0.5, short_cap=0.01)
+    started = time.monotonic()
+    for _ in range(20):
+        module.time.sleep(0.5)  # type: ignore[attr-defined]
+    assert time.monotonic() - started < 2  # 20 x 0.01 s, not 20 x 0.5 s
+    assert module.time.cap == 0.5 and module.time.short_cap == 0.01  # type: ignore[attr-defined]
 
 
 def test_capped_sleeps_are_short_and_the_rest_of_time_is_untouched() -> None:
