@@ -265,8 +265,11 @@ def _drive(fed: Federation, overrides: dict[str, Any], *, verbose: bool) -> None
             except subprocess.TimeoutExpired:  # `flwr run --stream` can sit in its stream past SIGTERM
                 flower.kill()
             if run_id is not None:  # the stream is only a view: the run itself goes on until stopped
-                stop_run(fed, run_id)
-                console.print(f"stopped Flower run {run_id}")
+                try:
+                    stop_run(fed, run_id, timeout=60)
+                    console.print(f"stopped Flower run {run_id}")
+                except FedsiloError as err:
+                    print_error(console, err)
             raise
 
 

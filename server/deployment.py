@@ -218,9 +218,15 @@ def active_runs(fed: Federation) -> list[str]:
     return [str(r["run-id"]) for r in runs if str(r.get("status", "")).split(":")[0] in ACTIVE_STATES]
 
 
-def stop_run(fed: Federation, run_id: str) -> None:
+def stop_run(fed: Federation, run_id: str, timeout: float = 120.0) -> None:
     """Stop a Flower run on this federation's SuperLink."""
-    done = flwr(fed, "stop", run_id, "fedsilo")
+    try:
+        done = flwr(fed, "stop", run_id, "fedsilo", timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise FedsiloError(
+            f"flwr stop {run_id} did not answer within {timeout:.0f} s; "
+            f"run `fedsilo-server stop {fed.root}` to stop the run"
+        ) from None
     if done.returncode != 0:
         raise FedsiloError(f"flwr stop {run_id} failed: {(done.stderr or done.stdout).strip()[-500:]}")
 
