@@ -40,9 +40,19 @@ class Processes:
         self.logs = logs
         self.running: list[subprocess.Popen[bytes]] = []
 
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None, *, ctrl_c: bool = False
+    ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` with its output in ``name``.log; ``ctrl_c``: SIGINT acts as at a terminal.
+
+        A test run started in the background (``make test &``, a CI runner) ignores SIGINT, and
+        its children inherit that; ``ctrl_c`` gives the process SIGINT's default action back.
+        """
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        preexec = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if ctrl_c else None
+        process = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=preexec
+        )
         self.running.append(process)
         return process
 
@@ -342,12 +352,19 @@ def test_ctrl_c_on_run_stops_the_flower_run_and_one_run_drives_at_a_time(deploym
     fed, server, procs = deployment["fed"], deployment["server"], deployment["procs"]
     federation = Federation(fed)
     # Rounds enough that the run cannot finish before the Ctrl-C (a round takes seconds now).
-    first = procs.start("interrupted-run", [server, "run", str(fed), "--rounds", "50"])
+    # PYTHONFAULTHANDLER: if the run hangs after Ctrl-C, SIGABRT below writes every thread's stack to its log.
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    first = procs.start("interrupted-run", [server, "run", str(fed), "--rounds", "50"], env=env, ctrl_c=True)
     wait_for("the run to start", lambda: bool(active_runs(federation)), 120)
     second = cli(server, "run", str(fed), "--rounds", "1")
     assert second.returncode == 2 and "is driving a run" in second.stdout, second.stdout + second.stderr
     first.send_signal(signal.SIGINT)  # what Ctrl-C sends
-    # Generous: on two loaded cores `flwr stop` alone has taken most of a minute.
-    assert first.wait(180) == 130, procs.log("interrupted-run")
+    try:
+        first.wait(180)
+    except subprocess.TimeoutExpired:
+        first.send_signal(signal.SIGABRT)
+        time.sleep(2)
+        raise AssertionError("run did not exit after Ctrl-C:\n" + procs.log("interrupted-run")) from None
+    assert first.returncode == 130, procs.log("interrupted-run")
     assert "stopped Flower run" in procs.log("interrupted-run") and "--resume" in procs.log("interrupted-run")
     wait_for("the Flower run to stop", lambda: not active_runs(federation), 60)
