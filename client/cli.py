@@ -19,6 +19,7 @@ from client.policy import PrivacyPolicy
 from common.accounting import epsilon_spent
 from common.cli import print_error
 from common.errors import FedsiloError
+from common.flower_env import flower_env, stop_process
 from common.ledger import PrivacyLedger
 from common.schema import Schema
 from common.settings import RunSettings
@@ -231,24 +232,12 @@ def start(
         _run_supernode(argv, who=who, server=server, state_dir=state_dir, once=max_retries is not None)
     finally:
         if trainer is not None:
-            _stop(trainer)
+            stop_process(trainer)
         shutil.rmtree(private, ignore_errors=True)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _run_supernode(argv: list[str], *, who: str, server: str, state_dir: Path, once: bool) -> None:
     """Run the SuperNode until it stops or we are interrupted; retry one the SuperLink refused at once."""
-    from common.flower_env import flower_env
-
     console.print(f"{who}: SuperNode connecting to {server} over TLS; stop with Ctrl-C")
     code = 0
     for attempt in range(1 if once else ACTIVATION_ATTEMPTS):
@@ -259,7 +248,7 @@ def _run_supernode(argv: list[str], *, who: str, server: str, state_dir: Path, o
         except KeyboardInterrupt:
             code = 0
         finally:
-            _stop(process)
+            stop_process(process)
         # Right after this node stopped, or after the SuperLink restarted, the SuperLink may
         # still hold the node's previous session and refuse to activate it for a while.
         if code == 0 or time.monotonic() - started > ACTIVATION_WINDOW_S or attempt == ACTIVATION_ATTEMPTS - 1:

@@ -123,9 +123,9 @@ class Trainer:
         from client.institution import InstitutionData
 
         stamps = [
-            (str(p), os.stat(p).st_mtime_ns, os.stat(p).st_size)
+            (str(p), stat.st_mtime_ns, stat.st_size)
             for key in ("data-path", "schema-path", "policy-path")
-            if (p := self.node_config.get(key))
+            if (p := self.node_config.get(key)) and (stat := os.stat(p))
         ]
         key = json.dumps([settings.to_config(), stamps], sort_keys=True, default=str)
         if key not in self._cache:

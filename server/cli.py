@@ -19,7 +19,7 @@ from rich.table import Table
 
 from common.cli import print_error
 from common.errors import FedsiloError
-from common.flower_env import executable, flower_env
+from common.flower_env import executable, flower_env, stop_process
 from common.keys import DEFAULT_HOSTS
 from common.settings import RunSettings
 from server.federation import DEFAULT_PORT, MANAGED_KEYS, Federation
@@ -259,11 +259,7 @@ def _drive(fed: Federation, overrides: dict[str, Any], *, verbose: bool) -> None
                     shown = text
                 sys.stdout.flush()
         except KeyboardInterrupt:
-            flower.terminate()
-            try:
-                flower.wait(5)
-            except subprocess.TimeoutExpired:  # `flwr run --stream` can sit in its stream past SIGTERM
-                flower.kill()
+            stop_process(flower, timeout=5)
             if run_id is not None:  # the stream is only a view: the run itself goes on until stopped
                 try:
                     stop_run(fed, run_id, timeout=60)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError, FedsiloError
-from common.flower_env import executable, flower_env, free_port
+from common.flower_env import executable, flower_env, free_port, stop_process
 from server.federation import Federation
 
 
@@ -148,13 +148,7 @@ def _wait_healthy(running: SuperLink, address: str, ca: Path | None, timeout: fl
 def stop_superlink(running: SuperLink, fed: Federation, timeout: float = 20.0) -> None:
     """Stop the gateway, the SuperLink and the ServerApp processes it started."""
     for process in running.processes:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process, timeout)
     _stop_orphans(fed)
     (fed.superlink_dir / "superlink.json").unlink(missing_ok=True)
 

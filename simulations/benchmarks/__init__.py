@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import platform
@@ -27,3 +28,10 @@ def emit(result: dict[str, Any], out: Path | None) -> None:
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n", encoding="utf-8")
+
+
+def seconds_per_round(run_dir: Path) -> list[float]:
+    """Each round's seconds, from the run directory's ``metrics.csv``."""
+    with (run_dir / "metrics.csv").open(encoding="utf-8") as rows:
+        elapsed = [float(row["elapsed_s"]) for row in csv.DictReader(rows)]
+    return [b - a for a, b in zip([0.0, *elapsed], elapsed, strict=False)]

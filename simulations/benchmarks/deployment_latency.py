@@ -12,7 +12,6 @@ a time.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import signal
 import subprocess
@@ -26,7 +25,7 @@ import numpy as np
 from common.datasets import load_builtin
 from common.flower_env import executable, free_port
 from server.deployment import healthy
-from simulations.benchmarks import emit, machine
+from simulations.benchmarks import emit, machine, seconds_per_round
 
 # ServerApp log lines that open and close each of a round's five message exchanges.
 MARKERS = (
@@ -117,8 +116,7 @@ def measure(rounds: int, institutions: int, dataset: str, work: Path, *, warm: b
             process.wait(60)
         logs.close()
     (metrics,) = fed.glob("runs/*/metrics.csv")
-    elapsed = [float(row["elapsed_s"]) for row in csv.DictReader(metrics.open())]
-    per_round = [b - a for a, b in zip([0.0, *elapsed], elapsed, strict=False)]
+    per_round = seconds_per_round(metrics.parent)
     return {
         "load_average_1m_after": os.getloadavg()[0],
         "last_round_exchanges": last_round_phases(lines),

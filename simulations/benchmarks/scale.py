@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 
 from common.settings import RunSettings
-from simulations.benchmarks import emit, machine
-from simulations.benchmarks.secagg_overhead import seconds_per_round
+from simulations.benchmarks import emit, machine, seconds_per_round
 from simulations.runner import run_federation
 
 PAGE = os.sysconf("SC_PAGE_SIZE")

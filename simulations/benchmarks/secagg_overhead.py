@@ -11,7 +11,6 @@ figures and writes JSON; it never fails on a time.
 from __future__ import annotations
 
 import argparse
-import csv
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,13 +18,8 @@ from typing import Any
 import numpy as np
 
 from common.settings import RunSettings
-from simulations.benchmarks import emit, machine
+from simulations.benchmarks import emit, machine, seconds_per_round
 from simulations.runner import run_federation
-
-
-def seconds_per_round(run_dir: Path) -> list[float]:
-    elapsed = [float(row["elapsed_s"]) for row in csv.DictReader((run_dir / "metrics.csv").open())]
-    return [b - a for a, b in zip([0.0, *elapsed], elapsed, strict=False)]
 
 
 def measure(size: int, rounds: int, dataset: str, num_shares: float, scratch: Path) -> dict[str, Any]:
