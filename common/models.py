@@ -44,6 +44,23 @@ class TabularMLP(nn.Module):
         return self.net(x)
 
 
+class LinearModel(nn.Module):
+    """Logistic (two classes) or softmax (more) regression on schema-encoded rows.
+
+    Starts from zero weights, the usual start for a convex model: every class
+    equally likely, and nothing for DP noise to fight against at the start.
+    """
+
+    def __init__(self, num_inputs: int, num_classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(num_inputs, num_classes)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
 class SmallCNN(nn.Module):
     """The CNN of Papernot et al. (AAAI 2021) for 28x28 grayscale images, GroupNorm-free.
 
@@ -104,6 +121,8 @@ def build_model(train: TrainSettings, schema: Schema, *, seed: int) -> nn.Module
         torch.manual_seed(seed)
         if train.model == "cnn":
             return SmallCNN(schema.num_classes, activation=train.activation)
+        if train.model == "linear":
+            return LinearModel(schema.num_inputs, schema.num_classes)
         return TabularMLP(schema.num_inputs, schema.num_classes, train.hidden_units, activation=train.activation)
 
 

@@ -19,7 +19,7 @@ Scalar = bool | int | float | str
 _T = TypeVar("_T")
 
 
-MODELS = ("mlp", "cnn")
+MODELS = ("linear", "mlp", "cnn")
 ACTIVATIONS = ("relu", "tanh")
 # Opacus per-sample gradient modes that handle every batch DP-SGD draws. "ew" (expanded
 # weights) is left out: in Opacus 1.6 it raises on the empty batches Poisson sampling draws.
@@ -45,11 +45,13 @@ class TrainSettings:
     """Local training that each institution runs in one round."""
 
     local_epochs: int = field(default=2, metadata=_key("local-epochs"))
-    batch_size: int = field(default=32, metadata=_key("batch-size"))
-    learning_rate: float = field(default=0.2, metadata=_key("learning-rate"))
+    # 0: the recipe's (common.training.auto_batch_size / auto_learning_rate), from public facts only.
+    batch_size: int = field(default=0, metadata=_key("batch-size"))
+    learning_rate: float = field(default=0.0, metadata=_key("learning-rate"))
     momentum: float = field(default=0.9, metadata=_key("momentum"))
-    # The model: "mlp" (TabularMLP, any schema) or "cnn" (SmallCNN, 28x28 images only); see common.models.
-    model: str = field(default="mlp", metadata=_key("model"))
+    # The model: "linear" (logistic / softmax regression, any schema), "mlp" (TabularMLP, any
+    # schema) or "cnn" (SmallCNN, 28x28 images only); see common.models.
+    model: str = field(default="linear", metadata=_key("model"))
     # Hidden activation: "relu", or "tanh" (the tempered sigmoid of Papernot et al., AAAI 2021).
     activation: str = field(default="relu", metadata=_key("activation"))
     hidden_layers: str = field(default="64", metadata=_key("hidden-layers"))  # the MLP's only
@@ -60,8 +62,8 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         _check(self.local_epochs >= 1, "local-epochs", self.local_epochs, "an integer >= 1")
-        _check(self.batch_size >= 1, "batch-size", self.batch_size, "an integer >= 1")
-        _check(self.learning_rate > 0, "learning-rate", self.learning_rate, "> 0")
+        _check(self.batch_size >= 0, "batch-size", self.batch_size, "an integer >= 1 (0: the recipe's)")
+        _check(self.learning_rate >= 0, "learning-rate", self.learning_rate, "> 0 (0: the recipe's)")
         _check(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
         _check(self.model in MODELS, "model", self.model, _one_of(MODELS))
         _check(self.activation in ACTIVATIONS, "activation", self.activation, _one_of(ACTIVATIONS))

@@ -25,18 +25,92 @@ from common.settings import PrivacySettings, TrainSettings
 
 @dataclass(frozen=True)
 class RoundPlan:
-    """What one round of local training will do, known before it runs."""
+    """What one round of local training will do, known before it runs.
+
+    ``batch_size`` is the loader's batch (with Poisson sampling, the expected
+    batch); 0 means "as the training settings say", or ``sample_rate`` x records
+    when those say "auto" too. ``planned_steps`` counts the local steps of the
+    whole run (0: this round's), which the recipe's learning rate follows.
+    """
 
     sample_rate: float
     steps: int
     noise_multiplier: float  # 0.0: no DP
+    batch_size: int = 0
+    planned_steps: int = 0
+
+
+# The default recipe (``batch-size = 0``, ``learning-rate = 0``: "auto") uses public facts only:
+# the institution's record count, the planned rounds and local epochs, the noise multiplier
+# (from epsilon), the clipping norm, the momentum and the model's size. Never the records'
+# values. README "The DP training recipe" gives the reasoning and the evidence.
+AUTO_STEPS_PER_EPOCH = 16  # expected batch n / 16: a local epoch takes about 16 noisy steps
+AUTO_MIN_BATCH = 32  # below it, each step's noise (sigma * C / batch) swamps its signal
+AUTO_MAX_BATCH = 1024  # past it, the noise per step is negligible and batches only cost memory
+# How far the weights may travel over the run, lr * C * steps / (1 - momentum) in units of the
+# clipping norm, is set so that the noise the steps accumulate in the weights, about
+# travel * sigma * sqrt(parameters) / (batch * sqrt(steps)), stays near AUTO_NOISE_IN_WEIGHTS;
+# without noise (or with little), the travel is AUTO_MAX_TRAVEL, enough to converge.
+AUTO_NOISE_IN_WEIGHTS = 25.0
+AUTO_MAX_TRAVEL = 1000.0
+
+
+def auto_batch_size(num_examples: int) -> int:
+    """The recipe's expected batch for ``num_examples`` records (a public count)."""
+    batch = max(AUTO_MIN_BATCH, math.ceil(num_examples / AUTO_STEPS_PER_EPOCH))
+    return max(1, min(num_examples, AUTO_MAX_BATCH, batch))
+
+
+def auto_learning_rate(
+    *,
+    num_parameters: int,
+    noise_multiplier: float,
+    expected_batch: float,
+    total_steps: int,
+    max_grad_norm: float,
+    momentum: float,
+) -> float:
+    """The recipe's SGD learning rate: a travel budget spread over the run's ``total_steps``.
+
+    Every step moves the weights by at most ``lr * C / (1 - momentum)`` of clipped
+    gradient, and adds Gaussian noise of ``lr * sigma * C / batch`` per coordinate;
+    over ``T`` steps the noise grows as ``sqrt(T)`` and the signal as ``T``. The
+    travel ``D = lr * C * T / (1 - momentum)`` is chosen so that the noise left in
+    the weights, ``D * sigma * sqrt(P) / (batch * sqrt(T))`` for ``P`` parameters,
+    is ``AUTO_NOISE_IN_WEIGHTS``, and at most ``AUTO_MAX_TRAVEL``.
+    """
+    steps = max(1, total_steps)
+    travel = AUTO_MAX_TRAVEL
+    if noise_multiplier > 0:
+        spread = noise_multiplier * math.sqrt(max(1, num_parameters)) / (max(expected_batch, 1.0) * math.sqrt(steps))
+        travel = min(travel, AUTO_NOISE_IN_WEIGHTS / spread)
+    return travel * (1.0 - momentum) / (max_grad_norm * steps)
+
+
+def step_size(model: nn.Module, plan: RoundPlan, *, train: TrainSettings, num_examples: int, max_grad_norm: float) -> float:
+    """The learning rate a round trains with: the settings' own, else the recipe's for this model and plan."""
+    if train.learning_rate > 0:
+        return train.learning_rate
+    return auto_learning_rate(
+        num_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        noise_multiplier=plan.noise_multiplier,
+        expected_batch=plan.sample_rate * num_examples,
+        total_steps=plan.planned_steps or plan.steps,
+        max_grad_norm=max_grad_norm,
+        momentum=train.momentum,
+    )
 
 
 def plan_round(*, num_examples: int, train: TrainSettings, privacy: PrivacySettings, planned_rounds: int) -> RoundPlan:
-    """Plan a round; calibrate noise so ``planned_rounds`` rounds spend the target epsilon."""
+    """Plan a round; calibrate noise so ``planned_rounds`` rounds spend the target epsilon.
+
+    ``train.batch_size = 0`` takes the recipe's expected batch (``auto_batch_size``),
+    which depends only on the record count.
+    """
     if num_examples < 1:
         raise ConfigError("an institution needs at least one training record")
-    batches = math.ceil(num_examples / train.batch_size)
+    batch_size = train.batch_size or auto_batch_size(num_examples)
+    batches = math.ceil(num_examples / batch_size)
     sample_rate = 1.0 / batches  # Opacus's Poisson rate for this loader
     steps = batches * train.local_epochs
     if privacy.noise_multiplier > 0:
@@ -50,7 +124,13 @@ def plan_round(*, num_examples: int, train: TrainSettings, privacy: PrivacySetti
         )
     else:
         noise = 0.0
-    return RoundPlan(sample_rate=sample_rate, steps=steps, noise_multiplier=noise)
+    return RoundPlan(
+        sample_rate=sample_rate,
+        steps=steps,
+        noise_multiplier=noise,
+        batch_size=batch_size,
+        planned_steps=steps * planned_rounds,
+    )
 
 
 def train_round(
@@ -72,8 +152,10 @@ def train_round(
     sampler_gen = torch.Generator().manual_seed(seed)
     noise_gen = torch.Generator().manual_seed(seed + 1)
     dataset = TensorDataset(torch.as_tensor(inputs, dtype=torch.float32), torch.as_tensor(labels))
-    loader = DataLoader(dataset, batch_size=train.batch_size, shuffle=True, generator=sampler_gen)
-    optimizer = torch.optim.SGD(model.parameters(), lr=train.learning_rate, momentum=train.momentum)
+    batch_size = plan.batch_size or train.batch_size or max(1, round(len(labels) * plan.sample_rate))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=sampler_gen)
+    learning_rate = step_size(model, plan, train=train, num_examples=len(labels), max_grad_norm=max_grad_norm)
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=train.momentum)
     criterion: Any = nn.CrossEntropyLoss()
     module: nn.Module = model
     if plan.noise_multiplier > 0:

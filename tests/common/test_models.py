@@ -10,6 +10,7 @@ from common.datasets import builtin_schema_path
 from common.errors import ConfigError
 from common.models import (
     ACTIVATIONS,
+    LinearModel,
     SmallCNN,
     TabularMLP,
     build_mlp,
@@ -151,3 +152,21 @@ def test_the_tanh_cnn_takes_every_opacus_grad_sample_mode(mode: str) -> None:
         optimizer.step()
     # Assert
     assert any((a != b).any() for a, b in zip(before, get_weights(model), strict=True))
+
+
+def test_linear_model_is_logistic_regression_from_zero_and_trains_with_dp() -> None:
+    # Prepare
+    train = TrainSettings(model="linear")
+    model = build_model(train, BREAST_CANCER, seed=3)
+    ModuleValidator.validate(model, strict=True)
+    # Execute / Assert: one weight per input and class plus a bias per class, all zero at the start
+    assert isinstance(model, LinearModel)
+    assert sum(p.numel() for p in model.parameters()) == (BREAST_CANCER.num_inputs + 1) * BREAST_CANCER.num_classes
+    assert all((w == 0).all() for w in get_weights(model))
+    rng = np.random.default_rng(0)
+    x = rng.random((64, BREAST_CANCER.num_inputs)).astype(np.float32)
+    y = (x[:, 0] > 0.5).astype(np.int64)
+    plan = RoundPlan(sample_rate=0.25, steps=8, noise_multiplier=1.0)
+    train_round(model, x, y, plan=plan, train=train, max_grad_norm=1.0, seed=0)
+    assert any((w != 0).any() for w in get_weights(model))
+    assert model_spec(train, BREAST_CANCER, model)["kind"] == "linear"

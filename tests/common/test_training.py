@@ -9,9 +9,19 @@ import pytest
 import torch
 from opacus import PrivacyEngine
 
-from common.models import build_mlp, get_weights
+from common.models import build_mlp, build_model, get_weights
 from common.settings import GRAD_SAMPLE_MODES, RunSettings
-from common.training import RoundPlan, evaluate, plan_round, train_round
+from common.training import (
+    AUTO_MAX_TRAVEL,
+    AUTO_NOISE_IN_WEIGHTS,
+    RoundPlan,
+    auto_batch_size,
+    auto_learning_rate,
+    evaluate,
+    plan_round,
+    step_size,
+    train_round,
+)
 
 RNG = np.random.default_rng(0)
 X = RNG.random((100, 6)).astype(np.float32)
@@ -84,3 +94,62 @@ def test_training_learns_and_evaluate_reports_accuracy_and_auc() -> None:
     after = evaluate(model, X, Y)
     assert after["accuracy"] > max(before["accuracy"], 0.8)
     assert 0.0 <= after["auc"] <= 1.0 and after["loss"] < before["loss"]
+
+
+def test_recipe_batch_follows_the_record_count_only() -> None:
+    assert auto_batch_size(10) == 10  # a tiny institution: every record every step
+    assert auto_batch_size(267) == 32
+    assert auto_batch_size(1_600) == 100
+    assert auto_batch_size(1_000_000) == 1024
+    plan = plan_round(num_examples=1_000_000, train=SETTINGS.train, privacy=SETTINGS.privacy, planned_rounds=8)
+    assert plan.batch_size == 1024 and plan.sample_rate == 1 / math.ceil(1_000_000 / 1024)
+    assert plan.planned_steps == plan.steps * 8
+
+
+def test_recipe_defaults_use_no_private_statistic(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two real tables with the same record count and schema but different records (German credit's
+    # first and last 300 rows, different default rates): the same plan and the same learning rate.
+    from common.datasets import load_builtin
+
+    dataset = load_builtin("german-credit")
+    inputs, labels = dataset.schema.transform(dataset.frame)
+    first, last = slice(0, 300), slice(-300, None)
+    assert labels[first].mean() != labels[last].mean() and not np.array_equal(inputs[first], inputs[last])
+    lrs: list[float] = []
+    real_sgd = torch.optim.SGD
+
+    def spy(params: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        lrs.append(kwargs["lr"])
+        return real_sgd(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "SGD", spy)
+    plans = []
+    for rows in (first, last):
+        plan = plan_round(num_examples=300, train=SETTINGS.train, privacy=SETTINGS.privacy, planned_rounds=4)
+        model = build_model(SETTINGS.train, dataset.schema, seed=0)
+        train_round(model, inputs[rows], labels[rows], plan=plan, train=SETTINGS.train, max_grad_norm=1.0, seed=0)
+        plans.append(plan)
+    assert plans[0] == plans[1] and plans[0].noise_multiplier > 0
+    assert len(lrs) == 2 and lrs[0] == lrs[1] > 0
+
+
+def test_recipe_learning_rate_spreads_a_travel_budget_over_the_run() -> None:
+    kwargs = {"num_parameters": 100, "expected_batch": 32.0, "max_grad_norm": 1.0, "momentum": 0.9}
+    # No noise: the whole travel budget, whatever the steps.
+    for steps in (10, 1000):
+        lr = auto_learning_rate(noise_multiplier=0.0, total_steps=steps, **kwargs)
+        assert math.isclose(lr * steps / (1 - 0.9), AUTO_MAX_TRAVEL)
+    # More noise travels less; the noise left in the weights stays at the recipe's level.
+    quiet = auto_learning_rate(noise_multiplier=1.0, total_steps=400, **kwargs)
+    loud = auto_learning_rate(noise_multiplier=8.0, total_steps=400, **kwargs)
+    assert loud < quiet
+    travel = loud * 400 / (1 - 0.9)
+    assert math.isclose(travel * 8.0 * math.sqrt(100) / (32.0 * math.sqrt(400)), AUTO_NOISE_IN_WEIGHTS)
+
+
+def test_explicit_learning_rate_and_batch_are_used_as_given() -> None:
+    train = RunSettings.from_config({"learning-rate": 0.3, "batch-size": 10}).train
+    plan = plan_round(num_examples=100, train=train, privacy=SETTINGS.privacy, planned_rounds=2)
+    assert plan.batch_size == 10 and plan.sample_rate == 0.1
+    model = build_mlp(6, 2, (8,), seed=0)
+    assert step_size(model, plan, train=train, num_examples=100, max_grad_norm=1.0) == 0.3
