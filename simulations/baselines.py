@@ -29,7 +29,6 @@ not learned much that a simple model would not.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 import warnings
@@ -44,7 +43,7 @@ from torch import nn
 from client.institution import InstitutionData
 from client.simulated_data import SimulatedTables
 from common.accounting import DPSGDEvent, epsilon_spent
-from common.models import build_model
+from common.models import build_model, get_weights, set_weights
 from common.schema import Schema
 from common.settings import RunSettings
 from common.training import plan_round, train_round
@@ -133,32 +132,40 @@ def train_centrally(
     """
     privacy = settings.privacy
     plan = plan_round(num_examples=len(labels), train=settings.train, privacy=privacy, planned_rounds=settings.rounds)
-    model = build_model(settings.train, schema, seed=settings.seed)
     entropy = [settings.seed, salt, len(labels)]
 
-    def one_round(index: int) -> None:
+    def one_round(index: int, start: nn.Module | None) -> nn.Module:
+        """A fresh model holding ``start``'s weights, trained one planned round (as an institution trains)."""
+        model = build_model(settings.train, schema, seed=settings.seed)  # the federation's initial weights
+        if start is not None:
+            set_weights(model, get_weights(start))
         seed = int(np.random.SeedSequence([*entropy, index]).generate_state(1)[0])
-        train_round(model, inputs, labels, plan=plan, train=settings.train, max_grad_norm=privacy.max_grad_norm, seed=seed)
+        train_round(
+            model, inputs, labels, plan=plan, train=settings.train, max_grad_norm=privacy.max_grad_norm, seed=seed
+        )
+        return model
 
     digest = records_digest(inputs, labels)
+    model: nn.Module | None = None
     if plan.noise_multiplier > 0:
         for index in range(settings.rounds):
-            one_round(index)
+            model = one_round(index, model)
+        assert model is not None
         events = [DPSGDEvent(plan.noise_multiplier, plan.sample_rate, plan.steps)] * settings.rounds
         epsilon = epsilon_spent(events, delta=privacy.delta)
         loss = training_loss(model, inputs, labels)
         return Trained(model, epsilon, digest, settings.rounds, plan.steps * settings.rounds, loss, True)
     least = settings.rounds if min_rounds is None else min_rounds
     most = max(least, CONVERGENCE_CAP * settings.rounds if max_rounds is None else max_rounds)
-    anchor = best = training_loss(model, inputs, labels)
-    best_state = copy.deepcopy(model.state_dict())
+    best_model = build_model(settings.train, schema, seed=settings.seed)
+    anchor = best = training_loss(best_model, inputs, labels)
     stale, done, converged = 0, 0, False
     while done < most:
-        one_round(done)
+        model = one_round(done, model)
         done += 1
         loss = training_loss(model, inputs, labels)
         if loss < best:
-            best, best_state = loss, copy.deepcopy(model.state_dict())
+            best, best_model = loss, model
         if loss < anchor - CONVERGENCE_TOLERANCE:
             anchor, stale = loss, 0
         else:
@@ -166,8 +173,7 @@ def train_centrally(
         if done >= least and stale >= CONVERGENCE_PATIENCE:
             converged = True
             break
-    model.load_state_dict(best_state)
-    return Trained(model, math.inf, digest, done, plan.steps * done, best, converged)
+    return Trained(best_model, math.inf, digest, done, plan.steps * done, best, converged)
 
 
 def pooled(members: list[InstitutionData], settings: RunSettings) -> Trained:
