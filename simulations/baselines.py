@@ -14,11 +14,13 @@ the same initial weights) with the federation's recipe (``common.training.plan_r
   the noise calibrated by the same RDP accountant to the same epsilon and delta
   (or the level's fixed noise multiplier);
 - without DP, to convergence (they are the ceilings a federation is compared
-  with, so they must not be under-trained): at least the federation's rounds, then
-  until the loss on all their training records has not fallen by more than
-  ``CONVERGENCE_TOLERANCE`` nats for ``CONVERGENCE_PATIENCE`` rounds in a row, at
-  most ``CONVERGENCE_CAP`` x the federation's rounds; the weights with the lowest
-  training loss are kept.
+  with, so they must not be under-trained): after each round the loss on all
+  their training records is measured; training goes on for at least the
+  federation's rounds and stops once the lowest loss so far has fallen by less
+  than 5% (or less than 0.001 nats) over the last 10 rounds, or after at most
+  10 x the federation's rounds (at least 50). The weights with the lowest
+  training loss are kept. Mini-batch SGD makes the loss of single rounds noisy;
+  the lowest loss over a window is not.
 
 ``reference`` is a different kind of model on purpose: scikit-learn's
 ``LogisticRegression`` (lbfgs to convergence, default L2 regularisation C = 1) on
@@ -49,9 +51,11 @@ from common.settings import RunSettings
 from common.training import plan_round, train_round
 
 BASELINE_SEED_SALT = {"pooled": 101, "alone": 202}
-CONVERGENCE_TOLERANCE = 1e-3  # nats of mean training loss: less is no improvement
-CONVERGENCE_PATIENCE = 5  # rounds in a row without improvement: converged
-CONVERGENCE_CAP = 10  # at most this many times the federation's rounds
+CONVERGENCE_WINDOW = 10  # rounds over which the lowest training loss must keep falling
+CONVERGENCE_RELATIVE = 0.05  # by at least 5% of itself ...
+CONVERGENCE_ABSOLUTE = 1e-3  # ... and at least 0.001 nats; less: converged
+CONVERGENCE_CAP = 10  # at most this many times the federation's rounds ...
+CONVERGENCE_MIN_CAP = 50  # ... or this many rounds, whichever is more
 REFERENCE_MAX_ITER = 10_000  # lbfgs iterations; far more than the schema-scaled inputs need
 LOSS_BATCH = 4096  # records per forward pass when measuring the training loss
 
@@ -106,7 +110,7 @@ def training_loss(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) -> f
     with torch.no_grad():
         for start in range(0, len(labels), LOSS_BATCH):
             logits = model(torch.as_tensor(inputs[start : start + LOSS_BATCH], dtype=torch.float32))
-            target = torch.as_tensor(labels[start : start + LOSS_BATCH])
+            target = torch.tensor(labels[start : start + LOSS_BATCH])  # a copy: the labels may be read-only
             total += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
     return total / len(labels)
 
@@ -128,7 +132,7 @@ def train_centrally(
     for all of them; epsilon from the same accountant. Without DP, at least
     ``min_rounds`` (default: the federation's rounds) and then until the training loss
     stops improving (module docstring), at most ``max_rounds`` (default
-    ``CONVERGENCE_CAP`` x the federation's rounds).
+    ``CONVERGENCE_CAP`` x the federation's rounds, at least ``CONVERGENCE_MIN_CAP``).
     """
     privacy = settings.privacy
     plan = plan_round(num_examples=len(labels), train=settings.train, privacy=privacy, planned_rounds=settings.rounds)
@@ -156,24 +160,27 @@ def train_centrally(
         loss = training_loss(model, inputs, labels)
         return Trained(model, epsilon, digest, settings.rounds, plan.steps * settings.rounds, loss, True)
     least = settings.rounds if min_rounds is None else min_rounds
-    most = max(least, CONVERGENCE_CAP * settings.rounds if max_rounds is None else max_rounds)
+    most = max(least, max(CONVERGENCE_CAP * settings.rounds, CONVERGENCE_MIN_CAP) if max_rounds is None else max_rounds)
     best_model = build_model(settings.train, schema, seed=settings.seed)
-    anchor = best = training_loss(best_model, inputs, labels)
-    stale, done, converged = 0, 0, False
-    while done < most:
-        model = one_round(done, model)
-        done += 1
+    bests = [training_loss(best_model, inputs, labels)]  # the lowest training loss after 0, 1, 2, ... rounds
+    converged = False
+    while len(bests) <= most:
+        model = one_round(len(bests) - 1, model)
         loss = training_loss(model, inputs, labels)
-        if loss < best:
-            best, best_model = loss, model
-        if loss < anchor - CONVERGENCE_TOLERANCE:
-            anchor, stale = loss, 0
-        else:
-            stale += 1
-        if done >= least and stale >= CONVERGENCE_PATIENCE:
+        if loss < bests[-1]:
+            best_model = model
+        bests.append(min(loss, bests[-1]))
+        done = len(bests) - 1
+        if done >= max(least, CONVERGENCE_WINDOW) and not _improving(bests[-1 - CONVERGENCE_WINDOW], bests[-1]):
             converged = True
             break
-    return Trained(best_model, math.inf, digest, done, plan.steps * done, best, converged)
+    done = len(bests) - 1
+    return Trained(best_model, math.inf, digest, done, plan.steps * done, bests[-1], converged)
+
+
+def _improving(before: float, now: float) -> bool:
+    """Whether the lowest training loss fell enough over the window to keep training."""
+    return before - now >= max(CONVERGENCE_RELATIVE * before, CONVERGENCE_ABSOLUTE)
 
 
 def pooled(members: list[InstitutionData], settings: RunSettings) -> Trained:
