@@ -295,7 +295,9 @@ def summary_table(results: pd.DataFrame) -> pd.DataFrame:
     the most common class among the held-out records: the accuracy of always
     guessing it.
     """
-    scores = [s for s in (*SCORES, "loss", "train_loss") if s in results.columns]
+    lead = sweep_lead_metric(results)
+    scores = [s for s in (lead, *SCORES, "loss", "train_loss") if s in results.columns]
+    scores = list(dict.fromkeys(scores))  # the lead metric first
     aggregations: dict[str, tuple[str, Any]] = {}
     for score in scores:
         aggregations[f"{score}_mean"] = (score, "mean")
@@ -354,7 +356,7 @@ def status_messages(results: pd.DataFrame) -> tuple[list[str], list[str]]:
         if row.status == STATUS_UNTRAINED:
             errors.append(
                 f"{where}: no round was aggregated ({refused} of {asked} institution-rounds refused"
-                + (", and SecAgg+ needs two trainers in a round" if trained else "")
+                + (", and SecAgg+ unmasks no round with a single trainer" if trained and row.secure_aggregation else "")
                 + "), so the federated model is the untrained initial one; it is left out of the tables, "
                 "averages and plots (results.csv keeps it, status 'untrained'). Check the institutions' "
                 "policies and budgets (runs/" + row.run_id + "/report.json, refusals)"
