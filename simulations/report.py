@@ -143,7 +143,7 @@ def plot_metric_vs_epsilon(results: pd.DataFrame, path: Path, metric: str) -> No
         ax.set_ylabel(what if metric == "attack_auc" else f"{what} on the held-out records")
         ax.set_title(_setup_title(key), fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     _save(fig, path)
 
 
@@ -174,7 +174,7 @@ def plot_rounds(rounds: pd.DataFrame, results: pd.DataFrame, path: Path, metric:
         ax.set_ylabel(f"{what} (record-weighted mean over institutions)")
         ax.set_title(_setup_title(key), fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     _save(fig, path)
 
 
