@@ -162,7 +162,7 @@ def test_pooled_without_dp_trains_until_its_training_loss_stops_improving() -> N
     # Prepare
     settings = RunSettings().with_overrides({"num-server-rounds": 2, "target-epsilon": "inf", "seed": 5})
     members = federation_members(settings, 3)
-    x, y = np.concatenate([m.train_x for m in members]), _labels(members, "train")
+    x, y = np.concatenate([m.train_x for m in members]), np.concatenate([m.train_y for m in members])
 
     def train(**limits: int) -> float:
         trained = train_centrally(x, y, settings, schema=members[0].schema, salt=101, **limits)
@@ -182,7 +182,7 @@ def test_pooled_without_dp_trains_until_its_training_loss_stops_improving() -> N
 def test_pooled_with_dp_is_central_dp_sgd_for_the_federations_rounds_at_the_same_epsilon() -> None:
     settings = RunSettings().with_overrides({"num-server-rounds": 3, "target-epsilon": 2.0, "seed": 5})
     members = federation_members(settings, 3)
-    x, y = np.concatenate([m.train_x for m in members]), _labels(members, "train")
+    x, y = np.concatenate([m.train_x for m in members]), np.concatenate([m.train_y for m in members])
     trained = train_centrally(x, y, settings, schema=members[0].schema, salt=101)
     assert trained.rounds == 3 and 1.5 < trained.epsilon <= 2.0 + 1e-9
 
