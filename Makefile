@@ -37,7 +37,7 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m simulations.benchmarks.sweep_time --seeds 0 --rounds 10 --out bench/sweep.json
-	$(BIN)/python -m simulations.benchmarks.dp_overhead --images 5000 --repeats 2 --out bench/dp_overhead.json
+	$(BIN)/python -m simulations.benchmarks.dp_overhead --cnn-images synthetic --images 5000 --repeats 2 --out bench/dp_overhead.json
 	$(BIN)/python -m simulations.benchmarks.secagg_overhead --sizes 5,10 --rounds 3 --out bench/secagg_overhead.json
 	$(BIN)/python -m simulations.benchmarks.table bench > bench/RESULTS.md
 	cat bench/RESULTS.md

@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 from opacus import PrivacyEngine
-from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.accounting import calibrate_noise
 from common.errors import ConfigError
+from common.metrics import MODEL_METRICS, classification_metrics
 from common.settings import PrivacySettings, TrainSettings
 
 
@@ -210,15 +210,16 @@ def _detach_opacus(model: nn.Module) -> None:
 
 
 def evaluate(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Loss and accuracy (and ROC AUC for two classes, when both are present)."""
+    """The model's scores on these records (``common.metrics``), without the labels' own statistics.
+
+    Loss, accuracy, balanced accuracy and, for two classes both present, ROC AUC
+    and average precision. The labels' own statistics (majority-class and positive
+    rate) are left out: an institution shares this dict with the coordinator, and
+    its class balance is a fact about its records, not about the model.
+    """
     model.eval()
     with torch.no_grad():
         logits = model(torch.as_tensor(inputs, dtype=torch.float32))
-        target = torch.as_tensor(labels)
-        loss = float(nn.functional.cross_entropy(logits, target))
-        accuracy = float((logits.argmax(dim=1) == target).float().mean())
-    metrics = {"loss": loss, "accuracy": accuracy}
-    if logits.shape[1] == 2 and len(np.unique(labels)) == 2:
-        scores = torch.softmax(logits, dim=1)[:, 1].numpy()
-        metrics["auc"] = float(roc_auc_score(labels, scores))
-    return metrics
+        probabilities = torch.softmax(logits.double(), dim=1).numpy()
+    metrics = classification_metrics(labels, probabilities)
+    return {k: v for k, v in metrics.items() if k in MODEL_METRICS}

@@ -25,11 +25,11 @@ from common.accounting import DPSGDEvent, epsilon_spent
 from common.errors import ConfigError
 from common.settings import RunSettings
 
+# The global model's scores on the held-out records (weighted means over institutions), as report.json's final_metrics.
+SCORE_COLUMNS = ("accuracy", "auc", "average_precision", "balanced_accuracy", "loss")
 METRIC_COLUMNS = (
     "round",
-    "accuracy",
-    "auc",
-    "loss",
+    *SCORE_COLUMNS,
     "max_epsilon",
     "institutions_trained",
     "institutions_refused",
@@ -201,7 +201,7 @@ class RunDirectory:
             "secure_aggregation_settings": self.settings.secagg.workflow_kwargs()
             if self.settings.secagg.enabled
             else None,
-            "final_metrics": {k: final[k] for k in ("accuracy", "auc", "loss") if k in final},
+            "final_metrics": {k: final[k] for k in SCORE_COLUMNS if k in final},
             "max_epsilon": max((i.epsilon for i in self.institutions.values()), default=0.0),
             "institutions": [self.institutions[n].as_report() for n in sorted(self.institutions)],
             "rounds": self.rounds,

@@ -20,6 +20,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
+from common.metrics import LABELS, MODEL_METRICS
 from common.settings import RunSettings
 from server.run_directory import RunDirectory
 
@@ -120,17 +121,18 @@ class FedsiloStrategy(FedAvg):
         loss = None
         if total:
             loss = sum(res.loss * res.num_examples for _, res in results) / total
-            metrics["accuracy"] = sum(float(res.metrics["accuracy"]) * res.num_examples for _, res in results) / total
-            with_auc = [res for _, res in results if "auc" in res.metrics]
-            if with_auc:
-                auc_total = sum(res.num_examples for res in with_auc)
-                metrics["auc"] = sum(float(res.metrics["auc"]) * res.num_examples for res in with_auc) / auc_total
+        # Each score: the mean over the institutions that report it, weighted by their held-out records
+        # (AUC, average precision and balanced accuracy need both classes among an institution's records).
+        for key in (k for k in MODEL_METRICS if k != "loss"):
+            reporting = [res for _, res in results if key in res.metrics]
+            weight = sum(res.num_examples for res in reporting)
+            if weight:
+                metrics[key] = sum(float(res.metrics[key]) * res.num_examples for res in reporting) / weight
         trained, refused = self._trained.get(server_round, (0, 0))
         epsilons = [rec.epsilon for rec in self.run_dir.institutions.values()]
         row: dict[str, Any] = {
             "round": server_round,
-            "accuracy": metrics.get("accuracy"),
-            "auc": metrics.get("auc"),
+            **{key: metrics.get(key) for key in MODEL_METRICS if key != "loss"},
             "loss": loss,
             "max_epsilon": max(epsilons, default=0.0),
             "institutions_trained": trained,
@@ -138,13 +140,13 @@ class FedsiloStrategy(FedAvg):
             "elapsed_s": round(time.monotonic() - self.started, 3),
         }
         self.run_dir.record_round(row)
+        scores = ", ".join(f"{LABELS[k]} {_fmt(row[k])}" for k in MODEL_METRICS if row[k] is not None)
         log(
             INFO,
-            "[fedsilo] round %s/%s: accuracy %s, AUC %s, max epsilon %.3f, %s trained, %s refused",
+            "[fedsilo] round %s/%s: %s, max epsilon %.3f, %s trained, %s refused",
             server_round,
             self.settings.rounds,
-            _fmt(row["accuracy"]),
-            _fmt(row["auc"]),
+            scores or "no evaluation metrics",
             row["max_epsilon"],
             trained,
             refused,

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from common.cli import print_error
@@ -113,7 +114,7 @@ def run(
                 "simulation-policy": str(policy.resolve()) if policy else "",
             }
         )
-        _check_data(settings, count)
+        lead, majority = _check_data(settings, count)
         _check_policy(settings, count)
         if (out_dir / "report.json").exists():
             raise FedsiloError(f"{out_dir} already holds a finished run; choose another --out or remove it")
@@ -134,7 +135,7 @@ def run(
 
     def progress(row: dict[str, Any]) -> None:
         console.print(
-            f"round {row['round']:>3}/{rounds}  accuracy {_fmt(row['accuracy'])}  AUC {_fmt(row['auc'])}  "
+            f"round {row['round']:>3}/{rounds}  {_scores(row, lead)}  "
             f"max epsilon {_fmt(row['max_epsilon'], 3)}  trained {row['institutions_trained']}  "
             f"refused {row['institutions_refused']}  ({row['elapsed_s']:.1f} s)"
         )
@@ -144,7 +145,7 @@ def run(
     except FedsiloError as err:
         print_error(console, err)
         raise typer.Exit(2) from None
-    _summary(report, time.monotonic() - started, out_dir)
+    _summary(report, time.monotonic() - started, out_dir, lead, majority)
 
 
 def _comma_list(value: str | None) -> list[str] | None:
@@ -194,9 +195,9 @@ def sweep(
     try:
         raw = load_sweep_file(file) if file else {}
         if schema is not None:
-            raw["settings"] = {**raw.get("settings", {}), "schema-path": str(schema.resolve())}
+            raw["schema"] = str(schema.resolve())
         source = str(file) if file and not given else f"{file} and the command line" if file else "command line"
-        spec = parse_sweep({**raw, **given}, source)
+        spec = parse_sweep({**raw, **given}, source, folder=file.parent if file else None)
         from simulations.sweep import check_sweep
 
         check_sweep(spec)
@@ -225,13 +226,15 @@ def _run_sweep_cli(spec: Any, out_dir: Path, workers: int) -> None:
         TimeRemainingColumn,
     )
 
-    from simulations.report import tradeoff_table, write_report, write_tables
-    from simulations.sweep import run_sweep
+    from common.metrics import LABELS as METRIC_LABELS
+    from simulations.report import lead_explanation, tradeoff_table, write_report, write_tables
+    from simulations.sweep import run_sweep, status_messages, sweep_lead_metric
 
     tasks = spec.tasks()
     console.print(
         f"fedsilo sweep: {spec.dataset}, {len(spec.setups)} setup(s) x {len(spec.levels)} privacy levels x "
-        f"{len(spec.seeds)} seeds = {len(tasks)} federations (+ pooled and alone baselines), {spec.rounds} rounds, "
+        f"{len(spec.seeds)} seeds = {len(tasks)} federations (+ pooled, alone and reference baselines), "
+        f"{spec.rounds} rounds, "
         f"{spec.engine} engine, {workers if spec.engine == 'inprocess' else 1} worker(s)"
     )
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -263,16 +266,27 @@ def _run_sweep_cli(spec: Any, out_dir: Path, workers: int) -> None:
             print_error(console, err)
             raise typer.Exit(2) from None
         raise
-    table = tradeoff_table(tables["results"])
+    results = tables["results"]
+    metric = sweep_lead_metric(results)
+    table = tradeoff_table(results)
     if len(spec.setups) == 1:  # one setup: its columns say nothing
         table = table.drop(columns=["institutions", "partition", "secure_aggregation", "local_epochs"])
-    rich_table = Table(title="Accuracy (mean ± std over seeds)")
+    rich_table = Table(title=f"{METRIC_LABELS[metric]} on the held-out records (mean ± std over seeds)")
     for column in table.columns:
         rich_table.add_column(str(column), justify="right")
     for row in table.itertuples(index=False):
-        rich_table.add_row(*[str(v) for v in row])
+        rich_table.add_row(*[escape(str(v)) for v in row])
     console.print(rich_table)
+    console.print(lead_explanation(results, metric), highlight=False)
+    warned, errors = status_messages(results)
+    for text in warned:
+        console.print(f"[bold yellow]warning:[/] {escape(text)}", highlight=False)
     console.print(f"sweep finished in {wall:.1f} s; report: {out_dir / 'report.html'}")
+    for text in errors:
+        print_error(console, text)
+    if errors:
+        console.print(f"{len(errors)} federation(s) never trained; everything else is written (exit 1)")
+        raise typer.Exit(1)
 
 
 def _dataset_value(name: str) -> str:
@@ -304,19 +318,38 @@ def _check_policy(settings: RunSettings, count: int) -> None:
         )
 
 
-def _check_data(settings: RunSettings, count: int) -> None:
-    """Fail before Flower starts if the dataset, the model or the partition cannot work."""
+def _check_data(settings: RunSettings, count: int) -> tuple[str, float]:
+    """Fail before Flower starts if the dataset, the model or the partition cannot work.
+
+    Returns the metric to lead with (``common.metrics.lead_metric``) and the dataset's
+    majority-class rate (the accuracy of always guessing the commonest class).
+    """
+    import numpy as np
+
     from client.simulated_data import simulated_partition
     from common.datasets import load_dataset
+    from common.metrics import lead_metric
     from common.models import check_model_fits
 
     dataset = load_dataset(settings.data.dataset, settings.data.schema_path)
     check_model_fits(settings.train, dataset.schema)
     _, labels = dataset.schema.transform(dataset.frame, source=dataset.name)
     simulated_partition(settings, dataset.frame, labels, count)
+    majority = float(np.bincount(labels).max() / len(labels))
+    return lead_metric(dataset.schema.num_classes, majority), majority
 
 
-def _summary(report: dict[str, Any], wall_s: float, out_dir: Path) -> None:
+SHORT = {"auc": "AUC", "average_precision": "AP", "balanced_accuracy": "bal. accuracy", "accuracy": "accuracy"}
+
+
+def _scores(row: dict[str, Any], lead: str) -> str:
+    """A round's scores, the lead metric first (for two classes: AUC, AP, balanced accuracy, accuracy)."""
+    shown = tuple(SHORT) if lead == "auc" else ("balanced_accuracy", "accuracy")  # AUC and AP: two classes only
+    keys = [lead, *(k for k in shown if k != lead)]
+    return "  ".join(f"{SHORT[k]} {_fmt(row.get(k))}" for k in keys)
+
+
+def _summary(report: dict[str, Any], wall_s: float, out_dir: Path, lead: str, majority: float) -> None:
     table = Table(title="Institutions")
     for column in ("institution", "records", "epsilon", "delta", "rounds trained", "rounds refused"):
         table.add_column(column, justify="left" if column == "institution" else "right")
@@ -331,12 +364,30 @@ def _summary(report: dict[str, Any], wall_s: float, out_dir: Path) -> None:
         )
     console.print(table)
     final = report["final_metrics"]
+    refused = sum(int(r["institutions_refused"]) for r in report["rounds"])
+    asked = refused + sum(int(r["institutions_trained"]) for r in report["rounds"])
+    untrained = report["rounds_completed"] == 0
     console.print(
-        f"final accuracy {_fmt(final.get('accuracy'))}, AUC {_fmt(final.get('auc'))}, "
+        f"{'untrained initial model (no round aggregated):' if untrained else 'final'} {_scores(final, lead)} "
+        f"(always guessing the majority class: accuracy {majority:.4f}), "
         f"max epsilon {_fmt(report['max_epsilon'], 3)}, {report['rounds_completed']} rounds, "
         f"secure aggregation {report['secure_aggregation']}, wall time {wall_s:.1f} s"
     )
     console.print(f"run directory: {out_dir}")
+    if untrained:
+        print_error(
+            console,
+            f"no round was aggregated ({refused} of {asked} institution-rounds refused): the model is the "
+            f"untrained initial one and its metrics are not a trained model's; see the refusals in "
+            f"{out_dir / 'report.json'}",
+        )
+        raise typer.Exit(1)
+    if refused:
+        reasons = escape(str(out_dir / "report.json"))
+        console.print(
+            f"[bold yellow]warning:[/] {refused} of {asked} institution-rounds refused to train (reasons: {reasons})",
+            highlight=False,
+        )
 
 
 def main() -> None:  # pragma: no cover - console-script entry point

@@ -2,11 +2,19 @@
 
 One task is a setup at one privacy level with one seed. It runs the federation
 on the chosen engine (its run directory under ``runs/``), trains the baselines
-on the same records (``simulations.baselines``), and scores every model on the
-same held-out records, with the loss-threshold membership attack
-(``common.audit``) on members (the institutions' training records) against
-non-members (their held-out records). Tasks are independent, so the in-process
-engine spreads them over worker processes.
+on the same records (``simulations.baselines``; the non-private ``reference``
+once per setup and seed, in the no-DP task), and scores every model on the
+same held-out records (``common.metrics``), with the loss-threshold membership
+attack (``common.audit``) on members (the institutions' training records)
+against non-members (their held-out records). Tasks are independent, so the
+in-process engine spreads them over worker processes.
+
+Refusals are part of the result: every row carries its federation's
+institution-rounds trained and refused, and its ``status``: ``ok``,
+``refusals`` (some institution refused some round: a warning) or
+``untrained`` (no round was ever aggregated, so the federated "model" is the
+initial one: an error; its numbers are kept in results.csv but left out of
+every average, table cell and plot).
 """
 
 from __future__ import annotations
@@ -23,20 +31,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import roc_auc_score
-from torch import nn
 
 from client.institution import InstitutionData
 from client.simulated_data import simulated_partition
-from common.audit import loss_threshold_auc, record_losses
+from common.audit import loss_threshold_auc
 from common.datasets import load_dataset
 from common.errors import ConfigError
+from common.metrics import PROBABILITY_FLOOR, classification_metrics, lead_metric
 from common.models import build_model, set_weights
-from simulations.baselines import alone, federation_members, pooled, records_digest
+from simulations.baselines import alone, federation_members, pooled, predict_proba, records_digest, reference
 from simulations.engines import run_engine
 from simulations.sweep_spec import SweepSpec, Task
 
-METHODS = ("federated", "pooled", "alone")
+METHODS = ("federated", "pooled", "alone", "reference")
+SCORES = ("auc", "average_precision", "balanced_accuracy", "accuracy")
+REFUSAL_COLUMNS = ("rounds_aggregated", "institution_rounds_trained", "institution_rounds_refused")
+STATUS_OK, STATUS_REFUSALS, STATUS_UNTRAINED = "ok", "refusals", "untrained"
+Predict = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass
@@ -50,7 +61,7 @@ class TaskResult:
 
 def check_sweep(spec: SweepSpec) -> None:
     """Fail before anything runs if a dataset, partition or federation size cannot work."""
-    dataset = load_dataset(spec.dataset, str(spec.settings.get("schema-path", "")))
+    dataset = load_dataset(spec.dataset, spec.schema)
     _, labels = dataset.schema.transform(dataset.frame, source=dataset.name)
     for setup in spec.setups:
         if setup.secure_aggregation and setup.institutions < 3:
@@ -63,31 +74,52 @@ def check_sweep(spec: SweepSpec) -> None:
             simulated_partition(spec.run_settings(task), dataset.frame, labels, setup.institutions)
 
 
-def _predictions(model: nn.Module, inputs: np.ndarray) -> np.ndarray:
-    model.eval()
-    with torch.no_grad():
-        return torch.softmax(model(torch.as_tensor(inputs, dtype=torch.float32)), dim=1).numpy()
+def _record_losses(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each record's cross-entropy (the attack's score), from predicted probabilities."""
+    return -np.log(np.clip(probabilities[np.arange(len(labels)), labels], PROBABILITY_FLOOR, 1.0))
 
 
-def assess(models: list[nn.Module], members: list[InstitutionData]) -> tuple[dict[str, float], list[float]]:
+def assess(predictors: list[Predict], members: list[InstitutionData]) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Metrics on the union of the held-out records, each scored by its institution's model.
 
-    Returns the overall metrics (accuracy, loss, AUC for two classes, attack AUC)
-    and each institution's accuracy.
+    ``predictors[i]`` gives institution ``i``'s model's class probabilities. Returns the
+    overall metrics (``common.metrics.classification_metrics``, the mean training loss
+    on the union of the training records, the attack AUC and the digest of the records
+    scored) and each institution's metrics on its own held-out records.
     """
-    probs = [_predictions(m, d.test_x) for m, d in zip(models, members, strict=True)]
+    pairs = list(zip(predictors, members, strict=True))
+    probs = [predict(d.test_x) for predict, d in pairs]
     labels = np.concatenate([d.test_y for d in members])
-    scores = np.concatenate(probs)
-    per_institution = [float((p.argmax(1) == d.test_y).mean()) for p, d in zip(probs, members, strict=True)]
-    picked = np.clip(scores[np.arange(len(labels)), labels], 1e-12, 1.0)
-    metrics = {"accuracy": float((scores.argmax(1) == labels).mean()), "loss": float(-np.log(picked).mean())}
-    if scores.shape[1] == 2 and len(np.unique(labels)) == 2:
-        metrics["auc"] = float(roc_auc_score(labels, scores[:, 1]))
-    pairs = list(zip(models, members, strict=True))
-    member_losses = np.concatenate([record_losses(m, d.train_x, d.train_y) for m, d in pairs])
-    held_losses = np.concatenate([record_losses(m, d.test_x, d.test_y) for m, d in pairs])
+    metrics: dict[str, Any] = classification_metrics(labels, np.concatenate(probs))
+    per_institution = [classification_metrics(d.test_y, p) for p, d in zip(probs, members, strict=True)]
+    member_losses = np.concatenate([_record_losses(predict(d.train_x), d.train_y) for predict, d in pairs])
+    held_losses = np.concatenate([_record_losses(p, d.test_y) for p, d in zip(probs, members, strict=True)])
+    metrics["train_loss"] = float(member_losses.mean())
     metrics["attack_auc"] = loss_threshold_auc(member_losses, held_losses)
+    metrics["test_digest"] = records_digest(np.concatenate([d.test_x for d in members]), labels)
     return metrics, per_institution
+
+
+def refusals(report: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """How much of a federation trained: rounds aggregated, institution-rounds trained and refused, status.
+
+    A round is aggregated when the run directory holds its checkpoint (with SecAgg+ a
+    round with fewer than two trainers halts unaggregated). None aggregated: the final
+    model is the initial one (``untrained``).
+    """
+    rows = report["rounds"]
+    counts = {
+        "rounds_aggregated": len(list((run_dir / "checkpoints").glob("round-*.pt"))),
+        "institution_rounds_trained": sum(int(r["institutions_trained"]) for r in rows),
+        "institution_rounds_refused": sum(int(r["institutions_refused"]) for r in rows),
+    }
+    if counts["rounds_aggregated"] == 0:
+        status = STATUS_UNTRAINED
+    elif counts["institution_rounds_refused"] > 0:
+        status = STATUS_REFUSALS
+    else:
+        status = STATUS_OK
+    return {**counts, "status": status}
 
 
 def run_task(spec: SweepSpec, task: Task, out_dir: str) -> TaskResult:
@@ -100,6 +132,7 @@ def run_task(spec: SweepSpec, task: Task, out_dir: str) -> TaskResult:
     base = {
         "run_id": task.run_id,
         "dataset": spec.dataset,
+        "num_classes": schema.num_classes,
         "institutions": n,
         "partition": task.setup.partition,
         "secure_aggregation": task.setup.secure_aggregation,
@@ -113,54 +146,96 @@ def run_task(spec: SweepSpec, task: Task, out_dir: str) -> TaskResult:
         "seed": task.seed,
         "train_records": sum(len(m.train_y) for m in members),
         "test_records": sum(len(m.test_y) for m in members),
-        "train_digest": records_digest(
-            np.concatenate([m.train_x for m in members]), np.concatenate([m.train_y for m in members])
-        ),
-        "test_digest": records_digest(
-            np.concatenate([m.test_x for m in members]), np.concatenate([m.test_y for m in members])
-        ),
     }
     out = TaskResult()
+    keys = ("run_id", "level", "target_epsilon", "noise_multiplier", "seed")
 
-    def book(method: str, models: list[nn.Module], epsilon: float, started: float) -> None:
-        metrics, per_institution = assess(models, members)
+    def book(
+        method: str, predictors: list[Predict], epsilon: float, train_digest: str, started: float, **extra: Any
+    ) -> None:
+        metrics, per_institution = assess(predictors, members)
         wall = time.monotonic() - started
-        out.results.append({**base, "method": method, "epsilon": epsilon, **metrics, "wall_s": round(wall, 3)})
-        for member, accuracy in zip(members, per_institution, strict=True):
+        row = {**base, "method": method, "epsilon": epsilon, **metrics, "train_digest": train_digest, **extra}
+        out.results.append({**row, "wall_s": round(wall, 3)})
+        for member, scores in zip(members, per_institution, strict=True):
             out.institutions.append(
                 {
-                    **{k: base[k] for k in ("run_id", "level", "target_epsilon", "noise_multiplier", "seed")},
+                    **{k: base[k] for k in keys},
                     "method": method,
                     "institution": member.name,
                     "train_records": len(member.train_y),
                     "test_records": len(member.test_y),
-                    "accuracy": accuracy,
+                    **{k: v for k, v in scores.items() if k != "loss"},
+                    "status": extra["status"],
                 }
             )
 
     started = time.monotonic()
     run_dir = Path(out_dir) / "runs" / task.run_id
     report = run_engine(spec.engine, settings.with_overrides({"out-dir": str(run_dir)}), institutions=n)
+    federation = refusals(report, run_dir)
     model = build_model(settings.train, schema, seed=settings.seed)
     set_weights(model, [t.numpy() for t in torch.load(run_dir / "model.pt").values()])
-    book("federated", [model] * n, float(report["max_epsilon"]), started)
+    pooled_digest = records_digest(
+        np.concatenate([m.train_x for m in members]), np.concatenate([m.train_y for m in members])
+    )
+    baseline = {k: 0 for k in REFUSAL_COLUMNS} | {"status": STATUS_OK, "baseline_rounds": math.nan, "converged": True}
+    book(
+        "federated",
+        [lambda x: predict_proba(model, x)] * n,
+        float(report["max_epsilon"]),
+        pooled_digest,
+        started,
+        **federation,
+        baseline_rounds=math.nan,
+        converged=True,
+    )
     for row in report["rounds"]:
         out.rounds.append(
             {
-                **{k: base[k] for k in ("run_id", "level", "target_epsilon", "noise_multiplier", "seed")},
+                **{k: base[k] for k in keys},
                 "round": row["round"],
-                "accuracy": row["accuracy"],
+                **{k: row.get(k) for k in (*SCORES, "loss")},
                 "max_epsilon": float(row["max_epsilon"]),
+                "institutions_trained": int(row["institutions_trained"]),
+                "institutions_refused": int(row["institutions_refused"]),
+                "status": federation["status"],
             }
         )
 
     started = time.monotonic()
     trained = pooled(members, settings)
-    book("pooled", [trained.model] * n, trained.epsilon, started)
+    book(
+        "pooled",
+        [trained.predict_proba] * n,
+        trained.epsilon,
+        trained.train_digest,
+        started,
+        **{**baseline, "baseline_rounds": trained.rounds, "converged": trained.converged},
+    )
 
     started = time.monotonic()
     alones = [alone(m, settings, i) for i, m in enumerate(members)]
-    book("alone", [a.model for a in alones], max(a.epsilon for a in alones), started)
+    book(
+        "alone",
+        [a.predict_proba for a in alones],
+        max(a.epsilon for a in alones),
+        pooled_digest,  # each institution's own training records, in institution order
+        started,
+        **{**baseline, "baseline_rounds": max(a.rounds for a in alones), "converged": all(a.converged for a in alones)},
+    )
+
+    if not task.level.private:  # the reference is non-private: once per setup and seed
+        started = time.monotonic()
+        fitted = reference(members)
+        book(
+            "reference",
+            [fitted.predict_proba] * n,
+            math.inf,
+            fitted.train_digest,
+            started,
+            **{**baseline, "converged": fitted.converged},
+        )
     return out
 
 
@@ -197,23 +272,99 @@ def run_sweep(
     return tables
 
 
+SUMMARY_KEYS = ["institutions", "partition", "secure_aggregation", "local_epochs", "level", "target_epsilon"]
+SUMMARY_KEYS += ["noise_multiplier", "method"]
+
+
+def sweep_lead_metric(results: pd.DataFrame) -> str:
+    """The score a sweep's tables and plots lead with (``common.metrics.lead_metric``)."""
+    return lead_metric(int(results["num_classes"].iloc[0]), float(results["majority_rate"].mean()))
+
+
+def counted(results: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose numbers are a trained model's: every row but an untrained federation's."""
+    return results[results["status"] != STATUS_UNTRAINED]
+
+
 def summary_table(results: pd.DataFrame) -> pd.DataFrame:
-    """Accuracy (mean and spread over seeds) per privacy level and method, side by side."""
-    keys = ["institutions", "partition", "secure_aggregation", "local_epochs", "level", "target_epsilon"]
-    keys += ["noise_multiplier", "method"]
-    grouped = results.groupby(keys, dropna=False, sort=False)
-    table = grouped.agg(
-        accuracy_mean=("accuracy", "mean"),
-        accuracy_std=("accuracy", "std"),
+    """Per configuration, privacy level and method: every score's mean and spread over seeds, refusals, status.
+
+    Untrained federations are left out of the means (``seeds`` counts the seeds
+    averaged, ``seeds_untrained`` those left out); ``status`` is the worst over seeds:
+    ``untrained``, then ``refusals``, then ``ok``. ``majority_rate`` is the share of
+    the most common class among the held-out records: the accuracy of always
+    guessing it.
+    """
+    lead = sweep_lead_metric(results)
+    scores = [s for s in (lead, *SCORES, "loss", "train_loss") if s in results.columns]
+    scores = list(dict.fromkeys(scores))  # the lead metric first
+    aggregations: dict[str, tuple[str, Any]] = {}
+    for score in scores:
+        aggregations[f"{score}_mean"] = (score, "mean")
+        aggregations[f"{score}_std"] = (score, "std")
+    aggregations |= {"attack_auc": ("attack_auc", "mean"), "seeds": ("seed", "nunique")}
+    grouped = counted(results).groupby(SUMMARY_KEYS, dropna=False, sort=False).agg(**aggregations)
+    totals = results.groupby(SUMMARY_KEYS, dropna=False, sort=False).agg(
+        majority_rate=("majority_rate", "mean"),
         epsilon=("epsilon", "max"),
-        attack_auc=("attack_auc", "mean"),
-        seeds=("seed", "nunique"),
-    ).reset_index()
-    table["accuracy_std"] = table["accuracy_std"].fillna(0.0)
-    return table
+        **{c: (c, "sum") for c in REFUSAL_COLUMNS},
+        seeds_untrained=("status", lambda s: int((s == STATUS_UNTRAINED).sum())),
+        status=("status", _worst_status),
+    )
+    table = totals.join(grouped, how="left").reset_index()
+    table["seeds"] = table["seeds"].fillna(0).astype(int)
+    for score in scores:
+        table[f"{score}_std"] = table[f"{score}_std"].where(table["seeds"] != 1, 0.0)
+    first = [*SUMMARY_KEYS, *[c for s in scores for c in (f"{s}_mean", f"{s}_std")], "majority_rate"]
+    return table[first + [c for c in table.columns if c not in first]]
+
+
+def _worst_status(statuses: pd.Series) -> str:
+    for status in (STATUS_UNTRAINED, STATUS_REFUSALS):
+        if (statuses == status).any():
+            return status
+    return STATUS_OK
 
 
 def format_level(target_epsilon: float, noise_multiplier: float) -> str:
     if noise_multiplier > 0:
         return f"sigma {noise_multiplier:g}"
     return "inf (no DP)" if math.isinf(target_epsilon) else f"{target_epsilon:g}"
+
+
+def setup_title(n: int, partition: str, secure_aggregation: bool, local_epochs: int) -> str:
+    """A setup in words."""
+    secagg = "SecAgg+" if secure_aggregation else "plain FedAvg"
+    return f"{n} institutions, {partition}, {secagg}, {local_epochs} local epochs"
+
+
+def status_messages(results: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """Warnings (federations in which some institution refused) and errors (federations never trained).
+
+    One message per federated run, naming its setup, privacy level and seed.
+    """
+    warned: list[str] = []
+    errors: list[str] = []
+    federated = results[results["method"] == "federated"]
+    for row in federated.itertuples(index=False):
+        where = (
+            f"{setup_title(row.institutions, row.partition, row.secure_aggregation, row.local_epochs)}, "
+            f"epsilon {format_level(row.target_epsilon, row.noise_multiplier)}, seed {row.seed}"
+        )
+        trained, refused = int(row.institution_rounds_trained), int(row.institution_rounds_refused)
+        asked = trained + refused
+        if row.status == STATUS_UNTRAINED:
+            errors.append(
+                f"{where}: no round was aggregated ({refused} of {asked} institution-rounds refused"
+                + (", and SecAgg+ unmasks no round with a single trainer" if trained and row.secure_aggregation else "")
+                + "), so the federated model is the untrained initial one; it is left out of the tables, "
+                "averages and plots (results.csv keeps it, status 'untrained'). Check the institutions' "
+                "policies and budgets (runs/" + row.run_id + "/report.json, refusals)"
+            )
+        elif row.status == STATUS_REFUSALS:
+            warned.append(
+                f"{where}: {refused} of {asked} institution-rounds refused ({int(row.rounds_aggregated)} of "
+                f"{int(row.rounds)} rounds aggregated); the federated model learned from fewer records than its "
+                "baselines (runs/" + row.run_id + "/report.json, refusals)"
+            )
+    return warned, errors

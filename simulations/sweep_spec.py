@@ -12,6 +12,7 @@ A sweep file::
     local-epochs = [2]
     seeds = [0, 1, 2]
     engine = "inprocess"                   # or "flower"
+    schema = "credit.schema.toml"          # the schema of a CSV/Parquet dataset (relative: to this file)
 
     [settings]                             # any other run-config key, fixed for every run
     learning-rate = 0.2
@@ -37,11 +38,11 @@ from common.tomlfile import read_toml
 from simulations.engines import ENGINES
 
 AXES = ("epsilons", "noise-multipliers", "institutions", "partitions", "secure-aggregation", "local-epochs", "seeds")
-SCALARS = ("dataset", "rounds", "delta", "engine")
+SCALARS = ("dataset", "schema", "rounds", "delta", "engine")
 KEYS = (*SCALARS, *AXES, "settings")
 SWEPT_KEYS = {
     *("partition", "secure-aggregation", "local-epochs", "seed", "target-epsilon", "noise-multiplier"),
-    *("dataset", "num-server-rounds", "delta", "out-dir", "state-root", "min-institutions"),
+    *("dataset", "schema-path", "num-server-rounds", "delta", "out-dir", "state-root", "min-institutions"),
 }
 
 
@@ -103,6 +104,7 @@ class SweepSpec:
     """A whole sweep: the axes, and the settings every run shares."""
 
     dataset: str = "breast-cancer"
+    schema: str = ""  # a CSV/Parquet dataset's schema file, absolute ("": a built-in dataset's own)
     rounds: int = 20
     delta: float = 1e-5
     engine: str = "inprocess"
@@ -136,6 +138,7 @@ class SweepSpec:
             {
                 **self.settings,
                 "dataset": self.dataset,
+                "schema-path": self.schema,
                 "num-server-rounds": self.rounds,
                 "delta": self.delta,
                 "partition": task.setup.partition,
@@ -152,10 +155,12 @@ def load_sweep_file(path: Path | str) -> dict[str, Any]:
     return read_toml(path, "sweep file")
 
 
-def parse_sweep(values: Mapping[str, Any], source: str) -> SweepSpec:
+def parse_sweep(values: Mapping[str, Any], source: str, *, folder: Path | str | None = None) -> SweepSpec:
     """Check raw sweep values (from a file or the command line) and build the spec.
 
-    ``source`` names where they came from, for the error messages.
+    ``source`` names where they came from, for the error messages; a relative
+    ``schema`` path is read from ``folder`` (the sweep file's; None: the working
+    directory).
     """
     unknown = sorted(set(values) - set(KEYS))
     if unknown:
@@ -172,6 +177,8 @@ def parse_sweep(values: Mapping[str, Any], source: str) -> SweepSpec:
                 "dataset", values["dataset"], f"must be one of {', '.join(sorted(BUILTIN))} or a CSV/Parquet file"
             )
         out["dataset"] = name
+    if "schema" in values:
+        out["schema"] = _schema_path(values["schema"], Path(folder) if folder is not None else Path.cwd(), fail)
     if "engine" in values:
         if values["engine"] not in ENGINES:
             raise fail("engine", values["engine"], f"must be {' or '.join(ENGINES)}")
@@ -199,6 +206,16 @@ def parse_sweep(values: Mapping[str, Any], source: str) -> SweepSpec:
     if not spec.epsilons and not spec.noise_multipliers:
         raise ConfigError(f"{source}: give at least one of 'epsilons' or 'noise-multipliers'")
     return spec
+
+
+def _schema_path(value: Any, folder: Path, fail: Any) -> str:
+    """The schema file, made absolute (Flower's workers run elsewhere); it must exist."""
+    if not isinstance(value, str) or not value.strip():
+        raise fail("schema", value, 'must be the path of a schema file (TOML), e.g. schema = "credit.schema.toml"')
+    path = (folder / value).resolve()
+    if not path.is_file():
+        raise fail("schema", value, f"names no file ({path}; a relative path is read from {folder}); check the path")
+    return str(path)
 
 
 def _axis_item(key: str, item: Any, fail: Any) -> Any:

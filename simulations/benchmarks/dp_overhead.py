@@ -1,7 +1,7 @@
 """The cost of DP-SGD: seconds per epoch with Opacus against the same training without DP.
 
 For the tabular MLP (German credit, as the federation encodes it) and the
-Papernot CNN (Fashion-MNIST), each Opacus per-sample-gradient mode that works
+Papernot CNN (28x28 images), each Opacus per-sample-gradient mode that works
 here is timed in the same process, one after the other, with the same model,
 data, batch size and number of steps. fedsilo trains with the setting
 ``grad-sample-mode`` (default ``ghost``, the fastest on the MLP); ``ew`` is timed
@@ -9,13 +9,21 @@ here but not offered, since Opacus 1.6's expanded weights raise on the empty
 batches that Poisson sampling draws. A benchmark: it prints figures and writes
 JSON; it never fails on a time.
 
+The CNN's images are Fashion-MNIST's (Debian's ``dataset-fashion-mnist``) by
+default; ``--cnn-images synthetic`` times it on seeded random 28x28 images
+instead, which need no package: the time of an epoch does not depend on what the
+pixels show (same shapes, same operations), so the figures are the same kind
+(``make bench-quick`` uses it so that it runs on a fresh clone).
+
     python -m simulations.benchmarks.dp_overhead --images 60000 --out bench/dp_overhead.json
+    python -m simulations.benchmarks.dp_overhead --cnn-images synthetic --images 5000
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -29,11 +37,22 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.datasets import load_builtin
+from common.errors import ConfigError
 from common.images import load_fashion_mnist
 from common.models import SmallCNN, build_mlp
 from simulations.benchmarks import emit, machine
 
 MODES = ("hooks", "functorch", "ew", "ghost")
+CNN_IMAGES = ("fashion-mnist", "synthetic")
+
+
+def cnn_images(source: str, count: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` 28x28 images in [0, 1] and their labels: Fashion-MNIST's training images, or seeded random ones."""
+    if source == "synthetic":
+        rng = np.random.default_rng(seed)
+        return rng.random((count, 28, 28), dtype=np.float32), rng.integers(0, 10, count)
+    images, labels = load_fashion_mnist("train")
+    return images[:count], labels[:count]
 
 
 def _epoch_seconds(
@@ -117,7 +136,13 @@ def measure(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=10000, help="Fashion-MNIST training images to time on.")
+    parser.add_argument("--images", type=int, default=10000, help="28x28 images to time the CNN on.")
+    parser.add_argument(
+        "--cnn-images",
+        choices=CNN_IMAGES,
+        default="fashion-mnist",
+        help="Fashion-MNIST (needs Debian's dataset-fashion-mnist) or seeded random images (needs nothing).",
+    )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeats", type=int, default=3, help="Interleaved repetitions; the median is reported.")
@@ -125,6 +150,10 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message="Full backward hook")  # Opacus, inputs need no grad
     torch.set_num_threads(args.threads)
+    try:  # before any timing: a missing package fails at once
+        ix, iy = cnn_images(args.cnn_images, args.images)
+    except ConfigError as err:
+        sys.exit(f"error: {err}; or time the CNN on random images: --cnn-images synthetic")
     credit = load_builtin("german-credit")
     cx, cy = credit.schema.transform(credit.frame, source=credit.name)
     mlp = measure(
@@ -135,8 +164,8 @@ def main() -> None:
         args.batch_size,
         args.repeats,
     )
-    ix, iy = load_fashion_mnist("train")
-    cnn = measure("cnn-fashion-mnist", SmallCNN, ix[: args.images], iy[: args.images], args.batch_size, args.repeats)
+    name = "cnn-fashion-mnist" if args.cnn_images == "fashion-mnist" else "cnn-synthetic-28x28"
+    cnn = measure(name, SmallCNN, ix, iy, args.batch_size, args.repeats)
     result = {
         "benchmark": "DP-SGD overhead per epoch (Opacus modes against non-private)",
         "machine": machine(threads=args.threads),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from common.errors import ConfigError
 from common.models import SmallCNN, build_model
 from common.schema import Schema
 from common.settings import RunSettings
+from common.training import evaluate
+from simulations.baselines import federation_members
 from simulations.inprocess import run_inprocess
 
 
@@ -80,3 +83,27 @@ def test_a_cnn_on_a_tabular_schema_is_refused_before_anything_runs(tmp_path: Pat
     with pytest.raises(ConfigError, match="28x28 grayscale image"):
         run_inprocess(settings, institutions=3)
     assert not (tmp_path / "run" / "report.json").exists()
+
+
+def test_every_round_row_holds_the_record_weighted_mean_of_the_institutions_held_out_scores(tmp_path: Path) -> None:
+    # Prepare
+    settings = RunSettings().with_overrides(
+        {"num-server-rounds": 2, "target-epsilon": 4.0, "seed": 3, "out-dir": str(tmp_path / "run")}
+    )
+    # Execute
+    report = run_inprocess(settings, institutions=3)
+    # Assert: each round's scores are recomputed from its checkpoint on every institution's held-out records
+    members = federation_members(settings, 3)
+    schema = Schema.load(datasets.builtin_schema_path("breast-cancer"))
+    with (tmp_path / "run" / "metrics.csv").open() as fh:
+        csv_rows = list(csv.DictReader(fh))
+    for row, csv_row in zip(report["rounds"], csv_rows, strict=True):
+        model = build_model(settings.train, schema, seed=settings.seed)
+        model.load_state_dict(torch.load(tmp_path / "run" / "checkpoints" / f"round-{row['round']:04d}.pt"))
+        scores = [(evaluate(model, m.test_x, m.test_y), len(m.test_y)) for m in members]
+        for key in ("auc", "average_precision", "balanced_accuracy", "accuracy", "loss"):
+            expected = sum(s[key] * n for s, n in scores) / sum(n for _, n in scores)
+            assert row[key] == pytest.approx(expected, abs=1e-9)
+            assert float(csv_row[key]) == pytest.approx(expected, abs=1e-9)
+    assert set(report["final_metrics"]) == {"auc", "average_precision", "balanced_accuracy", "accuracy", "loss"}
+    assert "majority_rate" not in csv_rows[0]  # the institutions' class balance stays with them
