@@ -48,7 +48,7 @@ RUNNER = CliRunner()
         ),
         ("[settings]\nlearning-rat = 0.1\n", "[settings] has unknown run-config key 'learning-rat'"),
         ("[settings]\nseed = 3\n", "[settings] sets 'seed', which the sweep itself sets; use its sweep key"),
-        ("[settings]\nlearning-rate = -1\n", "[settings]: 'learning-rate' must be > 0. Found -1.0."),
+        ("[settings]\nlearning-rate = -1\n", "[settings]: 'learning-rate' must be > 0 (0: the recipe's). Found -1.0."),
         ("epsilons = [1\n", "not valid TOML"),
     ],
 )
