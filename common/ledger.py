@@ -4,6 +4,12 @@ The ledger is data (one JSON file per dataset in the institution's state
 directory); epsilon is always computed from the whole ledger, so it accumulates
 across rounds and runs and survives a restart. Writes are atomic: a crash
 mid-write leaves the previous ledger intact.
+
+Epsilon is the accountant of record's (``common.accounting.ACCOUNTANT_OF_RECORD``,
+PLD); the file names it and its parameters under "accountant", so that its
+epsilon can be recomputed from the file alone. The name is informative: reading
+a ledger (one written before it was recorded, say) always uses the accountant of
+record.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common.accounting import DPSGDEvent, epsilon_spent
+from common.accounting import ACCOUNTANT_OF_RECORD, DPSGDEvent, epsilon_spent, get_accountant
 from common.errors import LedgerError
 
 LEDGER_VERSION = 1
@@ -92,8 +98,8 @@ class PrivacyLedger:
         return [cls.for_dataset(state_dir, p.stem) for p in paths if p.stem != fingerprint]
 
     def epsilon(self, *, delta: float) -> float:
-        """Epsilon spent on this dataset over every recorded round."""
-        return epsilon_spent((e.event() for e in self.entries), delta=delta)
+        """Epsilon spent on this dataset over every recorded round, by the accountant of record."""
+        return epsilon_spent((e.event() for e in self.entries), delta=delta, accountant=ACCOUNTANT_OF_RECORD)
 
     def append(self, entry: LedgerEntry) -> PrivacyLedger:
         """Persist ``entry`` atomically and return the ledger that includes it."""
@@ -105,6 +111,7 @@ class PrivacyLedger:
         payload = {
             "version": LEDGER_VERSION,
             "dataset_fingerprint": self.dataset_fingerprint,
+            "accountant": get_accountant(ACCOUNTANT_OF_RECORD).record(),
             "entries": [asdict(e) for e in self.entries],
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)

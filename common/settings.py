@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
+from common.accounting import ACCOUNTANT_OF_RECORD, ACCOUNTANTS
 from common.errors import ConfigError
 
 Scalar = bool | int | float | str
@@ -98,6 +99,7 @@ class PrivacySettings:
     that the planned rounds spend ``target_epsilon``. ``target_epsilon = inf`` with
     no noise multiplier turns DP off (a non-private baseline, epsilon = inf).
     ``max_epsilon`` is the lifetime budget of a dataset; 0 means "the target".
+    ``accountant`` calibrates the noise to the target (see ``common.accounting``).
     """
 
     target_epsilon: float = field(default=2.0, metadata=_key("target-epsilon"))
@@ -105,6 +107,9 @@ class PrivacySettings:
     delta: float = field(default=1e-5, metadata=_key("delta"))
     max_grad_norm: float = field(default=1.0, metadata=_key("max-grad-norm"))
     max_epsilon: float = field(default=0.0, metadata=_key("max-epsilon"))
+    # The accountant that calibrates the noise: "pld" (tight; the ledger's and the budgets'
+    # accountant of record) or "rdp" (Opacus's Renyi DP: looser, so more noise for a target).
+    accountant: str = field(default=ACCOUNTANT_OF_RECORD, metadata=_key("accountant"))
 
     def __post_init__(self) -> None:
         _check(self.target_epsilon > 0, "target-epsilon", self.target_epsilon, "> 0 (inf: no DP)")
@@ -112,6 +117,7 @@ class PrivacySettings:
         _check(0 < self.delta < 1, "delta", self.delta, "in (0, 1)")
         _check(self.max_grad_norm > 0, "max-grad-norm", self.max_grad_norm, "> 0")
         _check(self.max_epsilon >= 0, "max-epsilon", self.max_epsilon, ">= 0 (0: the target)")
+        _check(self.accountant in ACCOUNTANTS, "accountant", self.accountant, _one_of(tuple(ACCOUNTANTS)))
 
     @property
     def enabled(self) -> bool:

@@ -5,6 +5,8 @@ import os
 from pathlib import Path
 
 import pytest
+from dp_accounting import dp_event
+from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 
 from common.accounting import DPSGDEvent, epsilon_spent
 from common.errors import LedgerError
@@ -55,3 +57,40 @@ def test_a_ledger_of_another_dataset_is_refused(tmp_path: Path) -> None:
     path.write_text(json.dumps(raw))
     with pytest.raises(LedgerError, match="belongs to dataset"):
         PrivacyLedger.for_dataset(tmp_path, "abc")
+
+
+def test_epsilon_is_pld_recomputed_from_the_ledger_file_alone(tmp_path: Path) -> None:
+    # Prepare: a mixed ledger (rounds repeating and interleaving, a full-batch round among them)
+    rounds = [
+        (1.5, 0.2, 10),
+        (1.5, 0.2, 10),
+        (0.9, 1 / 12, 24),
+        (1.5, 0.2, 10),
+        (4.0, 1.0, 3),
+        (2.2, 0.05, 40),
+        (4.0, 1.0, 3),
+    ]
+    ledger = PrivacyLedger.for_dataset(tmp_path, "abc")
+    for r, (sigma, rate, steps) in enumerate(rounds, start=1):
+        ledger = ledger.append(LedgerEntry("run-a", r, sigma, rate, steps, 1e-5, "2026-11-26T00:00:00+00:00"))
+    # Execute: dp_accounting's PLD accountant, each round composed in turn, as the file says
+    raw = json.loads(ledger.path.read_text())
+    assert raw["accountant"]["name"] == "pld"
+    accountant = PLDAccountant(value_discretization_interval=raw["accountant"]["value-discretization-interval"])
+    for e in raw["entries"]:
+        gaussian = dp_event.GaussianDpEvent(e["noise_multiplier"])
+        step = gaussian if e["sample_rate"] == 1 else dp_event.PoissonSampledDpEvent(e["sample_rate"], gaussian)
+        accountant.compose(dp_event.SelfComposedDpEvent(step, e["steps"]))
+    # Assert
+    assert ledger.epsilon(delta=1e-5) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-8)
+
+
+def test_a_ledger_written_before_the_accountant_was_recorded_still_reads(tmp_path: Path) -> None:
+    ledger = PrivacyLedger.for_dataset(tmp_path, "abc").append(entry(1)).append(entry(2))
+    raw = json.loads(ledger.path.read_text())
+    del raw["accountant"]
+    ledger.path.write_text(json.dumps(raw))
+    reopened = PrivacyLedger.for_dataset(tmp_path, "abc")
+    assert reopened.entries == ledger.entries
+    assert reopened.epsilon(delta=1e-5) == epsilon_spent([DPSGDEvent(1.5, 0.2, 20)], delta=1e-5)
+    assert "accountant" in json.loads(reopened.append(entry(3)).path.read_text())

@@ -38,6 +38,7 @@ def test_round_trip_through_flat_config() -> None:
         ("model", "resnet", "'model' must be one of 'linear', 'mlp', 'cnn'. Found 'resnet'."),
         ("activation", "sigmoid", "'activation' must be one of 'relu', 'tanh'. Found 'sigmoid'."),
         ("learning-rate", "fast", "'learning-rate' must be a number"),
+        ("accountant", "prv", "'accountant' must be one of 'pld', 'rdp'. Found 'prv'."),
     ],
 )
 def test_invalid_values_name_the_key_and_the_value(key: str, value: object, words: str) -> None:
