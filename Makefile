@@ -25,6 +25,7 @@ test: $(STAMP)
 
 # Benchmarks print figures and write bench/*.json and bench/RESULTS.md; they never fail on a time.
 bench: $(STAMP)
+	$(BIN)/python -m simulations.benchmarks.utility --ablation --out bench/utility.json
 	$(BIN)/python -m simulations.benchmarks.sweep_time --out bench/sweep.json
 	$(BIN)/python -m simulations.benchmarks.dp_overhead --images 60000 --out bench/dp_overhead.json
 	$(BIN)/python -m simulations.benchmarks.secagg_overhead --sizes 5,10,50,100:2 --out bench/secagg_overhead.json
@@ -36,6 +37,7 @@ bench: $(STAMP)
 	cat bench/RESULTS.md
 
 bench-quick: $(STAMP)
+	$(BIN)/python -m simulations.benchmarks.utility --datasets german-credit --epsilons 1 --seeds 0 --out bench/utility.json
 	$(BIN)/python -m simulations.benchmarks.sweep_time --seeds 0 --rounds 10 --out bench/sweep.json
 	$(BIN)/python -m simulations.benchmarks.dp_overhead --cnn-images synthetic --images 5000 --repeats 2 --out bench/dp_overhead.json
 	$(BIN)/python -m simulations.benchmarks.secagg_overhead --sizes 5,10 --rounds 3 --out bench/secagg_overhead.json

@@ -42,7 +42,9 @@ def check(
     data: Annotated[Path, typer.Option(help="The institution's table: CSV or Parquet.")],
     schema: Annotated[Path, typer.Option(help="The federation schema (TOML).")],
     delimiter: Annotated[str | None, typer.Option(help="CSV delimiter (default: detected).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Batch size the federation trains with.")] = DEFAULTS.train.batch_size,
+    batch_size: Annotated[
+        int, typer.Option(help="Batch size the federation trains with (0: the recipe's, never above the records).")
+    ] = DEFAULTS.train.batch_size,
     delta: Annotated[float, typer.Option(help="Delta of the institution's privacy policy.")] = DEFAULTS.privacy.delta,
 ) -> None:
     """Check a table against the federation schema; exit 0 if it fits, 2 with the reason if not. Writes nothing."""

@@ -87,7 +87,9 @@ def auto_learning_rate(
     return travel * (1.0 - momentum) / (max_grad_norm * steps)
 
 
-def step_size(model: nn.Module, plan: RoundPlan, *, train: TrainSettings, num_examples: int, max_grad_norm: float) -> float:
+def step_size(
+    model: nn.Module, plan: RoundPlan, *, train: TrainSettings, num_examples: int, max_grad_norm: float
+) -> float:
     """The learning rate a round trains with: the settings' own, else the recipe's for this model and plan."""
     if train.learning_rate > 0:
         return train.learning_rate
@@ -121,6 +123,7 @@ def plan_round(*, num_examples: int, train: TrainSettings, privacy: PrivacySetti
             delta=privacy.delta,
             sample_rate=sample_rate,
             steps=steps * planned_rounds,
+            accountant=privacy.accountant,
         )
     else:
         noise = 0.0

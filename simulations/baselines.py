@@ -11,7 +11,7 @@ the same initial weights) with the federation's recipe (``common.training.plan_r
 / ``train_round``), one planned round at a time:
 
 - with DP, central DP-SGD on their records for the federation's number of rounds,
-  the noise calibrated by the same RDP accountant to the same epsilon and delta
+  the noise calibrated by the same accountant to the same epsilon and delta
   (or the level's fixed noise multiplier);
 - without DP, to convergence (they are the ceilings a federation is compared
   with, so they must not be under-trained): after each round the loss on all

@@ -63,11 +63,14 @@ def run(
     ] = DEFAULTS.secagg.enabled,
     local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = DEFAULTS.train.local_epochs,
     batch_size: Annotated[
-        int, typer.Option(help="Expected batch size (Poisson sampling).")
+        int, typer.Option(help="Expected batch size (Poisson sampling); 0: the recipe's (n / 16 in [32, 1024]).")
     ] = DEFAULTS.train.batch_size,
-    learning_rate: Annotated[float, typer.Option(help="SGD learning rate.")] = DEFAULTS.train.learning_rate,
+    learning_rate: Annotated[
+        float, typer.Option(help="SGD learning rate; 0: the recipe's (a noise-aware travel budget).")
+    ] = DEFAULTS.train.learning_rate,
     model: Annotated[
-        str, typer.Option(help="mlp (any schema) or cnn (28x28 images: fashion-mnist).")
+        str,
+        typer.Option(help="linear (logistic/softmax regression, any schema), mlp (any schema) or cnn (28x28 images)."),
     ] = DEFAULTS.train.model,
     activation: Annotated[
         str, typer.Option(help="relu, or tanh (the tempered sigmoid that suits DP-SGD).")

@@ -46,10 +46,31 @@ def _rows(name: str, data: dict[str, Any]) -> list[tuple[str, str, str]]:
         if "cold" in data:
             figure += f" (a cold process per message: {data['cold']['median_seconds_per_round']:.1f} s)"
         rows.append((f"Deployment round, {data['institutions']} institutions, TLS + SecAgg+", figure, "<= 10 s"))
+    elif name == "utility":
+        rows += _utility_rows(data)
     elif name == "sweep":
         rows.append((data["benchmark"], f"{data['wall_s']:.1f} s", "< 60 s"))
     elif name == "fashion_mnist":
         rows += _fashion_mnist_rows(data)
+    return rows
+
+
+def _utility_rows(data: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Lead metric per dataset and epsilon: federated, pooled, alone and reference, and the majority rate."""
+    rows: list[tuple[str, str, str]] = []
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    majority: dict[str, float] = {}
+    for r in data["rows"]:
+        eps = "no DP" if r["epsilon"] == "inf" else f"eps {r['epsilon']:g}"
+        cells.setdefault((r["dataset"], eps), {})[r["method"]] = f"{r['mean']:.3f}"
+        cells[(r["dataset"], eps)]["metric"] = r["metric"].upper() if r["metric"] == "auc" else r["metric"]
+        majority[r["dataset"]] = r["majority_rate"]
+    for (dataset, eps), c in cells.items():
+        figure = " / ".join(c.get(m, "-") for m in ("federated", "pooled", "alone", "reference"))
+        what = f"Utility, {dataset}, {eps}: {c['metric']} federated / pooled / alone / reference"
+        rows.append((what, figure, f"majority rate {majority[dataset]:.3f}"))
+    for t in data.get("targets", []):
+        rows.append((f"Utility target: {t['target']}", t["figure"], "met" if t["met"] else "MISSED"))
     return rows
 
 

@@ -47,8 +47,16 @@ ABLATION: dict[str, dict[str, Any]] = {
 }
 
 
-def sweep(dataset: str, *, epsilons: tuple[float, ...], seeds: tuple[int, ...], rounds: int, jobs: int,
-          settings: dict[str, Any], scratch: Path) -> pd.DataFrame:
+def sweep(
+    dataset: str,
+    *,
+    epsilons: tuple[float, ...],
+    seeds: tuple[int, ...],
+    rounds: int,
+    jobs: int,
+    settings: dict[str, Any],
+    scratch: Path,
+) -> pd.DataFrame:
     """One sweep's results table (every method, level and seed)."""
     spec = SweepSpec(
         dataset=dataset,
@@ -91,9 +99,11 @@ def summarise(dataset: str, results: pd.DataFrame) -> list[dict[str, Any]]:
 
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The issue's targets, each with the figure measured and whether it is met."""
+
     def cell(dataset: str, epsilon: Any, method: str) -> dict[str, Any] | None:
-        return next((r for r in rows if r["dataset"] == dataset and r["epsilon"] == epsilon
-                     and r["method"] == method), None)
+        return next(
+            (r for r in rows if r["dataset"] == dataset and r["epsilon"] == epsilon and r["method"] == method), None
+        )
 
     out = []
     for dataset in sorted({r["dataset"] for r in rows}):
@@ -101,19 +111,31 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         federated = cell(dataset, "inf", "federated")
         if reference and federated:
             gap = reference["mean"] - federated["mean"]
-            out.append({"target": f"{dataset}: no DP, federated within 0.01 {reference['metric']} of reference",
-                        "figure": f"{federated['mean']:.3f} vs {reference['mean']:.3f} (gap {gap:+.3f})",
-                        "met": gap <= 0.01})
+            out.append(
+                {
+                    "target": f"{dataset}: no DP, federated within 0.01 {reference['metric']} of reference",
+                    "figure": f"{federated['mean']:.3f} vs {reference['mean']:.3f} (gap {gap:+.3f})",
+                    "met": gap <= 0.01,
+                }
+            )
         private = cell(dataset, 1.0, "federated")
         if private:
-            out.append({"target": f"{dataset}: epsilon 1, federated accuracy above the majority rate",
-                        "figure": f"{private['accuracy']:.3f} vs {private['majority_rate']:.3f}",
-                        "met": private["accuracy"] > private["majority_rate"]})
+            out.append(
+                {
+                    "target": f"{dataset}: epsilon 1, federated accuracy above the majority rate",
+                    "figure": f"{private['accuracy']:.3f} vs {private['majority_rate']:.3f}",
+                    "met": private["accuracy"] > private["majority_rate"],
+                }
+            )
             if dataset == "german-credit" and reference:
                 halfway = 0.5 + (reference["mean"] - 0.5) / 2
-                out.append({"target": "german-credit: epsilon 1, federated AUC at least halfway from 0.5 to reference",
-                            "figure": f"{private['mean']:.3f} vs {halfway:.3f}",
-                            "met": private["mean"] >= halfway})
+                out.append(
+                    {
+                        "target": "german-credit: epsilon 1, federated AUC at least halfway from 0.5 to reference",
+                        "figure": f"{private['mean']:.3f} vs {halfway:.3f}",
+                        "met": private["mean"] >= halfway,
+                    }
+                )
     return out
 
 
@@ -121,14 +143,22 @@ def ablation(dataset: str, *, seeds: tuple[int, ...], rounds: int, jobs: int, sc
     """Federated AUC at epsilon 1 and without DP under the old settings, then each change added."""
     rows = []
     for label, settings in ABLATION.items():
-        results = sweep(dataset, epsilons=(1.0,), seeds=seeds, rounds=rounds, jobs=jobs, settings=settings,
-                        scratch=scratch)
+        results = sweep(
+            dataset, epsilons=(1.0,), seeds=seeds, rounds=rounds, jobs=jobs, settings=settings, scratch=scratch
+        )
         federated = results[results["method"] == "federated"]
         for target, part in federated.groupby("target_epsilon"):
-            rows.append({"dataset": dataset, "variant": label, "epsilon": "inf" if math.isinf(target) else target,
-                         "metric": metric_of(dataset), "mean": float(part[metric_of(dataset)].mean()),
-                         "std": float(part[metric_of(dataset)].std(ddof=0)),
-                         "accuracy": float(part["accuracy"].mean())})
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "variant": label,
+                    "epsilon": "inf" if math.isinf(target) else target,
+                    "metric": metric_of(dataset),
+                    "mean": float(part[metric_of(dataset)].mean()),
+                    "std": float(part[metric_of(dataset)].std(ddof=0)),
+                    "accuracy": float(part["accuracy"].mean()),
+                }
+            )
     return rows
 
 
@@ -139,7 +169,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--ablation", action="store_true", help="also the before/after rows (German credit, breast cancer)")
+    parser.add_argument(
+        "--ablation", action="store_true", help="also the before/after rows (German credit, breast cancer)"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     epsilons = tuple(float(e) for e in args.epsilons.split(","))
@@ -149,8 +181,15 @@ def main() -> None:
     ablations: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fedsilo-utility-") as scratch:
         for dataset in args.datasets.split(","):
-            results = sweep(dataset, epsilons=epsilons, seeds=seeds, rounds=args.rounds, jobs=args.jobs,
-                            settings={}, scratch=Path(scratch))
+            results = sweep(
+                dataset,
+                epsilons=epsilons,
+                seeds=seeds,
+                rounds=args.rounds,
+                jobs=args.jobs,
+                settings={},
+                scratch=Path(scratch),
+            )
             rows += summarise(dataset, results)
         if args.ablation:
             for dataset in ("german-credit", "breast-cancer"):

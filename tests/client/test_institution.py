@@ -9,7 +9,7 @@ import numpy as np
 from client.institution import InstitutionData, fit_round
 from client.policy import PrivacyPolicy
 from common.ledger import PrivacyLedger
-from common.models import build_mlp, get_weights
+from common.models import build_model, get_weights
 from common.settings import RunSettings
 
 SETTINGS = RunSettings.from_config({"num-server-rounds": 3, "target-epsilon": 2.0})
@@ -22,7 +22,7 @@ def institution(state: Path, settings: RunSettings = SETTINGS, max_epsilon: floa
 
 
 def initial(data: InstitutionData) -> list[np.ndarray]:
-    return get_weights(build_mlp(data.schema.num_inputs, 2, SETTINGS.train.hidden_units, seed=SETTINGS.seed))
+    return get_weights(build_model(SETTINGS.train, data.schema, seed=SETTINGS.seed))
 
 
 def test_each_round_is_recorded_and_epsilon_grows_to_the_target(tmp_path: Path) -> None:

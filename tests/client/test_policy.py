@@ -13,7 +13,7 @@ from client.institution import InstitutionData, deployed_policy, evaluate_round,
 from client.policy import PrivacyPolicy
 from common.errors import ConfigError
 from common.ledger import PrivacyLedger
-from common.models import build_mlp, get_weights
+from common.models import build_model, get_weights
 from common.settings import RunSettings
 from common.training import RoundPlan, plan_round
 
@@ -37,7 +37,7 @@ def institution(state: Path, policy: PrivacyPolicy) -> InstitutionData:
 
 
 def initial(data: InstitutionData) -> list[np.ndarray]:
-    return get_weights(build_mlp(data.schema.num_inputs, 2, SETTINGS.train.hidden_units, seed=SETTINGS.seed))
+    return get_weights(build_model(SETTINGS.train, data.schema, seed=SETTINGS.seed))
 
 
 def test_a_policy_file_with_a_table_for_one_institution(tmp_path: Path) -> None:
@@ -124,11 +124,11 @@ def test_a_round_whose_update_would_leave_unmasked_is_refused_when_the_policy_re
 
 def test_re_encoded_records_do_not_start_a_fresh_budget(tmp_path: Path) -> None:
     data = institution(tmp_path, PrivacyPolicy(max_epsilon=1.4))
-    assert fit_round(data, initial(data), SETTINGS, server_round=1, run_id="a").num_examples > 0  # spends 1.19
+    assert fit_round(data, initial(data), SETTINGS, server_round=1, run_id="a").num_examples > 0  # spends 1.18
     # The same records under another schema have another fingerprint, but the same state directory.
     renamed = replace(data, fingerprint="0" * 24)
     out = fit_round(renamed, initial(data), SETTINGS, server_round=1, run_id="b")
-    assert out.num_examples == 0 and "already spent 1.19" in str(out.metrics["refused"])
+    assert out.num_examples == 0 and "already spent 1.176" in str(out.metrics["refused"])
 
 
 def test_epsilon_is_accounted_at_the_institutions_own_delta(tmp_path: Path) -> None:
@@ -142,7 +142,7 @@ def test_epsilon_is_accounted_at_the_institutions_own_delta(tmp_path: Path) -> N
 
 
 def test_the_institutions_budget_not_the_coordinators_decides(tmp_path: Path) -> None:
-    data = institution(tmp_path, PrivacyPolicy(max_epsilon=1.4))  # one round of three costs 1.19
+    data = institution(tmp_path, PrivacyPolicy(max_epsilon=1.4))  # one round of three costs 1.18
     generous = SETTINGS.with_overrides({"max-epsilon": 50.0})  # the coordinator offers more
     weights, outcomes = initial(data), []
     for r in (1, 2, 3):

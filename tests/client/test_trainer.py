@@ -19,7 +19,7 @@ from client.simulated_data import SimulatedTables
 from client.trainer import SOCKET_KEY, Trainer, TrainerError, TrainerUnavailable, call
 from common.datasets import builtin_schema_path, load_builtin
 from common.ledger import PrivacyLedger
-from common.models import build_mlp, get_weights
+from common.models import build_model, get_weights
 from common.settings import RunSettings
 
 SETTINGS = RunSettings.from_config({"num-server-rounds": 2, "target-epsilon": 2.0, "secure-aggregation": False})
@@ -59,7 +59,7 @@ def trainer(tmp_path: Path) -> Iterator[dict[str, Any]]:
 def initial() -> list[np.ndarray]:
     schema = load_builtin("german-credit").schema
     return get_weights(
-        build_mlp(schema.num_inputs, schema.num_classes, SETTINGS.train.hidden_units, seed=SETTINGS.seed)
+        build_model(SETTINGS.train, schema, seed=SETTINGS.seed)
     )
 
 

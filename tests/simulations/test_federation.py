@@ -127,7 +127,7 @@ def test_a_lone_contributor_is_never_unmasked_and_its_spent_privacy_is_reported(
 def test_institutions_leave_by_their_own_policy_while_the_federation_goes_on(runs: dict[str, Any]) -> None:
     path, report, seen = runs["policies"]
     by_name = {i["name"]: i for i in report["institutions"]}
-    # hospital-1 trained one round (epsilon 1.19 of its 1.4), then its budget ended its part.
+    # hospital-1 trained one round (epsilon 1.18 of its 1.4), then its budget ended its part.
     assert [e["round"] for e in by_name["hospital-1"]["ledger"]] == [1]
     assert [r["round"] for r in by_name["hospital-1"]["refusals"]] == [2, 3]
     assert "budget of 1.4" in by_name["hospital-1"]["refusals"][0]["reason"]
