@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python -m simulations.benchmarks.scale --institutions 1000 --fraction-fit 0.1 --rounds 3 --num-shares 21 --out bench/scale.json
 	$(BIN)/python -m simulations.benchmarks.deployment_latency --rounds 4 --cold --out bench/deployment_latency.json
 	$(BIN)/python -m simulations.benchmarks.fashion_mnist --out bench/fashion_mnist.json
+	$(BIN)/python -m simulations.benchmarks.institution_size --sizes 10000,100000,1000000 --out bench/institution_size.json
 	$(BIN)/python -m simulations.benchmarks.table bench > bench/RESULTS.md
 	cat bench/RESULTS.md
 

@@ -174,7 +174,9 @@ def fit_round(
     says whether the update leaves masked by SecAgg+ (the ClientApp knows it from
     the message; None: as the run settings say). The budget covers every ledger in
     the institution's state directory: records re-encoded by a changed schema (a
-    new fingerprint) do not start a fresh budget.
+    new fingerprint) do not start a fresh budget. A trained round weighs
+    ``min(training records, secagg-max-weight)``, with SecAgg+ or without, so an
+    institution of any size takes part.
     """
     secure = settings.secagg.enabled if secure_aggregation is None else secure_aggregation
     privacy, policy = settings.privacy, data.policy
@@ -209,11 +211,6 @@ def fit_round(
                 f"{data.name} refused round {server_round}: it would spend epsilon {after:.3f} "
                 f"of a budget of {budget:g} (already spent {spent:.3f})"
             )
-        elif secure and len(data.train_y) > settings.secagg.max_weight:
-            reason = (
-                f"{data.name} refused round {server_round}: its {len(data.train_y)} training records exceed "
-                f"secagg-max-weight = {settings.secagg.max_weight:g}, which would overflow SecAgg+; raise it"
-            )
         if reason is not None:
             return FitOutcome(list(weights), 0, {**base, "epsilon": spent, "refused": reason})
         model = _model_with(data, settings, weights)
@@ -239,7 +236,8 @@ def fit_round(
             "noise-multiplier": plan.noise_multiplier,
             "sample-rate": plan.sample_rate,
         }
-        return FitOutcome(get_weights(model), len(data.train_y), metrics)
+        # Its aggregation weight, sent in the clear: the record count, capped at secagg-max-weight.
+        return FitOutcome(get_weights(model), settings.secagg.aggregation_weight(len(data.train_y)), metrics)
 
 
 def _model_with(data: InstitutionData, settings: RunSettings, weights: Sequence[np.ndarray]) -> nn.Module:

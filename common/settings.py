@@ -134,7 +134,16 @@ class PrivacySettings:
 
 @dataclass(frozen=True)
 class SecAggSettings:
-    """Flower SecAgg+ settings (Bell et al., CCS 2020); see ``SecAggPlusWorkflow``."""
+    """Flower SecAgg+ settings (Bell et al., CCS 2020); see ``SecAggPlusWorkflow``.
+
+    ``max_weight`` is the largest aggregation weight, with or without SecAgg+: an
+    institution weighs ``min(its training records, max_weight)`` in the aggregate
+    (``aggregation_weight``), so one of any size takes part, and one above the
+    maximum has the maximum's influence. SecAgg+ multiplies each update by
+    ``weight / max_weight`` (at most 1) and clips the product to
+    ``[-clipping_range, clipping_range]``: a model whose parameters reach beyond
+    the clipping range loses them silently (``server.aggregation.clipping_warning``).
+    """
 
     enabled: bool = field(default=True, metadata=_key("secure-aggregation"))
     num_shares: float = field(default=1.0, metadata=_key("secagg-num-shares"))
@@ -142,6 +151,9 @@ class SecAggSettings:
     clipping_range: float = field(default=8.0, metadata=_key("secagg-clipping-range"))
     quantization_range: int = field(default=4194304, metadata=_key("secagg-quantization-range"))
     modulus_range: int = field(default=4294967296, metadata=_key("secagg-modulus-range"))
+    # The largest aggregation weight: an institution with more training records weighs this much.
+    # Below it, weights are record counts quantized to quantization_range * records / max_weight
+    # levels, so a larger maximum costs the small institutions precision.
     max_weight: float = field(default=1000.0, metadata=_key("secagg-max-weight"))
     timeout: float = field(default=0.0, metadata=_key("secagg-timeout"))
 
@@ -166,8 +178,17 @@ class SecAggSettings:
             self.modulus_range,
             "a power of two <= 2**32",
         )
-        _check(self.max_weight > 0, "secagg-max-weight", self.max_weight, "> 0")
+        _check(self.max_weight >= 1, "secagg-max-weight", self.max_weight, ">= 1 (the largest aggregation weight)")
         _check(self.timeout >= 0, "secagg-timeout", self.timeout, ">= 0 (0: wait forever)")
+
+    def aggregation_weight(self, records: int) -> int:
+        """An institution's weight in the aggregate: its training records, at most ``max_weight``.
+
+        Its ratio ``weight / max_weight`` never exceeds 1, so SecAgg+'s weighted sum
+        cannot overflow whatever the institution's size, and an institution at or
+        below the maximum is weighted (and quantized) exactly by its record count.
+        """
+        return min(records, math.floor(self.max_weight))
 
     @staticmethod
     def _count_or_fraction(value: float) -> int | float:

@@ -14,6 +14,10 @@ of shares; with every institution a neighbour (``secagg-num-shares = 1.0``) that
 was the coordinator's largest cost (about 10 s a round at 50 institutions). The
 coordinator receives the same shares as before and recovers the same secrets:
 nothing about what it learns changes.
+
+After unmasking it warns in the run log when the aggregate comes near SecAgg+'s
+clipping range (``server.aggregation.clipping_warning``): Flower clips every
+institution's weighted parameters to it without a word.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from logging import WARNING
 from typing import Any, cast
 
 from flwr.app import Message
+from flwr.common import parameters_to_ndarrays
 from flwr.common.logger import log
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
@@ -34,7 +39,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
-from server.aggregation import MIN_CONTRIBUTORS, may_unmask
+from server.aggregation import MIN_CONTRIBUTORS, clipping_warning, may_unmask
 from server.strategy import WAIT_S, FedsiloStrategy
 
 
@@ -74,7 +79,18 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
         return False
 
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
-        return super().unmask_stage(cast(Grid, ThresholdShares(grid, state.threshold)), context, state)
+        if not super().unmask_stage(cast(Grid, ThresholdShares(grid, state.threshold)), context, state):
+            return False
+        if state.legacy_results:  # every reply now carries the aggregate
+            warning = clipping_warning(
+                parameters_to_ndarrays(state.legacy_results[0][1].parameters),
+                (res.num_examples for _, res in state.legacy_results),
+                max_weight=self.max_weight,
+                clipping_range=self.clipping_range,
+            )
+            if warning is not None:
+                log(WARNING, "%s", warning)
+        return True
 
 
 def _sample_size(context: LegacyContext) -> int:

@@ -11,7 +11,8 @@ the Flower engine runs, in the order Flower runs it:
 - with secure aggregation, each update goes through SecAgg+'s weighting, clipping
   and seeded stochastic quantization, and the sum through its dequantization
   (``server.aggregation``, Flower's own functions, the masks left out because
-  they cancel); a round with fewer than two trainers halts unaggregated, as
+  they cancel); a round with fewer than two trainers halts unaggregated, and an
+  aggregate near the clipping range is warned about, as
   ``GuardedSecAggPlusWorkflow`` does;
 - the strategy is ``FedsiloStrategy``, built by ``server.server_app.open_run``:
   the same FedAvg, bookkeeping and run directory (metrics.csv, checkpoints,
@@ -30,17 +31,24 @@ import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters
+from flwr.common.logger import log
 from flwr.server.client_proxy import ClientProxy
 
 from client.institution import evaluate_round, fit_round
 from client.mods import quantization_seed, seeded_global_numpy
 from common.settings import RunSettings
-from server.aggregation import may_unmask, secaggplus_client_vector, secaggplus_unmasked_aggregate
+from server.aggregation import (
+    clipping_warning,
+    may_unmask,
+    secaggplus_client_vector,
+    secaggplus_unmasked_aggregate,
+)
 from server.server_app import open_run
 from server.strategy import EvalResults, FedsiloStrategy, FitResults, RoundCallback
 from simulations.baselines import federation_members
@@ -124,7 +132,16 @@ def run_inprocess(
                     seed = quantization_seed(settings.seed, server_round, who[data.name])
                     with seeded_global_numpy(seed):
                         vectors.append(secaggplus_client_vector(outcome.weights, outcome.num_examples, settings.secagg))
-                aggregate = ndarrays_to_parameters(secaggplus_unmasked_aggregate(vectors, settings.secagg))
+                recovered = secaggplus_unmasked_aggregate(vectors, settings.secagg)
+                warning = clipping_warning(
+                    recovered,
+                    (o.num_examples for o in outcomes),
+                    max_weight=settings.secagg.max_weight,
+                    clipping_range=settings.secagg.clipping_range,
+                )
+                if warning is not None:  # as GuardedSecAggPlusWorkflow warns
+                    log(WARNING, "%s", warning)
+                aggregate = ndarrays_to_parameters(recovered)
                 for _, res in results:
                     res.parameters = aggregate  # as SecAggPlusWorkflow hands every FitRes the aggregate
                 strategy.aggregate_fit(server_round, results, [])

@@ -5,6 +5,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from client.institution import InstitutionData, fit_round
 from client.policy import PrivacyPolicy
@@ -90,9 +91,17 @@ def test_deployed_institutions_draw_noise_the_run_config_cannot_predict(tmp_path
     assert all((a == b).all() for a, b in zip(sim_one.weights, sim_two.weights, strict=True))
 
 
-def test_more_records_than_secagg_max_weight_is_refused_before_training(tmp_path: Path) -> None:
+@pytest.mark.parametrize("secure", [True, False])
+def test_more_records_than_secagg_max_weight_train_at_the_largest_weight(tmp_path: Path, secure: bool) -> None:
+    # Prepare: about 150 training records against a maximum weight of 10
     data = institution(tmp_path)
-    settings = RunSettings.from_config({"secagg-max-weight": 10.0})
+    settings = RunSettings.from_config({"secagg-max-weight": 10.0, "secure-aggregation": secure})
+
+    # Execute
     out = fit_round(data, initial(data), settings, server_round=1, run_id="a")
-    assert out.num_examples == 0 and "secagg-max-weight" in str(out.metrics["refused"])
-    assert PrivacyLedger.for_dataset(tmp_path, data.fingerprint).entries == ()
+
+    # Assert: no refusal; it trained, recorded the round and weighs the maximum, with SecAgg+ or without
+    assert len(data.train_y) > 100 and "refused" not in out.metrics
+    assert out.num_examples == 10
+    assert any((a != b).any() for a, b in zip(out.weights, initial(data), strict=True))
+    assert [e.round for e in PrivacyLedger.for_dataset(tmp_path, data.fingerprint).entries] == [1]
