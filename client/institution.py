@@ -227,6 +227,8 @@ def fit_round(
             train=settings.train,
             max_grad_norm=privacy.max_grad_norm,
             seed=seed,
+            # SecAgg+ clips each masked value to its clipping range: keep the weights inside it.
+            weight_bound=settings.secagg.clipping_range if secure else None,
         )
         ledger.append(entry)  # before the update leaves: a released update is spent privacy
         metrics = {

@@ -145,8 +145,14 @@ def train_round(
     train: TrainSettings,
     max_grad_norm: float,
     seed: int,
+    weight_bound: float | None = None,
 ) -> float:
     """Train ``model`` in place for ``plan.steps`` steps; return the mean training loss.
+
+    ``weight_bound`` keeps every parameter in ``[-weight_bound, weight_bound]``
+    after every step (projected SGD, post-processing of each DP-SGD step): an
+    update that goes through SecAgg+ is then never clipped silently by its
+    ``secagg-clipping-range``.
 
     With noise, Opacus DP-SGD with Poisson sampling, per-sample clipping to
     ``max_grad_norm`` and Gaussian noise; without, plain mini-batch SGD over the
@@ -197,6 +203,10 @@ def train_round(
                 losses.append(float(loss.detach()))
             loss.backward()
             optimizer.step()
+            if weight_bound is not None:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.clamp_(-weight_bound, weight_bound)
             steps += 1
     if plan.noise_multiplier > 0:
         _detach_opacus(model)

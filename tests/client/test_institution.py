@@ -105,3 +105,14 @@ def test_more_records_than_secagg_max_weight_train_at_the_largest_weight(tmp_pat
     assert out.num_examples == 10
     assert any((a != b).any() for a, b in zip(out.weights, initial(data), strict=True))
     assert [e.round for e in PrivacyLedger.for_dataset(tmp_path, data.fingerprint).entries] == [1]
+
+
+def test_an_update_under_secagg_stays_inside_its_clipping_range(tmp_path: Path) -> None:
+    # A learning rate far too large would push weights past secagg-clipping-range, where SecAgg+
+    # would clip them silently; the institution keeps them inside it (plain FedAvg has no such limit).
+    loud = SETTINGS.with_overrides({"learning-rate": 200.0, "secagg-clipping-range": 2.0})
+    data = institution(tmp_path)
+    masked = fit_round(data, initial(data), loud, server_round=1, run_id="a", secure_aggregation=True)
+    plain = fit_round(data, initial(data), loud, server_round=1, run_id="b", secure_aggregation=False)
+    assert max(float(np.abs(w).max()) for w in masked.weights) <= 2.0
+    assert max(float(np.abs(w).max()) for w in plain.weights) > 2.0

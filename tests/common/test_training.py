@@ -153,3 +153,14 @@ def test_explicit_learning_rate_and_batch_are_used_as_given() -> None:
     assert plan.batch_size == 10 and plan.sample_rate == 0.1
     model = build_mlp(6, 2, (8,), seed=0)
     assert step_size(model, plan, train=train, num_examples=100, max_grad_norm=1.0) == 0.3
+
+
+def test_weight_bound_keeps_every_parameter_inside_secaggs_clipping_range() -> None:
+    # A learning rate far too large drives the weights past 8 unless they are projected back.
+    train = RunSettings.from_config({"learning-rate": 50.0, "model": "linear"}).train
+    plan = RoundPlan(sample_rate=0.25, steps=20, noise_multiplier=1.0)
+    free, bounded = (build_mlp(6, 2, (), seed=0) for _ in range(2))
+    train_round(free, X, Y, plan=plan, train=train, max_grad_norm=1.0, seed=0)
+    train_round(bounded, X, Y, plan=plan, train=train, max_grad_norm=1.0, seed=0, weight_bound=8.0)
+    assert max(float(np.abs(w).max()) for w in get_weights(free)) > 8.0
+    assert max(float(np.abs(w).max()) for w in get_weights(bounded)) <= 8.0
