@@ -58,9 +58,7 @@ def trainer(tmp_path: Path) -> Iterator[dict[str, Any]]:
 
 def initial() -> list[np.ndarray]:
     schema = load_builtin("german-credit").schema
-    return get_weights(
-        build_model(SETTINGS.train, schema, seed=SETTINGS.seed)
-    )
+    return get_weights(build_model(SETTINGS.train, schema, seed=SETTINGS.seed))
 
 
 def fit_header(server_round: int = 1) -> dict[str, Any]:
