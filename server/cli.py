@@ -45,7 +45,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory (holds 
     table = Table(
         title=f"{run_dir}: {data['rounds_completed']} rounds, secure aggregation {data['secure_aggregation']}"
     )
-    for column in ("institution", "records", "epsilon", "delta", "rounds trained", "refusals"):
+    for column in ("institution", "weight", "epsilon", "delta", "rounds trained", "refusals"):
         table.add_column(column)
     for inst in data["institutions"]:
         table.add_row(

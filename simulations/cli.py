@@ -354,7 +354,7 @@ def _scores(row: dict[str, Any], lead: str) -> str:
 
 def _summary(report: dict[str, Any], wall_s: float, out_dir: Path, lead: str, majority: float) -> None:
     table = Table(title="Institutions")
-    for column in ("institution", "records", "epsilon", "delta", "rounds trained", "rounds refused"):
+    for column in ("institution", "weight", "epsilon", "delta", "rounds trained", "rounds refused"):
         table.add_column(column, justify="left" if column == "institution" else "right")
     for inst in report["institutions"]:
         table.add_row(

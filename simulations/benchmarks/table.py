@@ -46,6 +46,17 @@ def _rows(name: str, data: dict[str, Any]) -> list[tuple[str, str, str]]:
         if "cold" in data:
             figure += f" (a cold process per message: {data['cold']['median_seconds_per_round']:.1f} s)"
         rows.append((f"Deployment round, {data['institutions']} institutions, TLS + SecAgg+", figure, "<= 10 s"))
+    elif name == "institution_size":
+        for r in data["results"]:
+            if "round_s" not in r:
+                rows.append((f"One institution's round, {r['records']:,} records", "did not finish", "-"))
+                continue
+            train = r["dp_train"]
+            figure = (
+                f"{r['round_s']:.1f} s ({r['dominant']} dominates: training {train['seconds']:.1f} s, "
+                f"{r['plan_account']['steps']} steps), peak {r['peak_rss_mb'] / 1024:.2f} GB RSS"
+            )
+            rows.append((f"One institution's round, {r['records']:,} records, default settings", figure, "-"))
     elif name == "utility":
         rows += _utility_rows(data)
     elif name == "sweep":
