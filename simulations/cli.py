@@ -57,6 +57,9 @@ def run(
     max_epsilon: Annotated[
         float, typer.Option(help="Lifetime epsilon budget per dataset (0: the target).")
     ] = DEFAULTS.privacy.max_epsilon,
+    accountant: Annotated[
+        str, typer.Option(help="pld (dp-accounting's PLD, the accountant of record) or rdp (Opacus's RDP).")
+    ] = DEFAULTS.privacy.accountant,
     partition: Annotated[str, typer.Option(help="iid, dirichlet:ALPHA or column:NAME.")] = DEFAULTS.data.partition,
     secure_aggregation: Annotated[
         bool, typer.Option("--secure-aggregation/--no-secure-aggregation", help="SecAgg+ (on by default).")
@@ -104,6 +107,7 @@ def run(
                 "noise-multiplier": noise_multiplier,
                 "delta": delta,
                 "max-epsilon": max_epsilon,
+                "accountant": accountant,
                 "partition": partition,
                 "secure-aggregation": secure_aggregation,
                 "local-epochs": local_epochs,
