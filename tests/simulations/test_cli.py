@@ -20,7 +20,7 @@ RUNNER = CliRunner()
         (["--institutions", "200"], "cannot be split into 200 institutions"),
         (["--delta", "2"], "'delta' must be in (0, 1). Found 2.0"),
         (["--institutions", "2"], "SecAgg+ needs at least 3 institutions"),
-        (["--model", "resnet"], "'model' must be one of 'mlp', 'cnn'. Found 'resnet'."),
+        (["--model", "resnet"], "'model' must be one of 'linear', 'mlp', 'cnn'. Found 'resnet'."),
         (["--activation", "gelu"], "'activation' must be one of 'relu', 'tanh'. Found 'gelu'."),
         (["--model", "cnn"], "model 'cnn' reads each record as a 28x28 grayscale image"),
     ],
