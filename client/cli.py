@@ -19,7 +19,7 @@ from client.policy import PrivacyPolicy
 from common.accounting import epsilon_spent
 from common.cli import print_error
 from common.errors import FedsiloError
-from common.flower_env import flower_env, stop_process
+from common.flower_env import child_env, flower_env, stop_process
 from common.ledger import PrivacyLedger
 from common.schema import Schema
 from common.settings import RunSettings
@@ -218,7 +218,9 @@ def start(
     private = socket_dir()
     socket_path = private / "trainer.sock"
     trainer = (
-        subprocess.Popen(trainer_argv(socket_path=socket_path, config=config), cwd=state_dir) if warm_trainer else None
+        subprocess.Popen(trainer_argv(socket_path=socket_path, config=config), cwd=state_dir, env=child_env())
+        if warm_trainer
+        else None
     )
     try:
         if trainer is not None:
