@@ -46,7 +46,7 @@ def test_a_superlink_started_with_the_switches_set_serves_no_grpc_api(
         monkeypatch.setenv(switch, "1")
     port = free_port()
     # Execute: fedsilo starts its SuperLink and gateway as `fedsilo-server start` does.
-    running = start_superlink(fed, host="127.0.0.1", port=port, insecure=True)
+    running = start_superlink(fed, host="127.0.0.1", port=port)
     try:
         internal = int(fed.flwr_home.joinpath("config.toml").read_text().split("127.0.0.1:")[1].split('"')[0])
         time.sleep(2)  # Flower starts its gRPC servers in the lifespan, before /health answers; be generous
