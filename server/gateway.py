@@ -194,7 +194,7 @@ def server_config(
         port=port,
         http=protocol,
         limit_concurrency=limits.max_connections,
-        h11_max_incomplete_event_size=64 * 1024,  # request line and headers
+        h11_max_incomplete_event_size=16 * 1024,  # request line and headers (h11's own default)
         ssl_certfile=str(certfile) if certfile else None,
         ssl_keyfile=str(keyfile) if keyfile else None,
         log_level="warning",
