@@ -19,7 +19,7 @@ from client.policy import PrivacyPolicy
 from common.accounting import epsilon_spent
 from common.cli import print_error
 from common.errors import FedsiloError
-from common.flower_env import flower_env, stop_process
+from common.flower_env import child_env, die_with_parent, flower_env, stop_process
 from common.ledger import PrivacyLedger
 from common.schema import Schema
 from common.settings import RunSettings
@@ -217,8 +217,17 @@ def start(
     # do not start from a cold process (see client/trainer.py).
     private = socket_dir()
     socket_path = private / "trainer.sock"
+    # Every child is killed when this process ends, even by SIGKILL (the SuperNode's own
+    # children watch it in turn): no part of the institution goes on after it stopped.
     trainer = (
-        subprocess.Popen(trainer_argv(socket_path=socket_path, config=config), cwd=state_dir) if warm_trainer else None
+        subprocess.Popen(
+            trainer_argv(socket_path=socket_path, config=config),
+            cwd=state_dir,
+            env=child_env(),
+            preexec_fn=die_with_parent(),
+        )
+        if warm_trainer
+        else None
     )
     try:
         if trainer is not None:
@@ -244,7 +253,9 @@ def _run_supernode(argv: list[str], *, who: str, server: str, state_dir: Path, o
     code = 0
     for attempt in range(1 if once else ACTIVATION_ATTEMPTS):
         started = time.monotonic()
-        process = subprocess.Popen(argv, env=flower_env(state_dir / "flwr"), cwd=state_dir)
+        process = subprocess.Popen(
+            argv, env=flower_env(state_dir / "flwr"), cwd=state_dir, preexec_fn=die_with_parent()
+        )
         try:
             code = process.wait()
         except KeyboardInterrupt:
