@@ -87,6 +87,10 @@ def run(
     engine: Annotated[
         str, typer.Option(help="flower: Flower's simulation runtime with full SecAgg+; inprocess: the fast path.")
     ] = "flower",
+    ray_address: Annotated[
+        str,
+        typer.Option(help="Run Flower's simulation engine on this existing Ray cluster (ray start), e.g. HOST:6379."),
+    ] = "",
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
     """Run one federation and write its run directory (metrics.csv, model.pt, report.json)."""
@@ -122,6 +126,11 @@ def run(
         if (out_dir / "report.json").exists():
             raise FedsiloError(f"{out_dir} already holds a finished run; choose another --out or remove it")
         check_engine(engine)
+        if ray_address and engine != "flower":
+            raise FedsiloError(
+                "--ray-address runs Flower's simulation engine on a cluster; add --engine flower "
+                f"(the {engine} engine runs in this process)"
+            )
         if settings.secagg.enabled and count < 3:
             raise FedsiloError("SecAgg+ needs at least 3 institutions here; add some or pass --no-secure-aggregation")
     except FedsiloError as err:
@@ -133,7 +142,8 @@ def run(
         f"secure aggregation {'on (SecAgg+)' if secure_aggregation else 'off'}"
     )
     if engine == "flower":
-        console.print("starting Flower's simulation engine (about 10 s) ...")
+        where = f"on the Ray cluster at {ray_address}" if ray_address else "(about 10 s)"
+        console.print(f"starting Flower's simulation engine {where} ...")
     started = time.monotonic()
 
     def progress(row: dict[str, Any]) -> None:
@@ -144,7 +154,9 @@ def run(
         )
 
     try:
-        report = run_engine(engine, settings, institutions=count, on_round=progress, verbose=verbose)
+        report = run_engine(
+            engine, settings, institutions=count, on_round=progress, verbose=verbose, ray_address=ray_address
+        )
     except FedsiloError as err:
         print_error(console, err)
         raise typer.Exit(2) from None

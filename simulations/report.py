@@ -53,7 +53,8 @@ CURVES = ("federated", "pooled", "alone")  # drawn against epsilon; the referenc
 def write_tables(tables: dict[str, pd.DataFrame], out_dir: Path) -> None:
     """results.csv/.parquet (one row per configuration, seed and method), institutions.csv, rounds.csv, summary.csv.
 
-    And failures.csv (one row per failed task: run_id, error, details) when a task failed.
+    And tasks.csv (where each task ran: host, pid, Ray node id, wall time), and failures.csv (one
+    row per failed task: run_id, error, details) when a task failed.
     """
     results = tables["results"]
     results.to_csv(out_dir / "results.csv", index=False)
@@ -61,6 +62,8 @@ def write_tables(tables: dict[str, pd.DataFrame], out_dir: Path) -> None:
     tables["institutions"].to_csv(out_dir / "institutions.csv", index=False)
     tables["rounds"].to_csv(out_dir / "rounds.csv", index=False)
     summary_table(results).to_csv(out_dir / "summary.csv", index=False)
+    if "tasks" in tables:
+        tables["tasks"].to_csv(out_dir / "tasks.csv", index=False)
     failures = tables.get("failures")
     if failures is not None and len(failures):
         failures.to_csv(out_dir / "failures.csv", index=False)

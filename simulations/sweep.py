@@ -305,7 +305,8 @@ def run_sweep(
     reruns only the tasks that had not finished. A task that raises is stored under
     ``out_dir/failures`` and does not stop the others. ``on_done`` is called once per
     task run now, finished or failed. The tables: ``results``, ``institutions``,
-    ``rounds`` (in the spec's task order) and ``failures`` (run_id, error, details).
+    ``rounds`` (in the spec's task order), ``failures`` (run_id, error, details) and
+    ``tasks`` (where each finished task ran: host, pid, Ray node id, wall time).
     """
     store = SweepStore.open(out_dir, spec)
     tasks = spec.tasks()
@@ -342,6 +343,7 @@ def run_sweep(
         "institutions": pd.DataFrame([row for r in records for row in r.institutions]),
         "rounds": pd.DataFrame([row for r in records for row in r.rounds]),
         "failures": failures,
+        "tasks": pd.DataFrame([{"run_id": r.run_id, **r.ran_on} for r in records]),
     }
 
 

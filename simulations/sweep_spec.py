@@ -216,6 +216,12 @@ def parse_sweep(values: Mapping[str, Any], source: str, *, folder: Path | str | 
     if "settings" in values:
         out["settings"] = _fixed_settings(values["settings"], source)
     spec = SweepSpec(**out)
+    if spec.ray_address and spec.engine == "flower":
+        raise ConfigError(
+            f"{source}: 'ray-address' runs each federation as one Ray task of the in-process engine; Flower's "
+            "engine would start its own actors inside each task. Leave 'engine' at inprocess, or run one "
+            "federation on the cluster with fedsilo-simulate run --engine flower --ray-address"
+        )
     if not spec.epsilons and not spec.noise_multipliers:
         raise ConfigError(f"{source}: give at least one of 'epsilons' or 'noise-multipliers'")
     return spec
