@@ -91,6 +91,9 @@ def run(
         str,
         typer.Option(help="Run Flower's simulation engine on this existing Ray cluster (ray start), e.g. HOST:6379."),
     ] = "",
+    tensorboard: Annotated[
+        Path | None, typer.Option(help="Write each round's metrics and epsilon as TensorBoard event files here.")
+    ] = None,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
     """Run one federation and write its run directory (metrics.csv, model.pt, report.json)."""
@@ -133,6 +136,11 @@ def run(
             )
         if settings.secagg.enabled and count < 3:
             raise FedsiloError("SecAgg+ needs at least 3 institutions here; add some or pass --no-secure-aggregation")
+        tracker = None
+        if tensorboard is not None:
+            from simulations.tracking import RunTracker
+
+            tracker = RunTracker(tensorboard)
     except FedsiloError as err:
         print_error(console, err)
         raise typer.Exit(2) from None
@@ -152,6 +160,8 @@ def run(
             f"max epsilon {_fmt(row['max_epsilon'], 3)}  trained {row['institutions_trained']}  "
             f"refused {row['institutions_refused']}  ({row['elapsed_s']:.1f} s)"
         )
+        if tracker is not None:
+            tracker.round(row)
 
     try:
         report = run_engine(
@@ -160,6 +170,11 @@ def run(
     except FedsiloError as err:
         print_error(console, err)
         raise typer.Exit(2) from None
+    finally:
+        if tracker is not None:
+            tracker.close()
+    if tensorboard is not None:
+        console.print(f"TensorBoard event files: {tensorboard} (tensorboard --logdir {tensorboard})")
     _summary(report, time.monotonic() - started, out_dir, lead, majority)
 
 
@@ -194,6 +209,10 @@ def sweep(
     out: Annotated[
         Path | None,
         typer.Option(help="Results directory (default: runs/sweep-<time>); an interrupted sweep's: resume it."),
+    ] = None,
+    tensorboard: Annotated[
+        Path | None,
+        typer.Option(help="Write each federation's rounds and scores, and the summary, as TensorBoard event files."),
     ] = None,
 ) -> None:
     """Sweep privacy and federation settings with baselines and a privacy audit; write tables, plots, report."""
@@ -233,14 +252,19 @@ def sweep(
             raise FedsiloError(f"{out_dir} already exists and is not empty; choose another --out or remove it")
         if jobs < 0:
             raise FedsiloError(f"--jobs must be >= 0 (0: one per core). Found {jobs}.")
+        tracker = None
+        if tensorboard is not None:
+            from simulations.tracking import SweepTracker
+
+            tracker = SweepTracker(tensorboard)
     except FedsiloError as err:
         print_error(console, err)
         raise typer.Exit(2) from None
     workers = jobs or os.cpu_count() or 1
-    _run_sweep_cli(spec, out_dir, workers)
+    _run_sweep_cli(spec, out_dir, workers, tracker)
 
 
-def _run_sweep_cli(spec: Any, out_dir: Path, workers: int) -> None:
+def _run_sweep_cli(spec: Any, out_dir: Path, workers: int, tracker: Any = None) -> None:
     import os
     import platform
 
@@ -283,7 +307,8 @@ def _run_sweep_cli(spec: Any, out_dir: Path, workers: int) -> None:
             console=console,
         ) as progress:
             bar = progress.add_task("sweep", total=len(tasks), completed=finished)
-            tables = run_sweep(spec, out_dir, jobs=workers, on_done=lambda _: progress.advance(bar))
+            track = (lambda _, r: tracker.task(r.run_id, r.rounds, r.results)) if tracker is not None else None
+            tables = run_sweep(spec, out_dir, jobs=workers, on_done=lambda _: progress.advance(bar), on_record=track)
     except KeyboardInterrupt:
         kept = len(ids & set(SweepStore(out_dir).finished()))
         console.print(
@@ -313,6 +338,11 @@ def _run_sweep_cli(spec: Any, out_dir: Path, workers: int) -> None:
     try:
         write_tables(tables, out_dir)
         write_report(tables, out_dir, title=f"fedsilo sweep: {spec.dataset}", notes=notes)
+        if tracker is not None:
+            from simulations.sweep import summary_table
+
+            tracker.summary(summary_table(tables["results"]), sweep_lead_metric(tables["results"]))
+            console.print(f"TensorBoard event files: {tracker.log_dir} (tensorboard --logdir {tracker.log_dir})")
     except FedsiloError as err:
         print_error(console, err)
         raise typer.Exit(2) from None

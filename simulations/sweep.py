@@ -294,7 +294,12 @@ def _run_local(spec: SweepSpec, tasks: list[Task], out_dir: Path, jobs: int, arr
 
 
 def run_sweep(
-    spec: SweepSpec, out_dir: Path, *, jobs: int, on_done: Callable[[Task], None] | None = None
+    spec: SweepSpec,
+    out_dir: Path,
+    *,
+    jobs: int,
+    on_done: Callable[[Task], None] | None = None,
+    on_record: Arrived | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Run every task not finished yet; return the tidy tables of all finished ones, and the failures.
 
@@ -304,7 +309,8 @@ def run_sweep(
     (``simulations.sweep_store``), so a sweep started again with the same ``out_dir``
     reruns only the tasks that had not finished. A task that raises is stored under
     ``out_dir/failures`` and does not stop the others. ``on_done`` is called once per
-    task run now, finished or failed. The tables: ``results``, ``institutions``,
+    task run now, finished or failed; ``on_record`` with each task finished now and its
+    record (experiment tracking). The tables: ``results``, ``institutions``,
     ``rounds`` (in the spec's task order), ``failures`` (run_id, error, details) and
     ``tasks`` (where each finished task ran: host, pid, Ray node id, wall time).
     """
@@ -318,6 +324,8 @@ def run_sweep(
     def arrived(task: Task, record: TaskRecord) -> None:
         store.save(task, record)
         done[task.run_id] = record
+        if on_record is not None:
+            on_record(task, record)
         if on_done is not None:
             on_done(task)
 
