@@ -41,15 +41,24 @@ def _stamps(out: Path, run_ids: list[str]) -> dict[str, tuple[int, bytes]]:
     return {str(f): (f.stat().st_mtime_ns, f.read_bytes()) for f in files}
 
 
-def test_a_killed_sweep_resumes_to_the_tables_of_an_uninterrupted_one(tmp_path: Path) -> None:
-    # Prepare: the uninterrupted sweep, and the same sweep in a process killed after its first finished task
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["machine-lost", "ctrl-c"])
+def test_a_killed_sweep_resumes_to_the_tables_of_an_uninterrupted_one(tmp_path: Path, stop: signal.Signals) -> None:
+    # Prepare: the uninterrupted sweep, and the same sweep in a process stopped after its first finished task
+    # (SIGKILL: nothing runs its clean-up; SIGINT: Ctrl-C at a terminal, to the whole process group)
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     done = RUNNER.invoke(app, [*SWEEP, "--out", str(whole)])
     assert done.exit_code == 0, done.output
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     argv = [sys.executable, "-m", "simulations.cli", *SWEEP, "--out", str(resumed)]
     with open(tmp_path / "killed.log", "wb") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        process = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as at a terminal, even under CI
+        )
         try:
             deadline = time.monotonic() + 120
             while not list((resumed / "tasks").glob("*.json")) and process.poll() is None:
@@ -57,8 +66,11 @@ def test_a_killed_sweep_resumes_to_the_tables_of_an_uninterrupted_one(tmp_path: 
                 time.sleep(0.05)
         finally:
             if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)  # a machine lost: nothing runs its clean-up
-            process.wait()
+                os.killpg(process.pid, stop)
+            process.wait(60)
+    if stop == signal.SIGINT:
+        text = " ".join((tmp_path / "killed.log").read_text().split())
+        assert process.returncode == 130 and "interrupted:" in text and "run the same command again to resume" in text
     kept = sorted(p.stem for p in (resumed / "tasks").glob("*.json"))
     assert 1 <= len(kept) < 4, (tmp_path / "killed.log").read_text()
     assert not list((resumed / "tasks").glob(".*.tmp")) and not (resumed / "results.csv").exists()
