@@ -136,6 +136,10 @@ def run(
             )
         if settings.secagg.enabled and count < 3:
             raise FedsiloError("SecAgg+ needs at least 3 institutions here; add some or pass --no-secure-aggregation")
+        if ray_address:
+            from simulations.cluster import check_reachable
+
+            check_reachable(ray_address)
         tracker = None
         if tensorboard is not None:
             from simulations.tracking import RunTracker
@@ -252,6 +256,10 @@ def sweep(
             raise FedsiloError(f"{out_dir} already exists and is not empty; choose another --out or remove it")
         if jobs < 0:
             raise FedsiloError(f"--jobs must be >= 0 (0: one per core). Found {jobs}.")
+        if spec.ray_address:
+            from simulations.cluster import check_reachable
+
+            check_reachable(spec.ray_address)
         tracker = None
         if tensorboard is not None:
             from simulations.tracking import SweepTracker

@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import shutil
+import socket
 import tarfile
 import tempfile
 from collections.abc import Callable
@@ -66,8 +67,27 @@ def run_remote(spec: SweepSpec, task: Task) -> tuple[TaskRecord, bytes]:
     return replace(record, ran_on={**record.ran_on, "node_id": ray.get_runtime_context().get_node_id()}), archive
 
 
+def check_reachable(address: str, *, timeout: float = 5.0) -> None:
+    """Fail fast if nothing listens at a ``HOST:PORT`` address (Ray itself retries for minutes).
+
+    Other forms (``auto``, ``ray://...``) are left to Ray.
+    """
+    host, _, port = address.rpartition(":")
+    if not host or "://" in address or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as err:
+        raise FedsiloError(
+            f"no Ray cluster answers at {address!r} ({err.strerror or err}); start its head with "
+            "`ray start --head --port PORT` and pass HOST:PORT, or leave out --ray-address to run here"
+        ) from None
+
+
 def connect(address: str) -> Any:
     """Join the Ray cluster at ``address`` as a driver; return the ``ray`` module."""
+    check_reachable(address)
     for key, value in QUIET.items():
         os.environ.setdefault(key, value)
     import ray

@@ -14,9 +14,11 @@ import torch
 from typer.testing import CliRunner
 
 from common.errors import ConfigError
+from common.flower_env import free_port
 from simulations.cli import app
 from simulations.cluster import pack, unpack
 from simulations.local_cluster import LocalCluster
+from simulations.runner import ray_init_args
 from simulations.sweep_spec import parse_sweep
 
 RUNNER = CliRunner()
@@ -106,3 +108,22 @@ def test_a_run_directory_travels_packed(tmp_path: Path) -> None:
     unpack(pack(tmp_path / "run"), tmp_path / "back")
     assert (tmp_path / "back" / "state" / "ledger.json").read_text() == "{}"
     assert (tmp_path / "back" / "model.pt").read_bytes() == b"\x00\x01"
+
+
+def test_flowers_ray_backend_joins_a_cluster_instead_of_sizing_a_local_ray() -> None:
+    assert ray_init_args(3, ray_address="10.0.0.5:6379") == {
+        "address": "10.0.0.5:6379",
+        "logging_level": "ERROR",
+        "log_to_driver": False,
+    }
+    local = ray_init_args(3)
+    assert "address" not in local and local["include_dashboard"] is False and 1 <= local["num_cpus"] <= 3
+
+
+def test_a_sweep_pointed_at_no_cluster_exits_2_at_once_and_writes_nothing(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    argv = [*SWEEP, "--ray-address", f"127.0.0.1:{port}", "--out", str(tmp_path / "out")]
+    result = RUNNER.invoke(app, argv)
+    assert result.exit_code == 2, result.output
+    assert f"no Ray cluster answers at '127.0.0.1:{port}'" in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()
