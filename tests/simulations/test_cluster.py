@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -127,3 +128,22 @@ def test_a_sweep_pointed_at_no_cluster_exits_2_at_once_and_writes_nothing(tmp_pa
     assert result.exit_code == 2, result.output
     assert f"no Ray cluster answers at '127.0.0.1:{port}'" in " ".join(result.output.split())
     assert not (tmp_path / "out").exists()
+
+
+def test_a_sweep_file_names_its_cluster_and_a_bad_address_is_refused() -> None:
+    assert parse_sweep({"ray-address": " 10.0.0.5:6379 "}, "sweep.toml").ray_address == "10.0.0.5:6379"
+    with pytest.raises(ConfigError, match=r"sweep.toml: 'ray-address' must be a Ray cluster's address.*Found 6379"):
+        parse_sweep({"ray-address": 6379}, "sweep.toml")
+
+
+def test_a_local_sweep_never_imports_ray(tmp_path: Path) -> None:
+    code = (
+        "import sys; from pathlib import Path; from simulations.sweep import run_sweep; "
+        "from simulations.sweep_spec import SweepSpec; "
+        f"run_sweep(SweepSpec(rounds=1, epsilons=(2.0,), institutions=(3,), seeds=(0,)), Path({str(tmp_path)!r}), "
+        "jobs=1); print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[-2] == "[]"
