@@ -27,6 +27,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m simulations.benchmarks.utility --ablation --out bench/utility.json
 	$(BIN)/python -m simulations.benchmarks.sweep_time --out bench/sweep.json
+	$(BIN)/python -m simulations.benchmarks.ray_sweep --out bench/ray_sweep.json
 	$(BIN)/python -m simulations.benchmarks.dp_overhead --images 60000 --out bench/dp_overhead.json
 	$(BIN)/python -m simulations.benchmarks.secagg_overhead --sizes 5,10,50,100:2 --out bench/secagg_overhead.json
 	$(BIN)/python -m simulations.benchmarks.secagg_overhead --sizes 50,100 --num-shares 21 --out bench/secagg_overhead_21.json

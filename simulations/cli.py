@@ -90,6 +90,13 @@ def run(
     engine: Annotated[
         str, typer.Option(help="flower: Flower's simulation runtime with full SecAgg+; inprocess: the fast path.")
     ] = "flower",
+    ray_address: Annotated[
+        str,
+        typer.Option(help="Run Flower's simulation engine on this existing Ray cluster (ray start), e.g. HOST:6379."),
+    ] = "",
+    tensorboard: Annotated[
+        Path | None, typer.Option(help="Write each round's metrics and epsilon as TensorBoard event files here.")
+    ] = None,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
     """Run one federation and write its run directory (metrics.csv, model.pt, report.json)."""
@@ -126,8 +133,22 @@ def run(
         if (out_dir / "report.json").exists():
             raise FedsiloError(f"{out_dir} already holds a finished run; choose another --out or remove it")
         check_engine(engine)
+        if ray_address and engine != "flower":
+            raise FedsiloError(
+                "--ray-address runs Flower's simulation engine on a cluster; add --engine flower "
+                f"(the {engine} engine runs in this process)"
+            )
         if settings.secagg.enabled and count < 3:
             raise FedsiloError("SecAgg+ needs at least 3 institutions here; add some or pass --no-secure-aggregation")
+        if ray_address:
+            from simulations.cluster import check_reachable
+
+            check_reachable(ray_address)
+        tracker = None
+        if tensorboard is not None:
+            from simulations.tracking import RunTracker
+
+            tracker = RunTracker(tensorboard)
     except FedsiloError as err:
         print_error(console, err)
         raise typer.Exit(2) from None
@@ -137,7 +158,8 @@ def run(
         f"secure aggregation {'on (SecAgg+)' if secure_aggregation else 'off'}"
     )
     if engine == "flower":
-        console.print("starting Flower's simulation engine (about 10 s) ...")
+        where = f"on the Ray cluster at {ray_address}" if ray_address else "(about 10 s)"
+        console.print(f"starting Flower's simulation engine {where} ...")
     started = time.monotonic()
 
     def progress(row: dict[str, Any]) -> None:
@@ -146,12 +168,21 @@ def run(
             f"max epsilon {_fmt(row['max_epsilon'], 3)}  trained {row['institutions_trained']}  "
             f"refused {row['institutions_refused']}  ({row['elapsed_s']:.1f} s)"
         )
+        if tracker is not None:
+            tracker.round(row)
 
     try:
-        report = run_engine(engine, settings, institutions=count, on_round=progress, verbose=verbose)
+        report = run_engine(
+            engine, settings, institutions=count, on_round=progress, verbose=verbose, ray_address=ray_address
+        )
     except FedsiloError as err:
         print_error(console, err)
         raise typer.Exit(2) from None
+    finally:
+        if tracker is not None:
+            tracker.close()
+    if tensorboard is not None:
+        console.print(f"TensorBoard event files: {tensorboard} (tensorboard --logdir {tensorboard})")
     _summary(report, time.monotonic() - started, out_dir, lead, majority)
 
 
@@ -177,7 +208,20 @@ def sweep(
     delta: Annotated[float | None, typer.Option(help="Delta of (epsilon, delta)-DP (default 1e-5).")] = None,
     engine: Annotated[str | None, typer.Option(help="inprocess (default) or flower.")] = None,
     jobs: Annotated[int, typer.Option(help="Worker processes (in-process engine; 0: one per core).")] = 0,
-    out: Annotated[Path | None, typer.Option(help="Results directory (default: runs/sweep-<time>).")] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Run each federation as a Ray task on this existing cluster (ray start ...), e.g. HOST:6379."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Results directory (default: runs/sweep-<time>); an interrupted sweep's: resume it."),
+    ] = None,
+    tensorboard: Annotated[
+        Path | None,
+        typer.Option(help="Write each federation's rounds and scores, and the summary, as TensorBoard event files."),
+    ] = None,
 ) -> None:
     """Sweep privacy and federation settings with baselines and a privacy audit; write tables, plots, report."""
     import os
@@ -196,6 +240,7 @@ def sweep(
         "rounds": rounds,
         "delta": delta,
         "engine": engine,
+        "ray-address": ray_address,
     }
     given = {k: v for k, v in cli_values.items() if v is not None}
     out_dir = out or Path("runs") / f"sweep-{datetime.now():%Y%m%d-%H%M%S}"
@@ -206,23 +251,34 @@ def sweep(
         source = str(file) if file and not given else f"{file} and the command line" if file else "command line"
         spec = parse_sweep({**raw, **given}, source, folder=file.parent if file else None)
         from simulations.sweep import check_sweep
+        from simulations.sweep_store import SweepStore
 
         check_sweep(spec)
-        if out_dir.exists() and any(out_dir.iterdir()):
+        if SweepStore.holds_sweep(out_dir):
+            SweepStore.open(out_dir, spec)  # the same spec, or an error naming what differs
+        elif out_dir.exists() and any(out_dir.iterdir()):
             raise FedsiloError(f"{out_dir} already exists and is not empty; choose another --out or remove it")
         if jobs < 0:
             raise FedsiloError(f"--jobs must be >= 0 (0: one per core). Found {jobs}.")
+        if spec.ray_address:
+            from simulations.cluster import check_reachable
+
+            check_reachable(spec.ray_address)
+        tracker = None
+        if tensorboard is not None:
+            from simulations.tracking import SweepTracker
+
+            tracker = SweepTracker(tensorboard)
     except FedsiloError as err:
         print_error(console, err)
         raise typer.Exit(2) from None
     workers = jobs or os.cpu_count() or 1
-    _run_sweep_cli(spec, out_dir, workers)
+    _run_sweep_cli(spec, out_dir, workers, tracker)
 
 
-def _run_sweep_cli(spec: Any, out_dir: Path, workers: int) -> None:
+def _run_sweep_cli(spec: Any, out_dir: Path, workers: int, tracker: Any = None) -> None:
     import os
     import platform
-    import shutil
 
     from rich.progress import (
         BarColumn,
@@ -236,14 +292,20 @@ def _run_sweep_cli(spec: Any, out_dir: Path, workers: int) -> None:
     from common.metrics import LABELS as METRIC_LABELS
     from simulations.report import lead_explanation, tradeoff_table, write_report, write_tables
     from simulations.sweep import run_sweep, status_messages, sweep_lead_metric
+    from simulations.sweep_store import SweepStore
 
     tasks = spec.tasks()
+    where = f"Ray cluster {spec.ray_address}" if spec.ray_address else f"{spec.engine} engine"
     console.print(
         f"fedsilo sweep: {spec.dataset}, {len(spec.setups)} setup(s) x {len(spec.levels)} privacy levels x "
         f"{len(spec.seeds)} seeds = {len(tasks)} federations (+ pooled, alone and reference baselines), "
-        f"{spec.rounds} rounds, "
-        f"{spec.engine} engine, {workers if spec.engine == 'inprocess' else 1} worker(s)"
+        f"{spec.rounds} rounds, {where}"
+        + ("" if spec.ray_address else f", {workers if spec.engine == 'inprocess' else 1} worker(s)")
     )
+    ids = {task.run_id for task in tasks}
+    finished = len(ids & set(SweepStore(out_dir).finished()))
+    if finished:
+        console.print(f"resuming {out_dir}: {finished} of {len(tasks)} federations already finished, skipped")
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     try:
@@ -256,23 +318,46 @@ def _run_sweep_cli(spec: Any, out_dir: Path, workers: int) -> None:
             TimeRemainingColumn(),
             console=console,
         ) as progress:
-            bar = progress.add_task("sweep", total=len(tasks))
-            tables = run_sweep(spec, out_dir, jobs=workers, on_done=lambda _: progress.advance(bar))
-        wall = time.monotonic() - started
-        notes = [
-            f"dataset {spec.dataset}; {spec.rounds} rounds; delta {spec.delta:g}; seeds {list(spec.seeds)}; "
-            f"{spec.engine} engine",
-            f"wall time {wall:.1f} s for {len(tasks)} tasks with {workers} worker(s) on {os.cpu_count()} cores "
-            f"({platform.machine()}, {platform.system()})",
-        ]
+            bar = progress.add_task("sweep", total=len(tasks), completed=finished)
+            track = (lambda _, r: tracker.task(r.run_id, r.rounds, r.results)) if tracker is not None else None
+            tables = run_sweep(spec, out_dir, jobs=workers, on_done=lambda _: progress.advance(bar), on_record=track)
+    except KeyboardInterrupt:
+        kept = len(ids & set(SweepStore(out_dir).finished()))
+        console.print(
+            f"interrupted: {kept} of {len(tasks)} federations finished and are kept in {out_dir / 'tasks'}; "
+            "run the same command again to resume"
+        )
+        raise typer.Exit(130) from None
+    except FedsiloError as err:
+        print_error(console, err)
+        raise typer.Exit(2) from None
+    wall = time.monotonic() - started
+    failures = tables["failures"]
+    for row in failures.itertuples(index=False):
+        print_error(console, f"federation {row.run_id} failed: {row.error}")
+    if tables["results"].empty:
+        console.print(f"no federation finished; the errors are in {out_dir / 'failures'} (exit 1)")
+        raise typer.Exit(1)
+    notes = [
+        f"dataset {spec.dataset}; {spec.rounds} rounds; delta {spec.delta:g}; seeds {list(spec.seeds)}; "
+        f"{spec.engine} engine",
+        f"wall time {wall:.1f} s for {len(tasks) - finished} tasks ({finished} resumed) on {where} with "
+        + (f"{workers} worker(s) on {os.cpu_count()} cores " if not spec.ray_address else "")
+        + f"({platform.machine()}, {platform.system()})",
+    ]
+    if len(failures):
+        notes.append(f"{len(failures)} federation(s) failed and are missing (failures.csv): rerun to retry them")
+    try:
         write_tables(tables, out_dir)
         write_report(tables, out_dir, title=f"fedsilo sweep: {spec.dataset}", notes=notes)
-    except BaseException as err:
-        shutil.rmtree(out_dir, ignore_errors=True)  # nothing partially written
-        if isinstance(err, FedsiloError):
-            print_error(console, err)
-            raise typer.Exit(2) from None
-        raise
+        if tracker is not None:
+            from simulations.sweep import summary_table
+
+            tracker.summary(summary_table(tables["results"]), sweep_lead_metric(tables["results"]))
+            console.print(f"TensorBoard event files: {tracker.log_dir} (tensorboard --logdir {tracker.log_dir})")
+    except FedsiloError as err:
+        print_error(console, err)
+        raise typer.Exit(2) from None
     results = tables["results"]
     metric = sweep_lead_metric(results)
     table = tradeoff_table(results)
@@ -293,6 +378,12 @@ def _run_sweep_cli(spec: Any, out_dir: Path, workers: int) -> None:
         print_error(console, text)
     if errors:
         console.print(f"{len(errors)} federation(s) never trained; everything else is written (exit 1)")
+    if len(failures):
+        console.print(
+            f"{len(failures)} federation(s) failed (failures.csv); the others' results are written; "
+            "run the same command again to retry them (exit 1)"
+        )
+    if errors or len(failures):
         raise typer.Exit(1)
 
 
@@ -399,3 +490,7 @@ def _summary(report: dict[str, Any], wall_s: float, out_dir: Path, lead: str, ma
 
 def main() -> None:  # pragma: no cover - console-script entry point
     app()
+
+
+if __name__ == "__main__":  # pragma: no cover - python -m simulations.cli
+    main()

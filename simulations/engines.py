@@ -25,13 +25,24 @@ def run_engine(
     institutions: int,
     on_round: RoundCallback | None = None,
     verbose: bool = False,
+    ray_address: str = "",
 ) -> dict[str, Any]:
-    """Run one federation on ``engine``; return its ``report.json`` content."""
+    """Run one federation on ``engine``; return its ``report.json`` content.
+
+    ``ray_address``: Flower's engine runs on that existing Ray cluster (``simulations.runner``).
+    """
     check_engine(engine)
+    if ray_address and engine != "flower":
+        raise ConfigError(
+            f"a Ray address runs Flower's simulation engine on a cluster; the {engine} engine runs in this "
+            "process. Use --engine flower, or leave out --ray-address"
+        )
     if engine == "flower":
         from simulations.runner import run_federation
 
-        return run_federation(settings, institutions=institutions, on_round=on_round, verbose=verbose)
+        return run_federation(
+            settings, institutions=institutions, on_round=on_round, verbose=verbose, ray_address=ray_address
+        )
     from simulations.inprocess import run_inprocess
 
     logger = logging.getLogger("flwr")

@@ -51,13 +51,24 @@ CURVES = ("federated", "pooled", "alone")  # drawn against epsilon; the referenc
 
 
 def write_tables(tables: dict[str, pd.DataFrame], out_dir: Path) -> None:
-    """results.csv/.parquet (one row per configuration, seed and method), institutions.csv, rounds.csv, summary.csv."""
+    """results.csv/.parquet (one row per configuration, seed and method), institutions.csv, rounds.csv, summary.csv.
+
+    And tasks.csv (where each task ran: host, pid, Ray node id, wall time), and failures.csv (one
+    row per failed task: run_id, error, details) when a task failed.
+    """
     results = tables["results"]
     results.to_csv(out_dir / "results.csv", index=False)
     results.to_parquet(out_dir / "results.parquet", index=False)
     tables["institutions"].to_csv(out_dir / "institutions.csv", index=False)
     tables["rounds"].to_csv(out_dir / "rounds.csv", index=False)
     summary_table(results).to_csv(out_dir / "summary.csv", index=False)
+    if "tasks" in tables:
+        tables["tasks"].to_csv(out_dir / "tasks.csv", index=False)
+    failures = tables.get("failures")
+    if failures is not None and len(failures):
+        failures.to_csv(out_dir / "failures.csv", index=False)
+    else:
+        (out_dir / "failures.csv").unlink(missing_ok=True)
 
 
 def chance_level(metric: str, results: pd.DataFrame) -> tuple[float, str]:

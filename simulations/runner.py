@@ -27,10 +27,16 @@ def run_federation(
     verbose: bool = False,
     server_app: Any = None,
     client_app: Any = None,
+    ray_address: str = "",
 ) -> dict[str, Any]:
     """Simulate ``institutions`` institutions; return the run's ``report.json`` content.
 
-    ``settings.out_dir`` must be set: the run directory is written there.
+    ``settings.out_dir`` must be set: the run directory is written there. With
+    ``ray_address``, Flower's Ray backend joins that existing cluster
+    (``ray.init(address=...)`` through the backend config's ``init_args``) instead of
+    starting one here, so the simulated institutions (one CPU each) run on all its
+    nodes. They write their ledgers under the run directory: on a cluster of several
+    machines it must be on a filesystem every node shares.
     """
     if not settings.out_dir:
         raise ValueError("settings.out_dir must name the run directory")
@@ -46,7 +52,6 @@ def run_federation(
         from server.server_app import build_server_app
 
         logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.WARNING)
-        cpus = max(1, min(os.cpu_count() or 1, institutions))
         context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=settings.to_config())
         _run_simulation(
             num_supernodes=institutions,
@@ -54,12 +59,7 @@ def run_federation(
             server_app=server_app or build_server_app(on_round=on_round),
             backend_config={
                 "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                "init_args": {
-                    "num_cpus": cpus,
-                    "include_dashboard": False,
-                    "logging_level": "ERROR",
-                    "log_to_driver": verbose,
-                },
+                "init_args": ray_init_args(institutions, ray_address=ray_address, verbose=verbose),
             },
             server_app_context=context,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
@@ -69,3 +69,14 @@ def run_federation(
     if not report_path.exists():
         raise RuntimeError(f"the simulation ended without writing {report_path}; rerun with --verbose")
     return dict(json.loads(report_path.read_text(encoding="utf-8")))
+
+
+def ray_init_args(institutions: int, *, ray_address: str = "", verbose: bool = False) -> dict[str, Any]:
+    """Flower's Ray backend's ``ray.init`` arguments: a local Ray of up to one CPU per institution, or a cluster's.
+
+    Joining a cluster, Ray takes its resources from the cluster (``num_cpus`` may not be given).
+    """
+    common = {"logging_level": "ERROR", "log_to_driver": verbose}
+    if ray_address:
+        return {"address": ray_address, **common}
+    return {"num_cpus": max(1, min(os.cpu_count() or 1, institutions)), "include_dashboard": False, **common}

@@ -7,7 +7,9 @@ once per setup and seed, in the no-DP task), and scores every model on the
 same held-out records (``common.metrics``), with the loss-threshold membership
 attack (``common.audit``) on members (the institutions' training records)
 against non-members (their held-out records). Tasks are independent, so the
-in-process engine spreads them over worker processes.
+in-process engine spreads them over worker processes, or a Ray cluster runs
+them (``simulations.cluster``); each finished task is stored as it arrives
+(``simulations.sweep_store``), so an interrupted sweep resumes where it stopped.
 
 Refusals are part of the result: every row carries its federation's
 institution-rounds trained and refused, and its ``status``: ``ok``,
@@ -21,7 +23,11 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import os
+import shutil
+import socket
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -42,6 +48,7 @@ from common.models import build_model, set_weights
 from simulations.baselines import alone, federation_members, pooled, predict_proba, records_digest, reference
 from simulations.engines import run_engine
 from simulations.sweep_spec import SweepSpec, Task
+from simulations.sweep_store import SweepStore, TaskRecord
 
 METHODS = ("federated", "pooled", "alone", "reference")
 SCORES = ("auc", "average_precision", "balanced_accuracy", "accuracy")
@@ -243,33 +250,109 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def run_sweep(
-    spec: SweepSpec, out_dir: Path, *, jobs: int, on_done: Callable[[Task], None] | None = None
-) -> dict[str, pd.DataFrame]:
-    """Run every task (``jobs`` processes for the in-process engine); return the tidy tables."""
-    tasks = spec.tasks()
-    results: list[TaskResult | None] = [None] * len(tasks)
+def ran_here() -> dict[str, Any]:
+    """Where a task ran: this host and process (a Ray task adds its node id)."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def run_recorded(spec: SweepSpec, task: Task, out_dir: str) -> TaskRecord:
+    """Run one task (``run_task``) and record where and how long it ran."""
+    started = time.monotonic()
+    result = run_task(spec, task, out_dir)
+    ran_on = {**ran_here(), "wall_s": round(time.monotonic() - started, 3)}
+    return TaskRecord(task.run_id, result.results, result.institutions, result.rounds, ran_on)
+
+
+Arrived = Callable[[Task, TaskRecord], None]
+Failed = Callable[[Task, BaseException], None]
+
+
+def _run_local(spec: SweepSpec, tasks: list[Task], out_dir: Path, jobs: int, arrived: Arrived, failed: Failed) -> None:
+    """Run ``tasks`` here: in ``jobs`` worker processes (in-process engine), or one after another."""
     if jobs > 1 and spec.engine == "inprocess" and len(tasks) > 1:
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init) as pool:
-            futures = {pool.submit(run_task, spec, task, str(out_dir)): i for i, task in enumerate(tasks)}
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init)
+        try:
+            futures = {pool.submit(run_recorded, spec, task, str(out_dir)): task for task in tasks}
             for future in as_completed(futures):
-                i = futures[future]
-                results[i] = future.result()
-                if on_done is not None:
-                    on_done(tasks[i])
+                try:
+                    record = future.result()
+                except Exception as err:
+                    failed(futures[future], err)
+                else:
+                    arrived(futures[future], record)
+        finally:  # interrupted: start nothing more (what is running finishes; its result is not kept)
+            pool.shutdown(wait=False, cancel_futures=True)
+        return
+    for task in tasks:
+        try:
+            record = run_recorded(spec, task, str(out_dir))
+        except Exception as err:
+            failed(task, err)
+        else:
+            arrived(task, record)
+
+
+def run_sweep(
+    spec: SweepSpec,
+    out_dir: Path,
+    *,
+    jobs: int,
+    on_done: Callable[[Task], None] | None = None,
+    on_record: Arrived | None = None,
+) -> dict[str, pd.DataFrame]:
+    """Run every task not finished yet; return the tidy tables of all finished ones, and the failures.
+
+    Tasks run locally (``jobs`` processes for the in-process engine) or, when
+    ``spec.ray_address`` is set, as Ray tasks on that cluster (``simulations.cluster``).
+    Each finished task is stored under ``out_dir/tasks`` as it arrives
+    (``simulations.sweep_store``), so a sweep started again with the same ``out_dir``
+    reruns only the tasks that had not finished. A task that raises is stored under
+    ``out_dir/failures`` and does not stop the others. ``on_done`` is called once per
+    task run now, finished or failed; ``on_record`` with each task finished now and its
+    record (experiment tracking). The tables: ``results``, ``institutions``,
+    ``rounds`` (in the spec's task order), ``failures`` (run_id, error, details) and
+    ``tasks`` (where each finished task ran: host, pid, Ray node id, wall time).
+    """
+    store = SweepStore.open(out_dir, spec)
+    tasks = spec.tasks()
+    done = store.finished()
+    todo = [task for task in tasks if task.run_id not in done]
+    for task in todo:  # a task cut short left a partial run directory (and ledgers): start it afresh
+        shutil.rmtree(Path(out_dir) / "runs" / task.run_id, ignore_errors=True)
+
+    def arrived(task: Task, record: TaskRecord) -> None:
+        store.save(task, record)
+        done[task.run_id] = record
+        if on_record is not None:
+            on_record(task, record)
+        if on_done is not None:
+            on_done(task)
+
+    def failed(task: Task, err: BaseException) -> None:
+        details = "".join(traceback.format_exception(err))
+        store.fail(task, f"{type(err).__name__}: {err}", details)
+        if on_done is not None:
+            on_done(task)
+
+    if spec.ray_address:
+        from simulations.cluster import run_on_ray
+
+        run_on_ray(spec, todo, Path(out_dir), arrived, failed)
     else:
-        for i, task in enumerate(tasks):
-            results[i] = run_task(spec, task, str(out_dir))
-            if on_done is not None:
-                on_done(task)
-    done = [r for r in results if r is not None]
-    tables = {
-        "results": pd.DataFrame([row for r in done for row in r.results]),
-        "institutions": pd.DataFrame([row for r in done for row in r.institutions]),
-        "rounds": pd.DataFrame([row for r in done for row in r.rounds]),
+        _run_local(spec, todo, Path(out_dir), jobs, arrived, failed)
+    records = [done[task.run_id] for task in tasks if task.run_id in done]
+    failures = store.failures()
+    wanted = {task.run_id for task in tasks} - set(done)
+    if len(failures):
+        failures = failures[failures["run_id"].isin(wanted)].reset_index(drop=True)
+    return {
+        "results": pd.DataFrame([row for r in records for row in r.results]),
+        "institutions": pd.DataFrame([row for r in records for row in r.institutions]),
+        "rounds": pd.DataFrame([row for r in records for row in r.rounds]),
+        "failures": failures,
+        "tasks": pd.DataFrame([{"run_id": r.run_id, **r.ran_on} for r in records]),
     }
-    return tables
 
 
 SUMMARY_KEYS = ["institutions", "partition", "secure_aggregation", "local_epochs", "level", "target_epsilon"]

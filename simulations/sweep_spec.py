@@ -12,6 +12,7 @@ A sweep file::
     local-epochs = [2]
     seeds = [0, 1, 2]
     engine = "inprocess"                   # or "flower"
+    ray-address = "10.0.0.5:6379"          # run the federations as Ray tasks on this cluster ("": locally)
     schema = "credit.schema.toml"          # the schema of a CSV/Parquet dataset (relative: to this file)
 
     [settings]                             # any other run-config key, fixed for every run
@@ -27,7 +28,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from common.tomlfile import read_toml
 from simulations.engines import ENGINES
 
 AXES = ("epsilons", "noise-multipliers", "institutions", "partitions", "secure-aggregation", "local-epochs", "seeds")
-SCALARS = ("dataset", "schema", "rounds", "delta", "engine")
+SCALARS = ("dataset", "schema", "rounds", "delta", "engine", "ray-address")
 KEYS = (*SCALARS, *AXES, "settings")
 SWEPT_KEYS = {
     *("partition", "secure-aggregation", "local-epochs", "seed", "target-epsilon", "noise-multiplier"),
@@ -116,6 +117,13 @@ class SweepSpec:
     local_epochs: tuple[int, ...] = (2,)
     seeds: tuple[int, ...] = (0, 1, 2)
     settings: Mapping[str, Any] = field(default_factory=dict)
+    ray_address: str = ""  # a Ray cluster's address: each task runs there as a Ray task ("": locally)
+
+    def identity(self) -> dict[str, Any]:
+        """What decides the sweep's numbers: every field but where it runs (a resumed sweep must match)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "ray_address"}
+        values["settings"] = dict(sorted(values["settings"].items()))
+        return values
 
     @property
     def levels(self) -> tuple[PrivacyLevel, ...]:
@@ -183,6 +191,11 @@ def parse_sweep(values: Mapping[str, Any], source: str, *, folder: Path | str | 
         if values["engine"] not in ENGINES:
             raise fail("engine", values["engine"], f"must be {' or '.join(ENGINES)}")
         out["engine"] = values["engine"]
+    if "ray-address" in values:
+        address = values["ray-address"]
+        if not isinstance(address, str):
+            raise fail("ray-address", address, 'must be a Ray cluster\'s address, e.g. "10.0.0.5:6379" ("": locally)')
+        out["ray_address"] = address.strip()
     if "rounds" in values:
         out["rounds"] = _integer("rounds", values["rounds"], fail, minimum=1)
     if "delta" in values:
@@ -203,6 +216,12 @@ def parse_sweep(values: Mapping[str, Any], source: str, *, folder: Path | str | 
     if "settings" in values:
         out["settings"] = _fixed_settings(values["settings"], source)
     spec = SweepSpec(**out)
+    if spec.ray_address and spec.engine == "flower":
+        raise ConfigError(
+            f"{source}: 'ray-address' runs each federation as one Ray task of the in-process engine; Flower's "
+            "engine would start its own actors inside each task. Leave 'engine' at inprocess, or run one "
+            "federation on the cluster with fedsilo-simulate run --engine flower --ray-address"
+        )
     if not spec.epsilons and not spec.noise_multipliers:
         raise ConfigError(f"{source}: give at least one of 'epsilons' or 'noise-multipliers'")
     return spec

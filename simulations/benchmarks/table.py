@@ -61,6 +61,14 @@ def _rows(name: str, data: dict[str, Any]) -> list[tuple[str, str, str]]:
         rows += _utility_rows(data)
     elif name == "sweep":
         rows.append((data["benchmark"], f"{data['wall_s']:.1f} s", "< 60 s"))
+    elif name == "ray_sweep":
+        figure = f"{data['ray_wall_s']:.1f} s on Ray vs {data['local_wall_s']:.1f} s locally"
+        figure += f" ({data['ratio_ray_to_local']:.2f}x, {data['nodes_used']} nodes, "
+        figure += f"same results: {data['same_results']})"
+        rows.append((data["benchmark"], figure, "-"))
+        startup = f"cluster up {data['cluster_start_s']:.1f} s; import ray {data['import_ray_s']:.1f} s; "
+        startup += f"join as a driver {data['join_and_leave_s']:.1f} s"
+        rows.append(("Ray start-up: a head and a worker (ray start), a sweep's driver joining", startup, "-"))
     elif name == "fashion_mnist":
         rows += _fashion_mnist_rows(data)
     return rows

@@ -67,7 +67,10 @@ def sweep(
         settings=settings,
     )
     out = Path(tempfile.mkdtemp(dir=scratch))
-    return run_sweep(spec, out, jobs=jobs)["results"]
+    tables = run_sweep(spec, out, jobs=jobs)
+    if len(tables["failures"]):  # a benchmark with a federation missing would mislead: stop
+        raise RuntimeError(f"a federation of the sweep failed:\n{tables['failures']['details'].iloc[0]}")
+    return tables["results"]
 
 
 def metric_of(dataset: str) -> str:
