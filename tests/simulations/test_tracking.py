@@ -8,14 +8,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from typer.testing import CliRunner
 
 from common.errors import ConfigError
 from simulations.cli import app
 from simulations.tracking import RunTracker
-
-pytest.importorskip("tensorboard", reason="the optional extra fedsilo[tracking]")
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 RUNNER = CliRunner()
 
