@@ -178,7 +178,13 @@ class SecAggSettings:
             self.modulus_range,
             "a power of two <= 2**32",
         )
-        _check(self.max_weight >= 1, "secagg-max-weight", self.max_weight, ">= 1 (the largest aggregation weight)")
+        _check(
+            1 <= self.max_weight <= self.quantization_range,
+            "secagg-max-weight",
+            self.max_weight,
+            ">= 1 (the largest aggregation weight) and at most secagg-quantization-range (so that an "
+            "institution of one record still gets a quantized weight above 0)",
+        )
         _check(self.timeout >= 0, "secagg-timeout", self.timeout, ">= 0 (0: wait forever)")
 
     def aggregation_weight(self, records: int) -> int:

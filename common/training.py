@@ -53,6 +53,9 @@ AUTO_MAX_BATCH = 1024  # past it, the noise per step is negligible and batches o
 # without noise (or with little), the travel is AUTO_MAX_TRAVEL, enough to converge.
 AUTO_NOISE_IN_WEIGHTS = 25.0
 AUTO_MAX_TRAVEL = 1000.0
+# A ceiling on the recipe's step: without noise the gradients are not clipped, and a run of very
+# few steps (a tiny institution, few rounds) would otherwise take steps of several units.
+AUTO_MAX_LEARNING_RATE = 1.0
 
 
 def auto_batch_size(num_examples: int) -> int:
@@ -77,14 +80,15 @@ def auto_learning_rate(
     over ``T`` steps the noise grows as ``sqrt(T)`` and the signal as ``T``. The
     travel ``D = lr * C * T / (1 - momentum)`` is chosen so that the noise left in
     the weights, ``D * sigma * sqrt(P) / (batch * sqrt(T))`` for ``P`` parameters,
-    is ``AUTO_NOISE_IN_WEIGHTS``, and at most ``AUTO_MAX_TRAVEL``.
+    is ``AUTO_NOISE_IN_WEIGHTS``, and at most ``AUTO_MAX_TRAVEL``; the rate itself is at
+    most ``AUTO_MAX_LEARNING_RATE``.
     """
     steps = max(1, total_steps)
     travel = AUTO_MAX_TRAVEL
     if noise_multiplier > 0:
         spread = noise_multiplier * math.sqrt(max(1, num_parameters)) / (max(expected_batch, 1.0) * math.sqrt(steps))
         travel = min(travel, AUTO_NOISE_IN_WEIGHTS / spread)
-    return travel * (1.0 - momentum) / (max_grad_norm * steps)
+    return min(AUTO_MAX_LEARNING_RATE, travel * (1.0 - momentum) / (max_grad_norm * steps))
 
 
 def step_size(
@@ -161,7 +165,7 @@ def train_round(
     sampler_gen = torch.Generator().manual_seed(seed)
     noise_gen = torch.Generator().manual_seed(seed + 1)
     dataset = TensorDataset(torch.as_tensor(inputs, dtype=torch.float32), torch.as_tensor(labels))
-    batch_size = plan.batch_size or train.batch_size or max(1, round(len(labels) * plan.sample_rate))
+    batch_size = plan.batch_size or train.batch_size or max(1, math.ceil(len(labels) * plan.sample_rate))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=sampler_gen)
     learning_rate = step_size(model, plan, train=train, num_examples=len(labels), max_grad_norm=max_grad_norm)
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=train.momentum)
@@ -228,7 +232,9 @@ def evaluate(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) -> dict[s
     Loss, accuracy, balanced accuracy and, for two classes both present, ROC AUC
     and average precision. The labels' own statistics (majority-class and positive
     rate) are left out: an institution shares this dict with the coordinator, and
-    its class balance is a fact about its records, not about the model.
+    its class balance is a fact about its records, not about the model. The scores
+    are not DP-protected and can still reveal it (a constant model's accuracy is a
+    class's share): deployed institutions share them only by policy.
     """
     model.eval()
     with torch.no_grad():

@@ -43,7 +43,7 @@ MIN_CONTRIBUTORS = 2
 # How near SecAgg+'s clipping range an aggregate may come before the coordinator warns. The
 # institutions' models scatter around their mean: with 5 institutions of 5,000 German-credit
 # records (default training), the largest parameter of any one model was 1.2 to 2.6 times the
-# aggregate's largest, so at half the range some of them are likely clipped already.
+# aggregate's largest, so at half the range the bound likely binds some of them already.
 CLIPPING_MARGIN = 2.0
 
 
@@ -113,9 +113,9 @@ def clipping_warning(
         return None
     suggested = 2 ** math.ceil(math.log2(2 * CLIPPING_MARGIN * reach))
     return (
-        f"SecAgg+ may have clipped this round's updates: the aggregate's largest parameter is {largest:.3g}, and "
-        f"each institution's parameters, times its weight ratio (up to {max(ratios):.3g} this round), are clipped "
-        f"to +-{clipping_range:g} (secagg-clipping-range) before masking, silently. The institutions' models "
-        f"scatter around the aggregate, so some were likely clipped; set secagg-clipping-range to at least "
-        f"{suggested:g} (precision per institution: 2 x range / secagg-quantization-range)"
+        f"the institutions' weights are near SecAgg+'s range: the aggregate's largest parameter is {largest:.3g}, "
+        f"and each institution's parameters, times its weight ratio (up to {max(ratios):.3g} this round), must stay "
+        f"within +-{clipping_range:g} (secagg-clipping-range), so the institutions clamp their weights to it while "
+        f"they train (Flower would clip them silently). The bound is likely binding; set secagg-clipping-range to "
+        f"at least {suggested:g} (precision per institution: 2 x range / secagg-quantization-range)"
     )

@@ -161,7 +161,7 @@ def test_a_slow_body_is_cut_off(gateway: str) -> None:
                     break
         reply = reply_of(sock)
     assert reply.startswith(b"HTTP/1.1 408")
-    assert time.monotonic() - started < LIMITS.body_timeout + 2
+    assert time.monotonic() - started < LIMITS.body_timeout + 10
     assert Upstream.received == []
 
 
@@ -178,7 +178,7 @@ def test_slow_headers_are_cut_off(gateway: str) -> None:
                     closed = True
                     break
         closed = closed or reply_of(sock) == b""
-    assert closed and time.monotonic() - started < LIMITS.header_timeout + 2
+    assert closed and time.monotonic() - started < LIMITS.header_timeout + 10
 
 
 def test_requests_beyond_the_concurrency_limit_get_503(gateway: str) -> None:
