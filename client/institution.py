@@ -23,7 +23,7 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from client.policy import PrivacyPolicy
+from client.policy import PrivacyPolicy, deployed_policy
 from client.simulated_data import SimulatedTables
 from common.accounting import epsilon_spent
 from common.datasets import read_table
@@ -31,7 +31,7 @@ from common.errors import ConfigError
 from common.ledger import LedgerEntry, PrivacyLedger
 from common.models import build_model, get_weights, set_weights
 from common.schema import Schema
-from common.settings import PrivacySettings, RunSettings
+from common.settings import RunSettings
 from common.training import evaluate, plan_round, train_round
 
 Weights = list[np.ndarray]
@@ -105,30 +105,6 @@ class InstitutionData:
         train_x, test_x, train_y, test_y = split_holdout(inputs, labels, settings)
         fingerprint = records_fingerprint(inputs, labels)
         return cls(name, schema, train_x, train_y, test_x, test_y, state_dir, fingerprint, reproducible, policy)
-
-
-DEPLOYED_DEFAULTS = {"share-eval-metrics": False, "require-secure-aggregation": True}
-
-
-def deployed_policy(node_config: Mapping[str, Any]) -> PrivacyPolicy:
-    """A deployed institution's policy: its own lifetime budget, and its own delta.
-
-    Without a delta of its own, the institution would account at the delta the
-    coordinator proposes, and a larger delta makes the same training look cheaper:
-    so a policy without ``delta`` accounts at fedsilo's default (1e-5) and refuses
-    any larger proposal. Unless the policy says otherwise, a deployed institution
-    also refuses rounds without SecAgg+ and keeps its evaluation metrics (computed
-    on held-out records, outside the DP guarantee) to itself.
-    """
-    policy = PrivacyPolicy.from_node_config(node_config, defaults=DEPLOYED_DEFAULTS)
-    if policy.max_epsilon is None:
-        raise ConfigError(
-            f"{policy.source}: a deployed institution must set max-epsilon (its lifetime budget) "
-            "in its policy; the coordinator cannot choose it"
-        )
-    if policy.delta is None:
-        policy = replace(policy, delta=PrivacySettings().delta)
-    return policy
 
 
 def records_fingerprint(inputs: np.ndarray, labels: np.ndarray) -> str:
