@@ -144,9 +144,10 @@ def crafted_overflow_model(data: InstitutionData, target: int) -> list[np.ndarra
     return [weight, np.zeros(2, dtype=np.float32)]
 
 
-def test_a_crafted_model_cannot_turn_a_chosen_records_update_non_finite(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_a_crafted_model_cannot_turn_a_chosen_records_update_non_finite(tmp_path: Path, mode: str) -> None:
     # Prepare: the target is the record with the largest inputs; every record is sampled each step
-    settings = SETTINGS.with_overrides({"batch-size": 100000})
+    settings = SETTINGS.with_overrides({"batch-size": 100000, "grad-sample-mode": mode})
     data = institution(tmp_path)
     target = int(np.argmax(data.train_x.astype(np.float64).sum(axis=1)))
     without = replace(data, train_x=np.delete(data.train_x, target, axis=0), train_y=np.delete(data.train_y, target))
