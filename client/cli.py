@@ -19,8 +19,8 @@ from client.policy import PrivacyPolicy
 from common.accounting import epsilon_spent
 from common.cli import print_error
 from common.errors import FedsiloError
-from common.flower_env import child_env, die_with_parent, flower_env, stop_process
-from common.ledger import PrivacyLedger, composed_epsilon
+from common.flower_env import flower_env, stop_process
+from common.ledger import PrivacyLedger
 from common.schema import Schema
 from common.settings import RunSettings
 
@@ -80,12 +80,7 @@ def budget(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Show the epsilon spent over every ledger composed (what the budget is checked against), and per run.
-
-    The budget covers every dataset's ledger in the state directory together, so the
-    total and what remains are of the composition; each dataset's own figure is shown
-    beside it, marked as alone.
-    """
+    """Show, per dataset, each run's rounds and epsilon, the total spent and what remains of the budget."""
     paths = sorted((state_dir / "ledgers").glob("*.json"))
     if not paths:
         print_error(console, f"no privacy ledger under {state_dir / 'ledgers'}; check --state-dir")
@@ -94,17 +89,17 @@ def budget(
         policy = state_dir / "policy.toml"
     try:
         limits = PrivacyPolicy.load(policy) if policy else None
-        summary = _budget_summary(PrivacyLedger.all(state_dir), limits)
+        rows = [_budget_row(state_dir, path.stem, limits) for path in paths]
     except FedsiloError as err:
         print_error(console, err)
         raise typer.Exit(2) from None
     if as_json:
-        typer.echo(json.dumps(summary, indent=2, default=str))
+        typer.echo(json.dumps(rows, indent=2, default=str))
         return
     table = Table(title=f"Privacy spent ({state_dir})")
-    for column in ("dataset", "run", "rounds", "epsilon of the run", "dataset's epsilon after it (alone)"):
+    for column in ("dataset", "run", "rounds", "epsilon of the run", "epsilon after it"):
         table.add_column(column)
-    for row in summary["datasets"]:
+    for row in rows:
         for run in row["runs"]:
             table.add_row(
                 row["dataset"],
@@ -114,36 +109,20 @@ def budget(
                 f"{run['epsilon_after']:.3f}",
             )
     console.print(table)
-    for row in summary["datasets"]:
-        console.print(f"dataset {row['dataset']} alone: epsilon {row['epsilon']:.3f} at delta {summary['delta']:g}")
-    left = (
-        f"{summary['remaining']:.3f} of max-epsilon {summary['max_epsilon']:g} remains"
-        if summary["max_epsilon"] is not None
-        else "remaining: unknown (pass --policy)"
-    )
-    console.print(
-        f"spent: epsilon {summary['epsilon']:.3f} at delta {summary['delta']:g}, every ledger composed "
-        f"({len(summary['datasets'])} dataset(s)), as the budget is enforced; {left}"
-    )
+    for row in rows:
+        left = (
+            f"{row['remaining']:.3f} of max-epsilon {row['max_epsilon']:g} remains"
+            if row["max_epsilon"] is not None
+            else "remaining: unknown (pass --policy)"
+        )
+        console.print(f"dataset {row['dataset']}: epsilon {row['epsilon']:.3f} spent at delta {row['delta']:g}; {left}")
 
 
-def _budget_summary(ledgers: list[PrivacyLedger], limits: PrivacyPolicy | None) -> dict[str, Any]:
-    """Every ledger composed (as ``fit_round`` enforces the budget), and each dataset alone, per run."""
-    recorded = max((e.delta for ledger in ledgers for e in ledger.entries), default=DEFAULTS.privacy.delta)
+def _budget_row(state_dir: Path, fingerprint: str, limits: PrivacyPolicy | None) -> dict[str, Any]:
+    """One dataset's ledger, per run (in the order runs first trained), at the policy's delta."""
+    ledger = PrivacyLedger.for_dataset(state_dir, fingerprint)
+    recorded = max((e.delta for e in ledger.entries), default=DEFAULTS.privacy.delta)
     delta = limits.delta if limits is not None and limits.delta is not None else recorded
-    spent = composed_epsilon(ledgers, delta=delta)
-    max_epsilon = limits.max_epsilon if limits is not None else None
-    return {
-        "delta": delta,
-        "epsilon": spent,
-        "max_epsilon": max_epsilon,
-        "remaining": None if max_epsilon is None else max(0.0, max_epsilon - spent),
-        "datasets": [_budget_row(ledger, delta) for ledger in ledgers],
-    }
-
-
-def _budget_row(ledger: PrivacyLedger, delta: float) -> dict[str, Any]:
-    """One dataset's ledger alone, per run (in the order runs first trained)."""
     runs: list[dict[str, Any]] = []
     for run_id in dict.fromkeys(e.run_id for e in ledger.entries):
         own = [e for e in ledger.entries if e.run_id == run_id]
@@ -156,7 +135,16 @@ def _budget_row(ledger: PrivacyLedger, delta: float) -> dict[str, Any]:
                 "epsilon_after": epsilon_spent([e.event() for e in ledger.entries[: last + 1]], delta=delta),
             }
         )
-    return {"dataset": ledger.dataset_fingerprint, "epsilon": ledger.epsilon(delta=delta), "runs": runs}
+    spent = ledger.epsilon(delta=delta)
+    max_epsilon = limits.max_epsilon if limits is not None else None
+    return {
+        "dataset": fingerprint,
+        "delta": delta,
+        "epsilon": spent,
+        "max_epsilon": max_epsilon,
+        "remaining": None if max_epsilon is None else max(0.0, max_epsilon - spent),
+        "runs": runs,
+    }
 
 
 @app.command()
@@ -229,17 +217,8 @@ def start(
     # do not start from a cold process (see client/trainer.py).
     private = socket_dir()
     socket_path = private / "trainer.sock"
-    # Every child is killed when this process ends, even by SIGKILL (the SuperNode's own
-    # children watch it in turn): no part of the institution goes on after it stopped.
     trainer = (
-        subprocess.Popen(
-            trainer_argv(socket_path=socket_path, config=config),
-            cwd=state_dir,
-            env=child_env(),
-            preexec_fn=die_with_parent(),
-        )
-        if warm_trainer
-        else None
+        subprocess.Popen(trainer_argv(socket_path=socket_path, config=config), cwd=state_dir) if warm_trainer else None
     )
     try:
         if trainer is not None:
@@ -265,9 +244,7 @@ def _run_supernode(argv: list[str], *, who: str, server: str, state_dir: Path, o
     code = 0
     for attempt in range(1 if once else ACTIVATION_ATTEMPTS):
         started = time.monotonic()
-        process = subprocess.Popen(
-            argv, env=flower_env(state_dir / "flwr"), cwd=state_dir, preexec_fn=die_with_parent()
-        )
+        process = subprocess.Popen(argv, env=flower_env(state_dir / "flwr"), cwd=state_dir)
         try:
             code = process.wait()
         except KeyboardInterrupt:

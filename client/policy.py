@@ -14,31 +14,10 @@ A policy file::
     max-local-epochs = 5         # refuse more local epochs per round
     share-eval-metrics = true    # false: evaluation rounds report nothing (deployed default)
     require-secure-aggregation = true  # refuse rounds whose update would leave unmasked (deployed default)
-    min-round-size = 3           # refuse SecAgg+ rounds of fewer institutions (deployed default 3)
-    min-secagg-threshold = 2     # refuse a SecAgg+ reconstruction threshold below this count (default 2)
-    min-secagg-threshold-fraction = 0.51  # ... or below this fraction of the shares (deployed default 0.51)
 
     [institutions.hospital-2]    # simulations only: overrides for one institution
     max-epsilon = 1.0
-
-What the SecAgg+ keys protect (``client.mods.check_secagg_stage`` checks every stage):
-SecAgg+ (Bell et al., CCS 2020) hides an update only if the coordinator cannot
-rebuild its masks. Each institution splits its mask seed and its key into one
-share per neighbour, any ``threshold`` of which rebuild the secret; at unmasking
-each neighbour hands over one kind of share per node. A threshold of a strict
-majority of the shares (``min-secagg-threshold-fraction = 0.51``) means no
-coordinator can collect enough of both kinds for one node; a threshold of at
-least 2 (``min-secagg-threshold``) means the institution's own share is never
-enough. ``min-round-size`` is the smallest round (sampled institutions at setup;
-institutions that shared keys with it before it trains; institutions unmasked
-at the end) it takes part in: in a round of two, a coordinator that admitted
-the other node itself subtracts that node's update and reads this one. With
-``n`` institutions in a round, a coordinator colluding with ``k`` of them
-learns the sum of the other ``n - k``; the sum hides one institution only
-while ``n - k >= 2``. Whatever the policy, the institution also refuses a
-neighbour list without another institution or without itself, shares from
-nodes outside its neighbours, a node listed both active and dropped, a node
-listed twice, and a second unmasking for one setup."""
+"""
 
 from __future__ import annotations
 
@@ -46,14 +25,12 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from common.errors import ConfigError
-from common.settings import PrivacySettings, RunSettings
+from common.settings import RunSettings
 from common.tomlfile import read_toml
-
-if TYPE_CHECKING:
-    from common.training import RoundPlan
+from common.training import RoundPlan
 
 KEYS = {
     "max-epsilon": "max_epsilon",
@@ -63,17 +40,6 @@ KEYS = {
     "max-local-epochs": "max_local_epochs",
     "share-eval-metrics": "share_eval_metrics",
     "require-secure-aggregation": "require_secure_aggregation",
-    "min-round-size": "min_round_size",
-    "min-secagg-threshold": "min_secagg_threshold",
-    "min-secagg-threshold-fraction": "min_secagg_threshold_fraction",
-}
-# A deployed institution's defaults where its policy is silent (``deployed_policy``).
-DEPLOYED_DEFAULTS = {
-    "share-eval-metrics": False,
-    "require-secure-aggregation": True,
-    "min-round-size": 3,
-    "min-secagg-threshold": 2,
-    "min-secagg-threshold-fraction": 0.51,
 }
 
 
@@ -88,9 +54,6 @@ class PrivacyPolicy:
     max_local_epochs: int | None = None
     share_eval_metrics: bool = True
     require_secure_aggregation: bool = False
-    min_round_size: int = 2  # Flower's SecAgg+ needs two; deployed default 3
-    min_secagg_threshold: int = 1
-    min_secagg_threshold_fraction: float = 0.0  # deployed default 0.51: a strict majority of the shares
     source: str = "policy"
 
     def __post_init__(self) -> None:
@@ -107,12 +70,6 @@ class PrivacyPolicy:
             raise bad("max-grad-norm", self.max_grad_norm, "a finite number > 0")
         if self.max_local_epochs is not None and self.max_local_epochs < 1:
             raise bad("max-local-epochs", self.max_local_epochs, "an integer >= 1")
-        if self.min_round_size < 2:
-            raise bad("min-round-size", self.min_round_size, "an integer >= 2 (SecAgg+ needs two institutions)")
-        if self.min_secagg_threshold < 1:
-            raise bad("min-secagg-threshold", self.min_secagg_threshold, "an integer >= 1")
-        if not 0 <= self.min_secagg_threshold_fraction <= 1:
-            raise bad("min-secagg-threshold-fraction", self.min_secagg_threshold_fraction, "in [0, 1]")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str) -> PrivacyPolicy:
@@ -162,24 +119,6 @@ class PrivacyPolicy:
             return base
         merged = {key: getattr(base, attr) for key, attr in KEYS.items() if getattr(base, attr) is not None}
         return cls.from_mapping({**merged, **inline}, "node config")
-
-    def secagg_violations(self, *, sample: int, shares: int, threshold: int) -> list[str]:
-        """What in a SecAgg+ setup (sampled nodes, shares per node, threshold) breaks this policy."""
-        out = []
-        if sample < self.min_round_size:
-            out.append(f"a round of {sample} institutions is below the policy's min-round-size {self.min_round_size}")
-        if threshold < self.min_secagg_threshold:
-            out.append(
-                f"reconstruction threshold {threshold} is below the policy's min-secagg-threshold "
-                f"{self.min_secagg_threshold}"
-            )
-        given = min(shares, sample)
-        if threshold < self.min_secagg_threshold_fraction * given:
-            out.append(
-                f"reconstruction threshold {threshold} of {given} shares is below the policy's "
-                f"min-secagg-threshold-fraction {self.min_secagg_threshold_fraction:g}"
-            )
-        return out
 
     def to_mapping(self) -> dict[str, Any]:
         """The policy's keys (those with a limit), for reports and ``budget``."""
@@ -239,26 +178,3 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     except (TypeError, ValueError):
         expected = "true or false" if "bool" in str(kind) else "a number"
         raise ConfigError(f"{source}: '{key}' must be {expected}. Found {value!r}.") from None
-
-
-def deployed_policy(node_config: Mapping[str, Any]) -> PrivacyPolicy:
-    """A deployed institution's policy: its own lifetime budget, and its own delta.
-
-    Without a delta of its own, the institution would account at the delta the
-    coordinator proposes, and a larger delta makes the same training look cheaper:
-    so a policy without ``delta`` accounts at fedsilo's default (1e-5) and refuses
-    any larger proposal. Unless the policy says otherwise (``DEPLOYED_DEFAULTS``), a
-    deployed institution also refuses rounds without SecAgg+, SecAgg+ rounds of fewer
-    than 3 institutions or with a threshold below a strict majority of the shares, and
-    keeps its evaluation metrics (computed on held-out records, outside the DP
-    guarantee) to itself.
-    """
-    policy = PrivacyPolicy.from_node_config(node_config, defaults=DEPLOYED_DEFAULTS)
-    if policy.max_epsilon is None:
-        raise ConfigError(
-            f"{policy.source}: a deployed institution must set max-epsilon (its lifetime budget) "
-            "in its policy; the coordinator cannot choose it"
-        )
-    if policy.delta is None:
-        policy = replace(policy, delta=PrivacySettings().delta)
-    return policy

@@ -38,7 +38,6 @@ from dataclasses import replace
 from types import ModuleType
 from typing import Any
 
-from common.flower_env import scrub_environment
 from common.polling import cap_polling, poll_seconds
 
 DEFAULT_POLL_S = 0.5
@@ -121,7 +120,6 @@ def pin_client_app(module: ModuleType) -> None:
 
 def main() -> None:
     """``flower-supernode`` with capped polling, running only fedsilo's ClientApp."""
-    scrub_environment()  # Flower's internal switches, should this process have been started with them
     import flwr.supernode.start_client_internal as internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 

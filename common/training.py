@@ -53,9 +53,6 @@ AUTO_MAX_BATCH = 1024  # past it, the noise per step is negligible and batches o
 # without noise (or with little), the travel is AUTO_MAX_TRAVEL, enough to converge.
 AUTO_NOISE_IN_WEIGHTS = 25.0
 AUTO_MAX_TRAVEL = 1000.0
-# A ceiling on the recipe's step: without noise the gradients are not clipped, and a run of very
-# few steps (a tiny institution, few rounds) would otherwise take steps of several units.
-AUTO_MAX_LEARNING_RATE = 1.0
 
 
 def auto_batch_size(num_examples: int) -> int:
@@ -80,15 +77,14 @@ def auto_learning_rate(
     over ``T`` steps the noise grows as ``sqrt(T)`` and the signal as ``T``. The
     travel ``D = lr * C * T / (1 - momentum)`` is chosen so that the noise left in
     the weights, ``D * sigma * sqrt(P) / (batch * sqrt(T))`` for ``P`` parameters,
-    is ``AUTO_NOISE_IN_WEIGHTS``, and at most ``AUTO_MAX_TRAVEL``; the rate itself is at
-    most ``AUTO_MAX_LEARNING_RATE``.
+    is ``AUTO_NOISE_IN_WEIGHTS``, and at most ``AUTO_MAX_TRAVEL``.
     """
     steps = max(1, total_steps)
     travel = AUTO_MAX_TRAVEL
     if noise_multiplier > 0:
         spread = noise_multiplier * math.sqrt(max(1, num_parameters)) / (max(expected_batch, 1.0) * math.sqrt(steps))
         travel = min(travel, AUTO_NOISE_IN_WEIGHTS / spread)
-    return min(AUTO_MAX_LEARNING_RATE, travel * (1.0 - momentum) / (max_grad_norm * steps))
+    return travel * (1.0 - momentum) / (max_grad_norm * steps)
 
 
 def step_size(

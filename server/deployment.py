@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError, FedsiloError
-from common.flower_env import die_with_parent, executable, flower_env, free_port, stop_process
+from common.flower_env import executable, flower_env, free_port, stop_process
 from server.federation import Federation
 
 
@@ -106,7 +106,6 @@ def start_superlink(
             env=flower_env(fed.flwr_home),
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent(),  # killed with `fedsilo-server start`, however it ends
         )
     )
     try:  # whatever goes wrong from here on, no process outlives this call
@@ -128,7 +127,6 @@ def start_superlink(
             env=flower_env(fed.flwr_home),
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent(),  # killed with `fedsilo-server start`, however it ends
         )
         _wait_healthy(running, public, ca, timeout, log.name)
     except BaseException:
@@ -190,7 +188,6 @@ def flwr(fed: Federation, *args: str, timeout: float = 120.0) -> subprocess.Comp
         text=True,
         timeout=timeout,
         check=False,
-        preexec_fn=die_with_parent(),
     )
 
 

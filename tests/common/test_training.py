@@ -12,7 +12,6 @@ from opacus import PrivacyEngine
 from common.models import build_mlp, build_model, get_weights
 from common.settings import GRAD_SAMPLE_MODES, RunSettings
 from common.training import (
-    AUTO_MAX_LEARNING_RATE,
     AUTO_MAX_TRAVEL,
     AUTO_NOISE_IN_WEIGHTS,
     RoundPlan,
@@ -136,11 +135,10 @@ def test_recipe_defaults_use_no_private_statistic(monkeypatch: pytest.MonkeyPatc
 
 def test_recipe_learning_rate_spreads_a_travel_budget_over_the_run() -> None:
     kwargs = {"num_parameters": 100, "expected_batch": 32.0, "max_grad_norm": 1.0, "momentum": 0.9}
-    # No noise: the whole travel budget, whatever the steps; never a step above the ceiling.
-    for steps in (200, 1000):
+    # No noise: the whole travel budget, whatever the steps.
+    for steps in (10, 1000):
         lr = auto_learning_rate(noise_multiplier=0.0, total_steps=steps, **kwargs)
         assert math.isclose(lr * steps / (1 - 0.9), AUTO_MAX_TRAVEL)
-    assert auto_learning_rate(noise_multiplier=0.0, total_steps=10, **kwargs) == AUTO_MAX_LEARNING_RATE
     # More noise travels less; the noise left in the weights stays at the recipe's level.
     quiet = auto_learning_rate(noise_multiplier=1.0, total_steps=400, **kwargs)
     loud = auto_learning_rate(noise_multiplier=8.0, total_steps=400, **kwargs)
