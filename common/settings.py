@@ -141,8 +141,9 @@ class SecAggSettings:
     (``aggregation_weight``), so one of any size takes part, and one above the
     maximum has the maximum's influence. SecAgg+ multiplies each update by
     ``weight / max_weight`` (at most 1) and clips the product to
-    ``[-clipping_range, clipping_range]``: a model whose parameters reach beyond
-    the clipping range loses them silently (``server.aggregation.clipping_warning``).
+    ``[-clipping_range, clipping_range]``, so an institution keeps its weights inside
+    that range while it trains (``client.institution.fit_round``), and the coordinator
+    warns when the bound binds (``server.aggregation.clipping_warning``).
     """
 
     enabled: bool = field(default=True, metadata=_key("secure-aggregation"))

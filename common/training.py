@@ -222,6 +222,20 @@ def _detach_opacus(model: nn.Module) -> None:
         p.grad = None
 
 
+PREDICT_BATCH = 4096  # records per forward pass when predicting
+
+
+def predict_proba(model: nn.Module, inputs: np.ndarray) -> np.ndarray:
+    """A torch model's class probabilities (float64, computed from the logits in batches)."""
+    model.eval()
+    parts = []
+    with torch.no_grad():
+        for start in range(0, max(len(inputs), 1), PREDICT_BATCH):
+            logits = model(torch.as_tensor(inputs[start : start + PREDICT_BATCH], dtype=torch.float32))
+            parts.append(torch.softmax(logits.double(), dim=1).numpy())
+    return np.concatenate(parts)
+
+
 def evaluate(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """The model's scores on these records (``common.metrics``), without the labels' own statistics.
 
@@ -232,9 +246,5 @@ def evaluate(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) -> dict[s
     are not DP-protected and can still reveal it (a constant model's accuracy is a
     class's share): deployed institutions share them only by policy.
     """
-    model.eval()
-    with torch.no_grad():
-        logits = model(torch.as_tensor(inputs, dtype=torch.float32))
-        probabilities = torch.softmax(logits.double(), dim=1).numpy()
-    metrics = classification_metrics(labels, probabilities)
+    metrics = classification_metrics(labels, predict_proba(model, inputs))
     return {k: v for k, v in metrics.items() if k in MODEL_METRICS}

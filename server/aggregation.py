@@ -9,9 +9,10 @@ ratio (``num_examples / max_weight``, itself quantized), clips it to
 institution's ``num_examples`` is its aggregation weight,
 ``SecAggSettings.aggregation_weight``: its training records capped at
 ``max_weight``, so the ratio never exceeds 1 (no overflow, whatever its size).
-What is masked is the whole model, not a change to it: parameters beyond
-``clipping_range / ratio`` are clipped silently, and ``clipping_warning`` tells
-the coordinator when an aggregate comes near that. The masks
+What is masked is the whole model, not a change to it, and Flower clips it to
+``clipping_range`` silently: so institutions keep their weights inside that range
+while they train, and ``clipping_warning`` tells the coordinator when an
+aggregate comes near it (the bound binds). The masks
 (pairwise masks that cancel in the sum, private masks the coordinator removes
 with recovered seeds) change nothing in the recovered sum, so they need no
 emulation here: the in-process engine calls these functions, which call the

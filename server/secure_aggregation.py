@@ -16,8 +16,8 @@ coordinator receives the same shares as before and recovers the same secrets:
 nothing about what it learns changes.
 
 After unmasking it warns in the run log when the aggregate comes near SecAgg+'s
-clipping range (``server.aggregation.clipping_warning``): Flower clips every
-institution's weighted parameters to it without a word.
+clipping range (``server.aggregation.clipping_warning``): the institutions keep
+their weights inside it, which Flower would otherwise clip without a word.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ from common.accounting import DPSGDEvent, epsilon_spent
 from common.models import build_model, get_weights, set_weights
 from common.schema import Schema
 from common.settings import RunSettings
-from common.training import plan_round, train_round
+from common.training import PREDICT_BATCH, plan_round, predict_proba, train_round
 
 BASELINE_SEED_SALT = {"pooled": 101, "alone": 202}
 CONVERGENCE_WINDOW = 10  # rounds over which the lowest training loss must keep falling
@@ -57,7 +57,6 @@ CONVERGENCE_ABSOLUTE = 1e-3  # ... and at least 0.001 nats; less: converged
 CONVERGENCE_CAP = 10  # at most this many times the federation's rounds ...
 CONVERGENCE_MIN_CAP = 50  # ... or this many rounds, whichever is more
 REFERENCE_MAX_ITER = 10_000  # lbfgs iterations; far more than the schema-scaled inputs need
-LOSS_BATCH = 4096  # records per forward pass when measuring the training loss
 
 
 def federation_members(settings: RunSettings, institutions: int) -> list[InstitutionData]:
@@ -92,25 +91,14 @@ class Trained:
         return predict_proba(self.model, inputs)
 
 
-def predict_proba(model: nn.Module, inputs: np.ndarray) -> np.ndarray:
-    """A torch model's class probabilities (float64, computed from the logits in batches)."""
-    model.eval()
-    parts = []
-    with torch.no_grad():
-        for start in range(0, max(len(inputs), 1), LOSS_BATCH):
-            logits = model(torch.as_tensor(inputs[start : start + LOSS_BATCH], dtype=torch.float32))
-            parts.append(torch.softmax(logits.double(), dim=1).numpy())
-    return np.concatenate(parts)
-
-
 def training_loss(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) -> float:
     """Mean cross-entropy of ``model`` on all the records (the convergence criterion's measure)."""
     model.eval()
     total = 0.0
     with torch.no_grad():
-        for start in range(0, len(labels), LOSS_BATCH):
-            logits = model(torch.as_tensor(inputs[start : start + LOSS_BATCH], dtype=torch.float32))
-            target = torch.tensor(labels[start : start + LOSS_BATCH])  # a copy: the labels may be read-only
+        for start in range(0, len(labels), PREDICT_BATCH):
+            logits = model(torch.as_tensor(inputs[start : start + PREDICT_BATCH], dtype=torch.float32))
+            target = torch.tensor(labels[start : start + PREDICT_BATCH])  # a copy: the labels may be read-only
             total += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
     return total / len(labels)
 

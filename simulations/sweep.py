@@ -45,7 +45,8 @@ from common.datasets import load_dataset
 from common.errors import ConfigError
 from common.metrics import PROBABILITY_FLOOR, classification_metrics, lead_metric
 from common.models import build_model, set_weights
-from simulations.baselines import alone, federation_members, pooled, predict_proba, records_digest, reference
+from common.training import predict_proba
+from simulations.baselines import alone, federation_members, pooled, records_digest, reference
 from simulations.engines import run_engine
 from simulations.sweep_spec import SweepSpec, Task
 from simulations.sweep_store import SweepStore, TaskRecord
