@@ -233,7 +233,7 @@ def _drive(fed: Federation, overrides: dict[str, Any], *, verbose: bool) -> None
     """Submit the run with ``flwr run --stream`` and show its progress; Ctrl-C stops the Flower run too."""
     import re
 
-    from server.deployment import stop_run
+    from server.deployment import active_runs, stop_run
 
     def interrupted(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
@@ -260,12 +260,15 @@ def _drive(fed: Federation, overrides: dict[str, Any], *, verbose: bool) -> None
                 sys.stdout.flush()
         except KeyboardInterrupt:
             stop_process(flower, timeout=5)
-            if run_id is not None:  # the stream is only a view: the run itself goes on until stopped
-                try:
-                    stop_run(fed, run_id, timeout=60)
-                    console.print(f"stopped Flower run {run_id}")
-                except FedsiloError as err:
-                    print_error(console, err)
+            # The stream is only a view: the run itself goes on until stopped. A Ctrl-C can come
+            # before the stream has shown the run's id; this command holds the federation's run
+            # lock, so the runs active on the SuperLink then are its own.
+            try:
+                for active in [run_id] if run_id is not None else active_runs(fed):
+                    stop_run(fed, active, timeout=60)
+                    console.print(f"stopped Flower run {active}")
+            except FedsiloError as err:
+                print_error(console, err)
             raise
 
 
