@@ -1,4 +1,8 @@
-"""Built-in real datasets, each with its federation schema, and table readers."""
+"""Built-in real datasets, each with its federation schema, and table readers.
+
+A built-in dataset is a ``BuiltinDataset`` (its schema file in ``common/data/`` and
+a loader) registered by name in ``common.registry.DATASETS``.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +16,10 @@ import pandas as pd
 
 from common.errors import ConfigError, DataError
 from common.images import FASHION_MNIST_DIR
+from common.registry import DATASETS, TABLE_SUFFIXES
 from common.schema import Schema
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-SCHEMAS = {
-    "breast-cancer": DATA_DIR / "breast_cancer.schema.toml",
-    "german-credit": DATA_DIR / "german_credit.schema.toml",
-    "digits": DATA_DIR / "digits.schema.toml",
-    "fashion-mnist": DATA_DIR / "fashion_mnist.schema.toml",
-    "fashion-mnist-train": DATA_DIR / "fashion_mnist.schema.toml",
-}
 
 
 @dataclass(frozen=True)
@@ -34,33 +32,46 @@ class TabularDataset:
     institution_noun: str
 
 
-def _breast_cancer() -> TabularDataset:
+@dataclass(frozen=True)
+class BuiltinDataset:
+    """A dataset shipped with fedsilo: its schema (a file in ``DATA_DIR``) and how to load its table.
+
+    ``load`` gets the schema read from ``schema_file``; the schema file alone is what a
+    coordinator distributes (``builtin_schema_path``).
+    """
+
+    schema_file: str
+    load: Callable[[Schema], TabularDataset]
+
+    @property
+    def schema_path(self) -> Path:
+        return DATA_DIR / self.schema_file
+
+
+def _breast_cancer(schema: Schema) -> TabularDataset:
     from sklearn.datasets import load_breast_cancer
 
     bunch = load_breast_cancer(as_frame=True)
     frame = bunch.frame.drop(columns="target")
     frame["diagnosis"] = bunch.target.map(dict(enumerate(bunch.target_names))).astype(str)
-    schema = Schema.load(SCHEMAS["breast-cancer"])
     return TabularDataset("breast-cancer", frame, schema, "hospital")
 
 
-def _german_credit() -> TabularDataset:
+def _german_credit(schema: Schema) -> TabularDataset:
     frame = read_table(DATA_DIR / "german_credit.csv")
-    schema = Schema.load(SCHEMAS["german-credit"])
     return TabularDataset("german-credit", frame, schema, "bank")
 
 
-def _digits() -> TabularDataset:
+def _digits(schema: Schema) -> TabularDataset:
     from sklearn.datasets import load_digits
 
     bunch = load_digits(as_frame=True)
     frame = bunch.frame.drop(columns="target")
     frame["digit"] = bunch.target.astype(str)
-    schema = Schema.load(SCHEMAS["digits"])
     return TabularDataset("digits", frame, schema, "clinic")
 
 
-def fashion_mnist(*splits: str) -> TabularDataset:
+def fashion_mnist(*splits: str, schema: Schema | None = None) -> TabularDataset:
     """Fashion-MNIST's ``splits`` (``train``: 60,000 images, ``test``: 10,000), one pixel per column, as a table."""
     from common import images
 
@@ -70,45 +81,35 @@ def fashion_mnist(*splits: str) -> TabularDataset:
     frame = pd.DataFrame(
         pixels.round().astype(np.uint8), columns=[f"pixel_{r}_{c}" for r in range(28) for c in range(28)]
     )
-    schema = Schema.load(SCHEMAS["fashion-mnist"])
+    schema = schema or Schema.load(FASHION_MNIST.schema_path)
     frame["label"] = np.asarray(schema.classes)[labels]
     name = "fashion-mnist" if splits == ("train", "test") else f"fashion-mnist-{'-'.join(splits)}"
     return TabularDataset(name, frame, schema, "clinic")
 
 
-BUILTIN: dict[str, Callable[[], TabularDataset]] = {
-    "breast-cancer": _breast_cancer,
-    "german-credit": _german_credit,
-    "digits": _digits,
-    # All 70,000 images (train and test files together); or the official training split only,
-    # to test on the official 10,000 test images as the literature does.
-    "fashion-mnist": lambda: fashion_mnist("train", "test"),
-    "fashion-mnist-train": lambda: fashion_mnist("train"),
-}
+BREAST_CANCER = BuiltinDataset("breast_cancer.schema.toml", _breast_cancer)
+GERMAN_CREDIT = BuiltinDataset("german_credit.schema.toml", _german_credit)
+DIGITS = BuiltinDataset("digits.schema.toml", _digits)
+FASHION_MNIST = BuiltinDataset(
+    "fashion_mnist.schema.toml", lambda schema: fashion_mnist("train", "test", schema=schema)
+)
+FASHION_MNIST_TRAIN = BuiltinDataset("fashion_mnist.schema.toml", lambda schema: fashion_mnist("train", schema=schema))
 
 
 def builtin_schema_path(name: str) -> Path:
     """The schema file of a built-in dataset (what a coordinator would distribute)."""
-    if name not in SCHEMAS:
-        raise ConfigError(f"unknown dataset {name!r}; built-in datasets: {sorted(BUILTIN)}")
-    return SCHEMAS[name]
+    return DATASETS.get(name).schema_path
 
 
 def load_builtin(name: str) -> TabularDataset:
     """Load one of the datasets shipped with fedsilo (or, for fashion-mnist, with Debian) by name."""
-    try:
-        loader = BUILTIN[name]
-    except KeyError:
-        raise ConfigError(f"unknown dataset {name!r}; built-in datasets: {sorted(BUILTIN)}") from None
-    return loader()
-
-
-TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".pq")
+    builtin = DATASETS.get(name)
+    return builtin.load(Schema.load(builtin.schema_path))
 
 
 def load_dataset(name: str, schema_path: str = "") -> TabularDataset:
     """A built-in dataset by name, or any CSV or Parquet file with the schema that describes it."""
-    if name in BUILTIN or not name.lower().endswith(TABLE_SUFFIXES):
+    if name in DATASETS or not name.lower().endswith(TABLE_SUFFIXES):
         return load_builtin(name)
     if not schema_path:
         raise ConfigError(f"dataset {name}: a table needs its federation schema; give schema-path (--schema)")

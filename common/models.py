@@ -1,13 +1,16 @@
-"""DP-ready models: no BatchNorm, no in-place activations, Opacus-valid by design.
+"""The model zoo, DP-ready: no BatchNorm, no in-place activations, Opacus-valid by design.
 
 ``build_model`` is the one factory a run uses (server, institutions, baselines,
-sweeps): the run settings' ``model`` and ``activation`` choose the network, the
-federation schema its input and output widths, a seed its initial weights.
+sweeps): the run settings' ``model`` and ``activation`` name a registered
+``ModelKind`` and activation (``common.registry``), the federation schema gives
+the input and output widths, a seed the initial weights. A new model is an
+``nn.Module``, its ``ModelKind`` and one ``MODELS.register`` line.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,12 +18,10 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
+from common.registry import ACTIVATIONS, MODELS
 from common.schema import NumericFeature, Schema
 from common.settings import TrainSettings
 
-# "tanh" is the tempered sigmoid s * sigmoid(T * x) - o of Papernot et al. (AAAI 2021)
-# at their defaults s = 2, T = 2, o = 1, which is exactly tanh(x).
-ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
 IMAGE_SIDE = 28
 
 
@@ -31,7 +32,7 @@ class TabularMLP(nn.Module):
         self, num_inputs: int, num_classes: int, hidden: Sequence[int] = (64,), activation: str = "relu"
     ) -> None:
         super().__init__()
-        act = ACTIVATIONS[activation]
+        act = ACTIVATIONS.get(activation)
         layers: list[nn.Module] = []
         width = num_inputs
         for units in hidden:
@@ -69,7 +70,7 @@ class SmallCNN(nn.Module):
 
     def __init__(self, num_classes: int = 10, activation: str = "relu") -> None:
         super().__init__()
-        act = ACTIVATIONS[activation]
+        act = ACTIVATIONS.get(activation)
         self.features = nn.Sequential(
             nn.Conv2d(1, 16, 8, stride=2, padding=3),
             act(),
@@ -84,21 +85,12 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x.view(-1, 1, IMAGE_SIDE, IMAGE_SIDE)))
 
 
-def build_mlp(num_inputs: int, num_classes: int, hidden: Sequence[int], *, seed: int) -> TabularMLP:
-    """An MLP whose initial weights depend only on ``seed``."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return TabularMLP(num_inputs, num_classes, hidden)
+def _any_schema(schema: Schema) -> None:
+    """Every schema fits: the model reads ``schema.num_inputs`` numbers."""
 
 
-def check_model_fits(train: TrainSettings, schema: Schema) -> None:
-    """Raise ``ConfigError`` if the chosen model cannot take this schema's rows.
-
-    The CNN reads a row as one 28x28 grayscale image, so it needs a schema of
-    exactly 784 numeric columns, one input each (Fashion-MNIST's, row by row).
-    """
-    if train.model != "cnn":
-        return
+def _image_schema(schema: Schema) -> None:
+    """The CNN reads a row as one 28x28 grayscale image: exactly 784 numeric columns, one input each."""
     pixels = sum(isinstance(f, NumericFeature) and f.width == 1 for f in schema.features)
     side = IMAGE_SIDE
     if pixels != side * side or schema.num_inputs != side * side:
@@ -110,20 +102,52 @@ def check_model_fits(train: TrainSettings, schema: Schema) -> None:
         )
 
 
+def _no_spec(train: TrainSettings) -> dict[str, Any]:
+    return {}
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """A registered model (``common.registry.MODELS``): its network for a schema and what it needs.
+
+    ``build`` makes the network from the training settings and the schema (under a
+    seeded generator: ``build_model`` seeds it); ``check`` raises ``ConfigError`` when
+    the schema cannot feed it; ``spec`` adds to what ``report.json`` says of it.
+    """
+
+    build: Callable[[TrainSettings, Schema], nn.Module]
+    check: Callable[[Schema], None] = _any_schema
+    spec: Callable[[TrainSettings], dict[str, Any]] = _no_spec
+
+
+LINEAR = ModelKind(build=lambda train, schema: LinearModel(schema.num_inputs, schema.num_classes))
+MLP = ModelKind(
+    build=lambda train, schema: TabularMLP(
+        schema.num_inputs, schema.num_classes, train.hidden_units, activation=train.activation
+    ),
+    spec=lambda train: {"hidden_layers": list(train.hidden_units)},
+)
+CNN = ModelKind(
+    build=lambda train, schema: SmallCNN(schema.num_classes, activation=train.activation), check=_image_schema
+)
+
+
+def check_model_fits(train: TrainSettings, schema: Schema) -> None:
+    """Raise ``ConfigError`` if the chosen model cannot take this schema's rows (the CNN needs 28x28 images)."""
+    MODELS.get(train.model).check(schema)
+
+
 def build_model(train: TrainSettings, schema: Schema, *, seed: int) -> nn.Module:
     """The run's model for ``schema``, as ``train.model`` and ``train.activation`` say.
 
     Initial weights depend only on ``seed`` (the global torch generator is left
     as it was). Raises ``ConfigError`` when the model does not fit the schema.
     """
-    check_model_fits(train, schema)
+    kind = MODELS.get(train.model)
+    kind.check(schema)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if train.model == "cnn":
-            return SmallCNN(schema.num_classes, activation=train.activation)
-        if train.model == "linear":
-            return LinearModel(schema.num_inputs, schema.num_classes)
-        return TabularMLP(schema.num_inputs, schema.num_classes, train.hidden_units, activation=train.activation)
+        return kind.build(train, schema)
 
 
 def model_spec(train: TrainSettings, schema: Schema, model: nn.Module) -> dict[str, Any]:
@@ -134,9 +158,8 @@ def model_spec(train: TrainSettings, schema: Schema, model: nn.Module) -> dict[s
         "num_inputs": schema.num_inputs,
         "num_classes": schema.num_classes,
         "classes": list(schema.classes),
+        **MODELS.get(train.model).spec(train),
     }
-    if train.model == "mlp":
-        spec["hidden_layers"] = list(train.hidden_units)
     return {**spec, "keys": list(model.state_dict().keys())}
 
 

@@ -2,17 +2,30 @@
 
 Each is a pure function of the labels (or a column), the number of
 institutions and a ``numpy.random.Generator``: the same seed gives the same split.
+A partitioner has the ``Partitioner`` shape and is registered by name in
+``common.registry.PARTITIONERS``; a partition spec is ``NAME`` or ``NAME:ARGUMENT``.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
 
 from common.errors import ConfigError
+from common.registry import PARTITIONERS
 
 MIN_RECORDS = 8
 MAX_DIRICHLET_DRAWS = 100
+
+
+class Partitioner(Protocol):
+    """Row indices of each of ``n`` institutions; ``arg`` is what follows ``NAME:`` in the spec ("" if nothing)."""
+
+    def __call__(
+        self, arg: str, frame: pd.DataFrame, labels: np.ndarray, n: int, rng: np.random.Generator
+    ) -> list[np.ndarray]: ...
 
 
 def partition(
@@ -33,15 +46,29 @@ def partition(
             f"least {MIN_RECORDS} records; use fewer institutions"
         )
     kind, _, arg = spec.partition(":")
-    if kind == "iid" and not arg:
-        parts = np.array_split(rng.permutation(len(labels)), num_institutions)
-    elif kind == "dirichlet":
-        parts = _dirichlet(labels, num_institutions, _alpha(arg), rng)
-    elif kind == "column" and arg:
-        parts = _by_column(frame, arg, num_institutions)
-    else:
-        raise ConfigError(f"unknown partition {spec!r}; use iid, dirichlet:ALPHA (e.g. dirichlet:0.5) or column:NAME")
+    if kind not in PARTITIONERS:
+        raise PARTITIONERS.unknown(spec)
+    parts = PARTITIONERS.get(kind)(arg, frame, labels, num_institutions, rng)
     return [np.sort(p) for p in parts]
+
+
+def iid(arg: str, frame: pd.DataFrame, labels: np.ndarray, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffled, equal shares."""
+    if arg:
+        raise PARTITIONERS.unknown(f"iid:{arg}")
+    return np.array_split(rng.permutation(len(labels)), n)
+
+
+def dirichlet(arg: str, frame: pd.DataFrame, labels: np.ndarray, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Each class spread over the institutions by Dirichlet(ALPHA) proportions (Hsu et al., 2019)."""
+    return _dirichlet(labels, n, _alpha(arg), rng)
+
+
+def by_column(arg: str, frame: pd.DataFrame, labels: np.ndarray, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """The natural split by column ``arg``'s values, grouped into ``n`` groups of similar size."""
+    if not arg:
+        raise PARTITIONERS.unknown("column")
+    return _by_column(frame, arg, n)
 
 
 def _alpha(arg: str) -> float:

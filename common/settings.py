@@ -15,13 +15,12 @@ from typing import Any, TypeVar
 
 from common.accounting import ACCOUNTANT_OF_RECORD, ACCOUNTANTS
 from common.errors import ConfigError
+from common.registry import ACTIVATIONS, DATASETS, MODELS, PARTITIONERS, TABLE_SUFFIXES
 
 Scalar = bool | int | float | str
 _T = TypeVar("_T")
 
 
-MODELS = ("linear", "mlp", "cnn")
-ACTIVATIONS = ("relu", "tanh")
 # Opacus per-sample gradient modes that handle every batch DP-SGD draws. "ew" (expanded
 # weights) is left out: in Opacus 1.6 it raises on the empty batches Poisson sampling draws.
 GRAD_SAMPLE_MODES = ("ghost", "hooks", "functorch")
@@ -66,8 +65,8 @@ class TrainSettings:
         _check(self.batch_size >= 0, "batch-size", self.batch_size, "an integer >= 1 (0: the recipe's)")
         _check(self.learning_rate >= 0, "learning-rate", self.learning_rate, "> 0 (0: the recipe's)")
         _check(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
-        _check(self.model in MODELS, "model", self.model, _one_of(MODELS))
-        _check(self.activation in ACTIVATIONS, "activation", self.activation, _one_of(ACTIVATIONS))
+        _check(self.model in MODELS, "model", self.model, _one_of(MODELS.names()))
+        _check(self.activation in ACTIVATIONS, "activation", self.activation, _one_of(ACTIVATIONS.names()))
         _check(
             self.grad_sample_mode in GRAD_SAMPLE_MODES,
             "grad-sample-mode",
@@ -227,6 +226,10 @@ class DataSettings:
 
     def __post_init__(self) -> None:
         _check(0 < self.test_fraction < 1, "test-fraction", self.test_fraction, "in (0, 1)")
+        if self.dataset not in DATASETS and not self.dataset.lower().endswith(TABLE_SUFFIXES):
+            raise DATASETS.unknown(self.dataset, alternative="a CSV/Parquet file")
+        if self.partition.partition(":")[0] not in PARTITIONERS:
+            raise PARTITIONERS.unknown(self.partition)
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from common.cli import print_error
-from common.datasets import BUILTIN
 from common.errors import FedsiloError
+from common.registry import DATASETS
 from common.settings import RunSettings
 from simulations.engines import check_engine
 
@@ -42,7 +42,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
 @app.command()
 def run(
     dataset: Annotated[
-        str, typer.Option(help=f"Built-in dataset ({', '.join(sorted(BUILTIN))}) or a CSV/Parquet file.")
+        str, typer.Option(help=f"Built-in dataset ({', '.join(sorted(DATASETS))}) or a CSV/Parquet file.")
     ] = DEFAULTS.data.dataset,
     schema: Annotated[Path | None, typer.Option(help="The schema (TOML) of a CSV/Parquet --dataset.")] = None,
     institutions: Annotated[int, typer.Option(help="Number of institutions (default: 4 hospitals, 3 banks).")] = 0,
@@ -194,7 +194,7 @@ def _comma_list(value: str | None) -> list[str] | None:
 def sweep(
     file: Annotated[Path | None, typer.Option("--file", help="A TOML sweep file (options below override it).")] = None,
     dataset: Annotated[
-        str | None, typer.Option(help=f"Built-in dataset ({', '.join(sorted(BUILTIN))}) or a CSV/Parquet file.")
+        str | None, typer.Option(help=f"Built-in dataset ({', '.join(sorted(DATASETS))}) or a CSV/Parquet file.")
     ] = None,
     schema: Annotated[Path | None, typer.Option(help="The schema (TOML) of a CSV/Parquet --dataset.")] = None,
     epsilons: Annotated[str | None, typer.Option(help="Target epsilons, e.g. 0.5,1,2,4,8,inf.")] = None,
@@ -389,9 +389,9 @@ def _run_sweep_cli(spec: Any, out_dir: Path, workers: int, tracker: Any = None) 
 
 def _dataset_value(name: str) -> str:
     """A built-in dataset's name, or a table's absolute path (Flower's workers run elsewhere)."""
-    from common.datasets import BUILTIN, TABLE_SUFFIXES
+    from common.registry import TABLE_SUFFIXES
 
-    return name if name in BUILTIN or not name.lower().endswith(TABLE_SUFFIXES) else str(Path(name).resolve())
+    return name if name in DATASETS or not name.lower().endswith(TABLE_SUFFIXES) else str(Path(name).resolve())
 
 
 def _check_policy(settings: RunSettings, count: int) -> None:

@@ -1,21 +1,41 @@
-"""The two simulation engines behind one call: Flower's runtime, or the in-process fast path."""
+"""The simulation engines behind one call, registered by name: Flower's runtime, or the in-process fast path.
+
+An engine is a function of the ``Engine`` shape registered in ``ENGINES``
+(``@ENGINES.register("name")``); ``run_engine`` and the sweep files name it.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 from common.errors import ConfigError
+from common.registry import Registry
 from common.settings import RunSettings
 from server.strategy import RoundCallback
 
-ENGINES = ("flower", "inprocess")
+
+class Engine(Protocol):
+    """Run one federation of ``institutions``; return its ``report.json`` content."""
+
+    def __call__(
+        self,
+        settings: RunSettings,
+        *,
+        institutions: int,
+        on_round: RoundCallback | None,
+        verbose: bool,
+        ray_address: str,
+    ) -> dict[str, Any]: ...
+
+
+ENGINES: Registry[Engine] = Registry("engine")
 
 
 def check_engine(name: str) -> None:
     """Refuse an unknown engine name, naming the known ones."""
     if name not in ENGINES:
-        raise ConfigError(f"unknown engine {name!r}; use {' or '.join(ENGINES)}")
+        raise ENGINES.unknown(name)
 
 
 def run_engine(
@@ -31,17 +51,32 @@ def run_engine(
 
     ``ray_address``: Flower's engine runs on that existing Ray cluster (``simulations.runner``).
     """
-    check_engine(engine)
-    if ray_address and engine != "flower":
-        raise ConfigError(
-            f"a Ray address runs Flower's simulation engine on a cluster; the {engine} engine runs in this "
-            "process. Use --engine flower, or leave out --ray-address"
-        )
-    if engine == "flower":
-        from simulations.runner import run_federation
+    return ENGINES.get(engine)(
+        settings, institutions=institutions, on_round=on_round, verbose=verbose, ray_address=ray_address
+    )
 
-        return run_federation(
-            settings, institutions=institutions, on_round=on_round, verbose=verbose, ray_address=ray_address
+
+@ENGINES.register("flower")
+def flower_engine(
+    settings: RunSettings, *, institutions: int, on_round: RoundCallback | None, verbose: bool, ray_address: str
+) -> dict[str, Any]:
+    """Flower's simulation engine (Ray), on this machine or on the cluster at ``ray_address``."""
+    from simulations.runner import run_federation
+
+    return run_federation(
+        settings, institutions=institutions, on_round=on_round, verbose=verbose, ray_address=ray_address
+    )
+
+
+@ENGINES.register("inprocess")
+def inprocess_engine(
+    settings: RunSettings, *, institutions: int, on_round: RoundCallback | None, verbose: bool, ray_address: str
+) -> dict[str, Any]:
+    """The in-process engine (``simulations.inprocess``): the same federation, no Ray, in this process."""
+    if ray_address:
+        raise ConfigError(
+            "a Ray address runs Flower's simulation engine on a cluster; the inprocess engine runs in this "
+            "process. Use --engine flower, or leave out --ray-address"
         )
     from simulations.inprocess import run_inprocess
 

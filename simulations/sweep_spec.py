@@ -32,8 +32,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from common.datasets import BUILTIN, TABLE_SUFFIXES
 from common.errors import ConfigError
+from common.registry import DATASETS, PARTITIONERS, TABLE_SUFFIXES
 from common.settings import RunSettings
 from common.tomlfile import read_toml
 from simulations.engines import ENGINES
@@ -180,9 +180,9 @@ def parse_sweep(values: Mapping[str, Any], source: str, *, folder: Path | str | 
 
     if "dataset" in values:
         name = str(values["dataset"])
-        if name not in BUILTIN and not name.lower().endswith(TABLE_SUFFIXES):
+        if name not in DATASETS and not name.lower().endswith(TABLE_SUFFIXES):
             raise fail(
-                "dataset", values["dataset"], f"must be one of {', '.join(sorted(BUILTIN))} or a CSV/Parquet file"
+                "dataset", values["dataset"], f"must be one of {', '.join(sorted(DATASETS))} or a CSV/Parquet file"
             )
         out["dataset"] = name
     if "schema" in values:
@@ -261,8 +261,8 @@ def _axis_item(key: str, item: Any, fail: Any) -> Any:
             return item.lower() in {"true", "on"}
         raise fail(key, item, "must hold true or false (on/off)")
     # partitions: checked against a real split before the sweep starts; the shape is checked here
-    if not isinstance(item, str) or item.split(":")[0] not in {"iid", "dirichlet", "column"}:
-        raise fail(key, item, "must hold iid, dirichlet:ALPHA or column:NAME")
+    if not isinstance(item, str) or item.split(":")[0] not in PARTITIONERS:
+        raise fail(key, item, f"must hold {PARTITIONERS.usage()}")
     return item
 
 

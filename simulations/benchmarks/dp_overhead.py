@@ -39,7 +39,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from common.datasets import load_builtin
 from common.errors import ConfigError
 from common.images import load_fashion_mnist
-from common.models import SmallCNN, build_mlp
+from common.models import SmallCNN, build_model
+from common.settings import TrainSettings
 from simulations.benchmarks import emit, machine
 
 MODES = ("hooks", "functorch", "ew", "ghost")
@@ -158,7 +159,7 @@ def main() -> None:
     cx, cy = credit.schema.transform(credit.frame, source=credit.name)
     mlp = measure(
         "mlp-german-credit",
-        lambda: build_mlp(cx.shape[1], credit.schema.num_classes, (64,), seed=0),
+        lambda: build_model(TrainSettings(model="mlp", hidden_layers="64"), credit.schema, seed=0),
         np.tile(cx, (10, 1)),  # 10,000 records: an epoch long enough to time
         np.tile(cy, 10),
         args.batch_size,

@@ -8,7 +8,7 @@ from sklearn.metrics import roc_auc_score
 
 from common.audit import loss_threshold_auc, record_losses
 from common.datasets import load_builtin
-from common.models import build_mlp
+from common.models import build_model
 from common.settings import PrivacySettings, TrainSettings
 from common.training import plan_round, train_round
 
@@ -31,8 +31,8 @@ def test_a_memorizing_non_private_model_is_caught_and_dp_training_much_less() ->
     train, held = order[:100], order[100:400]
     aucs = {}
     for name, privacy in (("no-dp", PrivacySettings(target_epsilon=float("inf"))), ("dp", PrivacySettings(1.0))):
-        train_settings = TrainSettings(local_epochs=100, hidden_layers="128")
-        model = build_mlp(x.shape[1], 2, (128,), seed=0)
+        train_settings = TrainSettings(local_epochs=100, model="mlp", hidden_layers="128")
+        model = build_model(train_settings, dataset.schema, seed=0)
         plan = plan_round(num_examples=100, train=train_settings, privacy=privacy, planned_rounds=1)
         train_round(model, x[train], y[train], plan=plan, train=train_settings, max_grad_norm=1.0, seed=1)
         aucs[name] = loss_threshold_auc(

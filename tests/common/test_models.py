@@ -9,19 +9,17 @@ from torch import nn
 from common.datasets import builtin_schema_path
 from common.errors import ConfigError
 from common.models import (
-    ACTIVATIONS,
     LinearModel,
     SmallCNN,
     TabularMLP,
-    build_mlp,
     build_model,
     check_model_fits,
     get_weights,
     model_spec,
     set_weights,
 )
+from common.registry import ACTIVATIONS
 from common.schema import Schema
-from common.settings import ACTIVATIONS as ACTIVATION_NAMES
 from common.settings import TrainSettings
 from common.training import RoundPlan, train_round
 
@@ -44,15 +42,18 @@ def test_cnn_takes_28x28_images() -> None:
 
 
 def test_initial_weights_depend_only_on_the_seed() -> None:
-    a, b, c = (build_mlp(8, 2, (16,), seed=s) for s in (1, 1, 2))
+    train = TrainSettings(model="mlp", hidden_layers="16")
+    a, b, c = (build_model(train, BREAST_CANCER, seed=s) for s in (1, 1, 2))
     assert all((x == y).all() for x, y in zip(get_weights(a), get_weights(b), strict=True))
     assert any((x != y).any() for x, y in zip(get_weights(a), get_weights(c), strict=True))
     set_weights(c, get_weights(a))
     assert all((x == y).all() for x, y in zip(get_weights(a), get_weights(c), strict=True))
 
 
-def test_every_activation_the_settings_accept_is_built() -> None:
-    assert tuple(ACTIVATIONS) == ACTIVATION_NAMES
+@pytest.mark.parametrize("activation", ACTIVATIONS.names())
+def test_every_activation_the_settings_accept_is_built(activation: str) -> None:
+    model = build_model(TrainSettings(model="mlp", activation=activation), BREAST_CANCER, seed=0)
+    assert any(isinstance(m, ACTIVATIONS.get(activation)) for m in model.modules())
 
 
 @pytest.mark.parametrize(("kind", "activation"), [("mlp", "relu"), ("mlp", "tanh"), ("cnn", "relu"), ("cnn", "tanh")])
@@ -64,8 +65,8 @@ def test_build_model_follows_the_settings_and_the_seed(kind: str, activation: st
     spec = model_spec(train, FASHION, a)
     # Assert
     assert isinstance(a, SmallCNN if kind == "cnn" else TabularMLP)
-    assert any(isinstance(m, ACTIVATIONS[activation]) for m in a.modules())
-    assert not any(isinstance(m, ACTIVATIONS["tanh" if activation == "relu" else "relu"]) for m in a.modules())
+    assert any(isinstance(m, ACTIVATIONS.get(activation)) for m in a.modules())
+    assert not any(isinstance(m, ACTIVATIONS.get("tanh" if activation == "relu" else "relu")) for m in a.modules())
     assert all((x == y).all() for x, y in zip(get_weights(a), get_weights(b), strict=True))
     assert any((x != y).any() for x, y in zip(get_weights(a), get_weights(c), strict=True))
     assert a(torch.zeros(4, 784)).shape == (4, 10)

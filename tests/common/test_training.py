@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 from opacus import PrivacyEngine
+from torch import nn
 
-from common.models import build_mlp, build_model, get_weights
-from common.settings import GRAD_SAMPLE_MODES, RunSettings
+from common.models import build_model, get_weights
+from common.schema import NumericFeature, Schema
+from common.settings import GRAD_SAMPLE_MODES, RunSettings, TrainSettings
 from common.training import (
     AUTO_MAX_TRAVEL,
     AUTO_NOISE_IN_WEIGHTS,
@@ -27,10 +29,16 @@ RNG = np.random.default_rng(0)
 X = RNG.random((100, 6)).astype(np.float32)
 Y = (X[:, 0] + X[:, 1] > 1).astype(np.int64)
 SETTINGS = RunSettings()
+SIX_INPUTS = Schema("y", ("0", "1"), tuple(NumericFeature(f"x{i}", 0.0, 1.0) for i in range(6)))
+
+
+def mlp(hidden_layers: str = "8") -> nn.Module:
+    """The run's MLP for six inputs and two classes, from seed 0."""
+    return build_model(TrainSettings(model="mlp", hidden_layers=hidden_layers), SIX_INPUTS, seed=0)
 
 
 def trained(plan: RoundPlan, seed: int, max_grad_norm: float = 1.0) -> list[np.ndarray]:
-    model = build_mlp(6, 2, (8,), seed=0)
+    model = mlp()
     train_round(model, X, Y, plan=plan, train=SETTINGS.train, max_grad_norm=max_grad_norm, seed=seed)
     return get_weights(model)
 
@@ -64,7 +72,7 @@ def test_every_grad_sample_mode_trains_the_same_weights(monkeypatch: pytest.Monk
     plan = RoundPlan(sample_rate=0.02, steps=30, noise_multiplier=1.0)  # about 1 in 7 batches empty
     weights = {}
     for mode in GRAD_SAMPLE_MODES:
-        model = build_mlp(6, 2, (8,), seed=0)
+        model = mlp()
         train = replace(SETTINGS.train, grad_sample_mode=mode, batch_size=2)
         train_round(model, X, Y, plan=plan, train=train, max_grad_norm=0.5, seed=4)
         weights[mode] = torch.cat([p.detach().flatten() for p in model.parameters()])
@@ -79,7 +87,7 @@ def test_dp_update_is_bounded_by_clipping_without_noise_amplification() -> None:
     # With almost no noise, one plain SGD step moves the weights by at most lr * C per step.
     plan = RoundPlan(sample_rate=0.25, steps=1, noise_multiplier=1e-9)
     settings = RunSettings.from_config({"momentum": 0.0, "learning-rate": 1.0})
-    model = build_mlp(6, 2, (8,), seed=0)
+    model = mlp()
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     train_round(model, X, Y, plan=plan, train=settings.train, max_grad_norm=0.01, seed=3)
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
@@ -87,7 +95,7 @@ def test_dp_update_is_bounded_by_clipping_without_noise_amplification() -> None:
 
 
 def test_training_learns_and_evaluate_reports_accuracy_and_auc() -> None:
-    model = build_mlp(6, 2, (8,), seed=0)
+    model = mlp()
     before = evaluate(model, X, Y)
     plan = RoundPlan(sample_rate=0.25, steps=100, noise_multiplier=0.0)
     train_round(model, X, Y, plan=plan, train=SETTINGS.train, max_grad_norm=1.0, seed=0)
@@ -151,7 +159,7 @@ def test_explicit_learning_rate_and_batch_are_used_as_given() -> None:
     train = RunSettings.from_config({"learning-rate": 0.3, "batch-size": 10}).train
     plan = plan_round(num_examples=100, train=train, privacy=SETTINGS.privacy, planned_rounds=2)
     assert plan.batch_size == 10 and plan.sample_rate == 0.1
-    model = build_mlp(6, 2, (8,), seed=0)
+    model = mlp()
     assert step_size(model, plan, train=train, num_examples=100, max_grad_norm=1.0) == 0.3
 
 
@@ -159,7 +167,7 @@ def test_weight_bound_keeps_every_parameter_inside_secaggs_clipping_range() -> N
     # A learning rate far too large drives the weights past 8 unless they are projected back.
     train = RunSettings.from_config({"learning-rate": 50.0, "model": "linear"}).train
     plan = RoundPlan(sample_rate=0.25, steps=20, noise_multiplier=1.0)
-    free, bounded = (build_mlp(6, 2, (), seed=0) for _ in range(2))
+    free, bounded = (mlp("") for _ in range(2))
     train_round(free, X, Y, plan=plan, train=train, max_grad_norm=1.0, seed=0)
     train_round(bounded, X, Y, plan=plan, train=train, max_grad_norm=1.0, seed=0, weight_bound=8.0)
     assert max(float(np.abs(w).max()) for w in get_weights(free)) > 8.0
