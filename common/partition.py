@@ -24,7 +24,7 @@ class Partitioner(Protocol):
     """Row indices of each of ``n`` institutions; ``arg`` is what follows ``NAME:`` in the spec ("" if nothing)."""
 
     def __call__(
-        self, arg: str, frame: pd.DataFrame, labels: np.ndarray, n: int, rng: np.random.Generator
+        self, arg: str, frame: pd.DataFrame, labels: np.ndarray, n: int, rng: np.random.Generator, /
     ) -> list[np.ndarray]: ...
 
 
@@ -59,18 +59,6 @@ def iid(arg: str, frame: pd.DataFrame, labels: np.ndarray, n: int, rng: np.rando
     return np.array_split(rng.permutation(len(labels)), n)
 
 
-def dirichlet(arg: str, frame: pd.DataFrame, labels: np.ndarray, n: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Each class spread over the institutions by Dirichlet(ALPHA) proportions (Hsu et al., 2019)."""
-    return _dirichlet(labels, n, _alpha(arg), rng)
-
-
-def by_column(arg: str, frame: pd.DataFrame, labels: np.ndarray, n: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """The natural split by column ``arg``'s values, grouped into ``n`` groups of similar size."""
-    if not arg:
-        raise PARTITIONERS.unknown("column")
-    return _by_column(frame, arg, n)
-
-
 def _alpha(arg: str) -> float:
     try:
         alpha = float(arg)
@@ -81,7 +69,9 @@ def _alpha(arg: str) -> float:
     return alpha
 
 
-def _dirichlet(labels: np.ndarray, n: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
+def dirichlet(arg: str, frame: pd.DataFrame, labels: np.ndarray, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Each class spread over the institutions by Dirichlet(ALPHA) proportions (Hsu et al., 2019)."""
+    alpha = _alpha(arg)
     for _ in range(MAX_DIRICHLET_DRAWS):
         parts: list[list[int]] = [[] for _ in range(n)]
         for cls in np.unique(labels):
@@ -97,7 +87,12 @@ def _dirichlet(labels: np.ndarray, n: int, alpha: float, rng: np.random.Generato
     )
 
 
-def _by_column(frame: pd.DataFrame, column: str, n: int) -> list[np.ndarray]:
+def by_column(
+    column: str, frame: pd.DataFrame, labels: np.ndarray, n: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """The natural split by a column's values, grouped into ``n`` groups of similar size."""
+    if not column:
+        raise PARTITIONERS.unknown("column")
     if column not in frame.columns:
         raise ConfigError(f"column:{column}: no such column; columns: {list(frame.columns)}")
     groups = frame.groupby(frame[column].astype(str), sort=True).indices

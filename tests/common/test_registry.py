@@ -117,7 +117,7 @@ def test_one_registration_makes_the_settings_accept_a_model_and_build_model_buil
     # Execute
     a, b = (build_model(train, BREAST_CANCER, seed=7) for _ in range(2))
     # Assert
-    assert isinstance(a, Constant) and torch.equal(a.logits, b.logits)
+    assert isinstance(a, Constant) and isinstance(b, Constant) and torch.equal(a.logits, b.logits)
     assert a(torch.zeros(3, BREAST_CANCER.num_inputs)).shape == (3, 2)
     assert model_spec(train, BREAST_CANCER, a)["toy"] is True
     with pytest.raises(ConfigError, match="'linear', 'mlp', 'cnn', 'constant'"):
