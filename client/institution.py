@@ -25,6 +25,7 @@ from torch import nn
 from client.policy import PrivacyPolicy
 from client.simulated_data import SimulatedTables
 from common.accounting import epsilon_spent
+from common.aggregation import aggregation_for
 from common.datasets import read_table
 from common.errors import ConfigError
 from common.ledger import LedgerEntry, PrivacyLedger
@@ -168,7 +169,8 @@ def fit_round(
 ) -> FitOutcome:
     """Plan, check the policy and the budget, train with DP-SGD, record in the ledger, release.
 
-    A refused round trains nothing, records nothing and releases the received
+    What leaves is prepared by the run's aggregation (``common.aggregation``). A
+    refused round trains nothing, records nothing and releases the received
     weights with zero weight (``num_examples = 0``), so it does not move the
     aggregate, and the reason travels in the clear metrics. ``secure_aggregation``
     says whether the update leaves masked by SecAgg+ (the ClientApp knows it from
@@ -212,7 +214,8 @@ def fit_round(
                 f"of a budget of {budget:g} (already spent {spent:.3f})"
             )
         if reason is not None:
-            return FitOutcome(list(weights), 0, {**base, "epsilon": spent, "refused": reason})
+            refusal = aggregation_for(settings.secagg).prepare(weights, records=0)
+            return FitOutcome(refusal.vector, refusal.weight, {**base, "epsilon": spent, "refused": reason})
         model = _model_with(data, settings, weights)
         if data.reproducible:
             entropy = [settings.seed, server_round, int(data.fingerprint[:8], 16)]
@@ -238,8 +241,9 @@ def fit_round(
             "noise-multiplier": plan.noise_multiplier,
             "sample-rate": plan.sample_rate,
         }
-        # Its aggregation weight, sent in the clear: the record count, capped at secagg-max-weight.
-        return FitOutcome(get_weights(model), settings.secagg.aggregation_weight(len(data.train_y)), metrics)
+        # Its aggregation weight is sent in the clear: the record count, capped at secagg-max-weight.
+        update = aggregation_for(settings.secagg).prepare(get_weights(model), records=len(data.train_y))
+        return FitOutcome(update.vector, update.weight, metrics)
 
 
 def _model_with(data: InstitutionData, settings: RunSettings, weights: Sequence[np.ndarray]) -> nn.Module:

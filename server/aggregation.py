@@ -1,4 +1,4 @@
-"""Aggregation arithmetic both engines share: SecAgg+'s numbers without its masks, and the unmasking guard.
+"""SecAgg+'s arithmetic without its masks (the in-process engine's secure sum), and the clipping warning.
 
 Flower's SecAgg+ (Bell et al., CCS 2020) changes an aggregate's numbers in two
 ways that matter to accuracy: each institution scales its update by its weight
@@ -19,7 +19,8 @@ emulation here: the in-process engine calls these functions, which call the
 same Flower functions in the same order as ``secaggplus_mod``'s
 ``_collect_masked_vectors`` and ``SecAggPlusWorkflow``'s
 ``collect_masked_vectors_stage`` / ``unmask_stage``, and so gets the numbers the
-Flower engine gets.
+Flower engine gets. What the coordinator makes of the recovered sum is the
+run's ``common.aggregation.AggregationQuery.finish_secure``, in both engines.
 """
 
 from __future__ import annotations
@@ -40,21 +41,11 @@ from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from common.settings import SecAggSettings
 
 Weights = list[np.ndarray]
-MIN_CONTRIBUTORS = 2
 # How near SecAgg+'s clipping range an aggregate may come before the coordinator warns. The
 # institutions' models scatter around their mean: with 5 institutions of 5,000 German-credit
 # records (default training), the largest parameter of any one model was 1.2 to 2.6 times the
 # aggregate's largest, so at half the range the bound likely binds some of them already.
 CLIPPING_MARGIN = 2.0
-
-
-def may_unmask(num_examples: Iterable[int]) -> bool:
-    """Whether an aggregate sums at least ``MIN_CONTRIBUTORS`` updates that trained (weight > 0).
-
-    An institution that refuses a round sends a zero-weight update; unmasking a sum
-    with a single trainer would reveal that institution's update.
-    """
-    return sum(1 for n in num_examples if n > 0) >= MIN_CONTRIBUTORS
 
 
 def secaggplus_client_vector(weights: Sequence[np.ndarray], num_examples: int, secagg: SecAggSettings) -> Weights:

@@ -191,7 +191,7 @@ class RunDirectory:
         os.replace(scratch, self.path / "progress.json")
 
     def finish(self, weights: list[np.ndarray], elapsed_s: float) -> dict[str, Any]:
-        """Write the final model and report.json; return the report."""
+        """Write the final model and report.json; return the report as written (non-finite floats as text)."""
         self.save_model(weights, "model.pt")
         final = self.rounds[-1] if self.rounds else {}
         report = {
@@ -213,9 +213,10 @@ class RunDirectory:
                 **{pkg: _version(pkg) for pkg in ("fedsilo", "flwr", "torch", "opacus")},
             },
         }
-        text = json.dumps(_json_safe(report), indent=2, allow_nan=False)
+        written: dict[str, Any] = _json_safe(report)
+        text = json.dumps(written, indent=2, allow_nan=False)
         (self.path / "report.json").write_text(text + "\n", encoding="utf-8")
-        return report
+        return written
 
 
 def _version(package: str) -> str:

@@ -23,24 +23,26 @@ their weights inside it, which Flower would otherwise clip without a word.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import WARNING
 from typing import Any, cast
 
 from flwr.app import Message
-from flwr.common import parameters_to_ndarrays
+from flwr.common import FitRes, parameters_to_ndarrays
 from flwr.common.logger import log
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
+from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
-from flwr.server.strategy import FedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
-from server.aggregation import MIN_CONTRIBUTORS, clipping_warning, may_unmask
-from server.strategy import WAIT_S, FedsiloStrategy
+from common.aggregation import MIN_CONTRIBUTORS, may_unmask
+from server.aggregation import clipping_warning
+
+HaltCallback = Callable[[int, list[tuple[ClientProxy, FitRes]], list[Any]], None]
 
 
 class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
@@ -49,11 +51,25 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
     A ``num_shares`` count at least as large as a round's sample makes every
     sampled institution a neighbour (as ``num_shares = 1.0`` does); Flower would
     instead ask for more shares than there are neighbours and halt the round.
+
+    Parameters
+    ----------
+    sample_size
+        How many institutions the round about to start will sample.
+    on_halt
+        Receives a halted round's number, its replies and failures (the model is unchanged).
+    **kwargs
+        ``SecAggPlusWorkflow``'s arguments (``SecAggSettings.workflow_kwargs``).
     """
+
+    def __init__(self, *, sample_size: Callable[[], int], on_halt: HaltCallback, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sample_size = sample_size
+        self.on_halt = on_halt
 
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         configured = self.num_shares
-        if isinstance(configured, int) and configured >= _sample_size(context):
+        if isinstance(configured, int) and configured >= self.sample_size():
             self.num_shares = 1.0
         try:
             return super().setup_stage(grid, context, state)
@@ -73,9 +89,8 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
             contributors,
             MIN_CONTRIBUTORS,
         )
-        if isinstance(context.strategy, FedsiloStrategy):
-            current_round = int(str(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND]))
-            context.strategy.book_fit(current_round, state.legacy_results, list(state.failures))
+        current_round = int(str(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND]))
+        self.on_halt(current_round, state.legacy_results, list(state.failures))
         return False
 
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
@@ -91,16 +106,6 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
             if warning is not None:
                 log(WARNING, "%s", warning)
         return True
-
-
-def _sample_size(context: LegacyContext) -> int:
-    """How many institutions the strategy's ``configure_fit`` is about to sample."""
-    strategy, manager = context.strategy, context.client_manager
-    if not isinstance(strategy, FedAvg):
-        return manager.num_available()
-    if isinstance(strategy, FedsiloStrategy):  # it waits for min-institutions before sampling
-        manager.wait_for(strategy.min_available_clients, timeout=WAIT_S)
-    return strategy.num_fit_clients(manager.num_available())[0]
 
 
 class ThresholdShares:

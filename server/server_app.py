@@ -9,19 +9,20 @@ from logging import INFO
 from pathlib import Path
 
 from flwr.app import Context
-from flwr.common import ndarrays_to_parameters
 from flwr.common.logger import log
 from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.serverapp import Grid
 
+from common.aggregation import aggregation_for
 from common.datasets import builtin_schema_path
 from common.models import build_model, get_weights, model_spec
 from common.polling import cap_grid_polling
 from common.schema import Schema
 from common.settings import RunSettings
+from server.coordinator import Coordinator, RoundCallback
 from server.run_directory import RunDirectory
 from server.secure_aggregation import GuardedSecAggPlusWorkflow
-from server.strategy import FedsiloStrategy, RoundCallback
+from server.strategy import FedsiloStrategy
 from server.workflow import ResumableWorkflow
 
 
@@ -37,8 +38,12 @@ def resolve_run_dir(settings: RunSettings) -> Path:
 
 def open_run(
     settings: RunSettings, on_round: RoundCallback | None = None, strategy_cls: type[FedsiloStrategy] = FedsiloStrategy
-) -> tuple[RunSettings, RunDirectory, FedsiloStrategy]:
-    """Resolve the run directory, build the initial model and the strategy (both engines start here)."""
+) -> tuple[RunSettings, Coordinator, FedsiloStrategy]:
+    """Resolve the run directory, build the initial model, the coordinator and the strategy (both engines start here).
+
+    The in-process engine takes the round's config and sample sizes from the
+    strategy (FedAvg's) and hands the replies to the coordinator, as the strategy does.
+    """
     run_dir = resolve_run_dir(settings)
     settings = settings.with_overrides(
         {"out-dir": str(run_dir), "state-root": settings.state_root or str(run_dir / "state")}
@@ -50,9 +55,9 @@ def open_run(
     model = build_model(settings.train, schema, seed=settings.seed)
     directory = RunDirectory(run_dir, settings, model_spec(settings.train, schema, model), schema_path)
     weights = directory.last_checkpoint() or get_weights(model)
+    coordinator = Coordinator(directory, aggregation_for(settings.secagg), weights, on_round=on_round)
     round_config = {**settings.to_config(), "run-name": run_dir.name}  # the ledgers' run id, kept on resume
-    strategy = strategy_cls(settings, directory, ndarrays_to_parameters(weights), round_config, on_round)
-    return settings, directory, strategy
+    return settings, coordinator, strategy_cls(settings, coordinator, round_config)
 
 
 def build_server_app(
@@ -68,16 +73,23 @@ def build_server_app(
         if settings.resume_from:  # the stopped run's own settings, whatever the run config says
             settings = RunDirectory.saved_settings(Path(settings.resume_from).resolve())
         random.seed(settings.seed)  # Flower samples clients with the global generator
-        settings, directory, strategy = open_run(settings, on_round, strategy_cls)
+        settings, coordinator, strategy = open_run(settings, on_round, strategy_cls)
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=settings.rounds), strategy=strategy)
         fit_workflow = (
-            GuardedSecAggPlusWorkflow(**settings.secagg.workflow_kwargs()) if settings.secagg.enabled else None
+            GuardedSecAggPlusWorkflow(
+                sample_size=lambda: strategy.fit_sample_size(legacy.client_manager),
+                on_halt=strategy.fit_halted,
+                **settings.secagg.workflow_kwargs(),
+            )
+            if settings.secagg.enabled
+            else None
         )
+        directory = coordinator.run_dir
         first_round = directory.last_round + 1
         log(INFO, "[fedsilo] run directory %s, rounds %s to %s", directory.path, first_round, settings.rounds)
         started = time.monotonic()
         ResumableWorkflow(fit_workflow, first_round=first_round)(grid, legacy)
-        directory.finish(strategy.current, time.monotonic() - started)
+        coordinator.finish(time.monotonic() - started)
 
     return app
 

@@ -1,51 +1,65 @@
-"""FedAvg with fedsilo's bookkeeping: refusals, checkpoints, round metrics.
+"""FedAvg's sampling and round configuration, handing every reply to the run's ``Coordinator``.
 
-Aggregation itself is Flower's weighted FedAvg (McMahan et al., AISTATS 2017).
-Under SecAgg+ every FitRes handed to ``aggregate_fit`` already carries the
-securely aggregated parameters, so averaging them returns that aggregate; with
-``GuardedSecAggPlusWorkflow`` that aggregate always sums at least two
-institutions' updates, so the strategy never sees an individual one.
+Flower's ``FedAvg`` (McMahan et al., AISTATS 2017) samples the institutions and
+sends them the round's config; what comes back is translated into plain
+replies for ``server.coordinator.Coordinator``, which books, aggregates through
+the run's ``AggregationQuery`` and writes the run directory. Under SecAgg+ every
+FitRes handed to ``aggregate_fit`` already carries the securely aggregated
+parameters (``GuardedSecAggPlusWorkflow`` unmasks only sums of at least two
+institutions' updates), so the strategy never sees an individual one.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Mapping
-from logging import INFO, WARNING
+from collections.abc import Mapping
 from typing import Any
 
-from flwr.common import EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar, parameters_to_ndarrays
-from flwr.common.logger import log
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
-from common.metrics import LABELS, MODEL_METRICS
+from common.aggregation import Contribution
 from common.settings import RunSettings
-from server.run_directory import RunDirectory
+from server.coordinator import Coordinator, EvaluateReply, FitReply, RoundCallback
 
-RoundCallback = Callable[[dict[str, Any]], None]
+__all__ = ["WAIT_S", "EvalResults", "FedsiloStrategy", "FitResults", "RoundCallback", "fit_replies"]
+
 FitResults = list[tuple[ClientProxy, FitRes]]
 EvalResults = list[tuple[ClientProxy, EvaluateRes]]
-
-
-def _name(result: tuple[ClientProxy, FitRes | EvaluateRes]) -> str:
-    return str(result[1].metrics.get("institution", result[0].cid))
-
 
 WAIT_S = 86400  # how long a round waits for min-institutions (Flower's own default)
 
 
+def _name(proxy: ClientProxy, res: FitRes | EvaluateRes) -> str:
+    return str(res.metrics.get("institution", proxy.cid))
+
+
+def fit_replies(results: FitResults) -> list[FitReply]:
+    """Flower's fit results as the coordinator's replies (parameters as sent, num_examples as weight)."""
+    return [
+        FitReply(_name(proxy, res), Contribution(parameters_to_ndarrays(res.parameters), res.num_examples), res.metrics)
+        for proxy, res in results
+    ]
+
+
 class FedsiloStrategy(FedAvg):
-    """Weighted FedAvg that books privacy metrics and writes the run directory."""
+    """FedAvg's sampling and configuration; every aggregation and record is the coordinator's."""
 
     def __init__(
         self,
         settings: RunSettings,
-        run_dir: RunDirectory,
-        initial_parameters: Parameters,
+        coordinator: Coordinator,
         round_config: Mapping[str, Scalar],
-        on_round: RoundCallback | None = None,
     ) -> None:
         super().__init__(
             fraction_fit=settings.fraction_fit,
@@ -54,18 +68,22 @@ class FedsiloStrategy(FedAvg):
             min_fit_clients=min(2, settings.min_institutions),
             min_evaluate_clients=1,
             min_available_clients=settings.min_institutions,
-            initial_parameters=initial_parameters,
-            on_fit_config_fn=self._config,
-            on_evaluate_config_fn=self._config,
-            fit_metrics_aggregation_fn=lambda fits: {"institutions-trained": len(fits)},
+            initial_parameters=ndarrays_to_parameters(coordinator.current),
+            on_fit_config_fn=self.round_config,
+            on_evaluate_config_fn=self.round_config,
         )
-        self.settings = settings
-        self.run_dir = run_dir
-        self.round_config = round_config
-        self.on_round = on_round
-        self.current = parameters_to_ndarrays(initial_parameters)
-        self.started = time.monotonic()
-        self._trained: dict[int, tuple[int, int]] = {}
+        self.secure = settings.secagg.enabled
+        self.coordinator = coordinator
+        self._round_config = dict(round_config)
+
+    def round_config(self, server_round: int) -> dict[str, Scalar]:
+        """What every FitIns and EvaluateIns of a round carries: the run's settings and the round."""
+        return {**self._round_config, "server-round": server_round}
+
+    def fit_sample_size(self, client_manager: ClientManager) -> int:
+        """How many institutions ``configure_fit`` is about to sample, once min-institutions are connected."""
+        client_manager.wait_for(self.min_available_clients, timeout=WAIT_S)
+        return self.num_fit_clients(client_manager.num_available())[0]
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -81,80 +99,25 @@ class FedsiloStrategy(FedAvg):
         client_manager.wait_for(self.min_available_clients, timeout=WAIT_S)
         return super().configure_evaluate(server_round, parameters, client_manager)
 
-    def _config(self, server_round: int) -> dict[str, Scalar]:
-        return {**self.round_config, "server-round": server_round}
-
-    def book_fit(self, server_round: int, results: FitResults, failures: list[Any]) -> FitResults:
-        """Record every fit reply (trained or refused); return those that trained, in a fixed order."""
-        results = sorted(results, key=_name)  # a fixed order: the same seed, the same sum
-        for _, res in results:
-            self.run_dir.record_fit(server_round, res.num_examples, res.metrics)
-            if "refused" in res.metrics:
-                log(WARNING, "%s", res.metrics["refused"])
-        for failure in failures:
-            log(WARNING, "round %s: an institution failed: %s", server_round, failure)
-        trained = [r for r in results if r[1].num_examples > 0]
-        self._trained[server_round] = (len(trained), len(results) - len(trained) + len(failures))
-        self.run_dir.fit_booked(server_round)
-        return trained
+    def fit_halted(self, server_round: int, results: FitResults, failures: list[Any]) -> None:
+        """A round whose secure sum stays masked: book its replies, keep the model."""
+        self.coordinator.book_fit(server_round, fit_replies(results), failures)
 
     def aggregate_fit(
         self, server_round: int, results: FitResults, failures: list[Any]
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        trained = self.book_fit(server_round, results, failures)
-        if not trained:
-            log(WARNING, "round %s: no institution trained; the model is unchanged", server_round)
+        replies = fit_replies(results)
+        # Under SecAgg+ every reply carries the recovered aggregate, refusals included.
+        secure_sum = replies[0].contribution.vector if self.secure and replies else None
+        model = self.coordinator.aggregate_fit(server_round, replies, failures, secure_sum=secure_sum)
+        if model is None:
             return None, {}
-        parameters, metrics = super().aggregate_fit(server_round, trained, failures)
-        if parameters is not None:
-            self.current = parameters_to_ndarrays(parameters)
-            self.run_dir.checkpoint(server_round, self.current)
-        return parameters, metrics
+        trained = sum(1 for r in replies if r.contribution.weight > 0)
+        return ndarrays_to_parameters(model), {"institutions-trained": trained}
 
     def aggregate_evaluate(
         self, server_round: int, results: EvalResults, failures: list[Any]
     ) -> tuple[float | None, dict[str, Scalar]]:
-        # Institutions whose policy withholds evaluation metrics reply with zero weight.
-        results = sorted((r for r in results if r[1].num_examples > 0 and "accuracy" in r[1].metrics), key=_name)
-        total = sum(res.num_examples for _, res in results)
-        metrics: dict[str, Scalar] = {}
-        loss = None
-        if total:
-            loss = sum(res.loss * res.num_examples for _, res in results) / total
-        # Each score: the mean over the institutions that report it, weighted by their held-out records
-        # (AUC, average precision and balanced accuracy need both classes among an institution's records).
-        for key in (k for k in MODEL_METRICS if k != "loss"):
-            reporting = [res for _, res in results if key in res.metrics]
-            weight = sum(res.num_examples for res in reporting)
-            if weight:
-                metrics[key] = sum(float(res.metrics[key]) * res.num_examples for res in reporting) / weight
-        trained, refused = self._trained.get(server_round, (0, 0))
-        epsilons = [rec.epsilon for rec in self.run_dir.institutions.values()]
-        row: dict[str, Any] = {
-            "round": server_round,
-            **{key: metrics.get(key) for key in MODEL_METRICS if key != "loss"},
-            "loss": loss,
-            "max_epsilon": max(epsilons, default=0.0),
-            "institutions_trained": trained,
-            "institutions_refused": refused,
-            "elapsed_s": round(time.monotonic() - self.started, 3),
-        }
-        self.run_dir.record_round(row)
-        scores = ", ".join(f"{LABELS[k]} {_fmt(row[k])}" for k in MODEL_METRICS if row[k] is not None)
-        log(
-            INFO,
-            "[fedsilo] round %s/%s: %s, max epsilon %.3f, %s trained, %s refused",
-            server_round,
-            self.settings.rounds,
-            scores or "no evaluation metrics",
-            row["max_epsilon"],
-            trained,
-            refused,
-        )
-        if self.on_round is not None:
-            self.on_round(row)
-        return loss, metrics
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+        replies = [EvaluateReply(_name(proxy, res), res.loss, res.num_examples, res.metrics) for proxy, res in results]
+        loss, metrics = self.coordinator.aggregate_evaluate(server_round, replies)
+        return loss, dict(metrics)

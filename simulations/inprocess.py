@@ -8,15 +8,16 @@ the Flower engine runs, in the order Flower runs it:
   which loads the data once), and trains and evaluates through
   ``client.institution.fit_round`` / ``evaluate_round`` (what the ClientApp calls),
   so splits, policies, refusals, ledgers and epsilon are the same;
+- each reply goes to the run's ``server.coordinator.Coordinator``, built by
+  ``server.server_app.open_run`` as the Flower engine builds it: the same
+  bookkeeping, aggregation (``common.aggregation``) and run directory
+  (metrics.csv, checkpoints, model.pt, report.json); the round's config and
+  sample sizes are the strategy's (FedAvg's);
 - with secure aggregation, each update goes through SecAgg+'s weighting, clipping
   and seeded stochastic quantization, and the sum through its dequantization
   (``server.aggregation``, Flower's own functions, the masks left out because
-  they cancel); a round with fewer than two trainers halts unaggregated, and an
-  aggregate near the clipping range is warned about, as
-  ``GuardedSecAggPlusWorkflow`` does;
-- the strategy is ``FedsiloStrategy``, built by ``server.server_app.open_run``:
-  the same FedAvg, bookkeeping and run directory (metrics.csv, checkpoints,
-  model.pt, report.json).
+  they cancel), after the same halt guard (``common.aggregation.may_unmask``) and
+  with the same clipping warning as ``GuardedSecAggPlusWorkflow``.
 
 The one difference: with ``fraction-fit`` or ``fraction-evaluate`` below 1,
 institutions are sampled by a generator seeded from the run seed over their
@@ -26,46 +27,31 @@ does not.
 
 from __future__ import annotations
 
-import json
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from logging import WARNING
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters
 from flwr.common.logger import log
-from flwr.server.client_proxy import ClientProxy
 
 from client.institution import evaluate_round, fit_round
 from client.mods import quantization_seed, seeded_global_numpy
-from common.settings import RunSettings
-from server.aggregation import (
-    clipping_warning,
-    may_unmask,
-    secaggplus_client_vector,
-    secaggplus_unmasked_aggregate,
-)
+from common.aggregation import Contribution, Weights, may_unmask
+from common.settings import RunSettings, SecAggSettings
+from server.aggregation import clipping_warning, secaggplus_client_vector, secaggplus_unmasked_aggregate
+from server.coordinator import Coordinator, EvaluateReply, FitReply, RoundCallback
 from server.server_app import open_run
-from server.strategy import EvalResults, FedsiloStrategy, FitResults, RoundCallback
 from simulations.baselines import federation_members
 
-OK = Status(code=Code.OK, message="")
+T = TypeVar("T")
 
 
-class LocalInstitution(ClientProxy):
-    """Stands for a simulated institution where the strategy expects a Flower client proxy.
-
-    The strategy reads only its id; nothing is ever sent through it.
-    """
-
-    def _unused(self, *_: Any, **__: Any) -> Any:
-        raise NotImplementedError("the in-process engine calls client.institution directly")
-
-    get_properties = get_parameters = fit = evaluate = reconnect = _unused
+def sample_institutions(members: Sequence[T], size: int, sampler: random.Random) -> list[T]:
+    """The round's sample: every member when ``size`` covers them, else ``size`` drawn by ``sampler``."""
+    return list(members) if size >= len(members) else sampler.sample(list(members), size)
 
 
 @contextmanager
@@ -79,12 +65,53 @@ def _one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
+def secure_sum(contributions: Sequence[Contribution], secagg: SecAggSettings, *, seeds: Sequence[int]) -> Weights:
+    """What SecAgg+ recovers from the contributions, each quantized from its seed as ``secure_aggregation_mod`` does."""
+    vectors = []
+    for contribution, seed in zip(contributions, seeds, strict=True):
+        with seeded_global_numpy(seed):
+            vectors.append(secaggplus_client_vector(contribution.vector, contribution.weight, secagg))
+    recovered = secaggplus_unmasked_aggregate(vectors, secagg)
+    warning = clipping_warning(
+        recovered,
+        (c.weight for c in contributions),
+        max_weight=secagg.max_weight,
+        clipping_range=secagg.clipping_range,
+    )
+    if warning is not None:  # as GuardedSecAggPlusWorkflow warns
+        log(WARNING, "%s", warning)
+    return recovered
+
+
+def conclude_fit(
+    coordinator: Coordinator,
+    replies: Sequence[FitReply],
+    settings: RunSettings,
+    *,
+    server_round: int,
+    who: Sequence[str],
+) -> None:
+    """Hand one round's fit replies to the coordinator, through SecAgg+'s arithmetic when the run uses it.
+
+    ``who`` holds each replying institution's simulation ``partition-id`` (as
+    text), which seeds its quantization as in the Flower engine. When the halt
+    guard keeps the secure sum masked, the coordinator only books the replies.
+    """
+    if not settings.secagg.enabled:
+        coordinator.aggregate_fit(server_round, replies, [])
+    elif may_unmask(r.contribution.weight for r in replies):
+        seeds = [quantization_seed(settings.seed, server_round, name) for name in who]
+        recovered = secure_sum([r.contribution for r in replies], settings.secagg, seeds=seeds)
+        coordinator.aggregate_fit(server_round, replies, [], secure_sum=recovered)
+    else:  # GuardedSecAggPlusWorkflow halts: book the replies, keep the model
+        coordinator.book_fit(server_round, replies, [])
+
+
 def run_inprocess(
     settings: RunSettings,
     *,
     institutions: int,
     on_round: RoundCallback | None = None,
-    strategy_cls: type[FedsiloStrategy] = FedsiloStrategy,
 ) -> dict[str, Any]:
     """Simulate ``institutions`` institutions in this process; return the run's ``report.json`` content.
 
@@ -96,63 +123,27 @@ def run_inprocess(
     settings = settings.with_overrides({"min-institutions": institutions})
     sampler = random.Random(settings.seed)
     with _one_torch_thread():
-        settings, directory, strategy = open_run(settings, on_round, strategy_cls)
-        assert strategy.on_fit_config_fn is not None and strategy.on_evaluate_config_fn is not None
-        client_settings = RunSettings.from_config(strategy.on_fit_config_fn(1))  # what every FitIns carries
+        settings, coordinator, strategy = open_run(settings, on_round)
+        client_settings = RunSettings.from_config(strategy.round_config(1))  # what every FitIns carries
         members = federation_members(client_settings, institutions)
         who = {data.name: str(i) for i, data in enumerate(members)}  # a simulated node's partition-id
         started = time.monotonic()
         for server_round in range(1, settings.rounds + 1):
-            config = strategy.on_fit_config_fn(server_round)
-            size, _ = strategy.num_fit_clients(len(members))
-            chosen = members if size >= len(members) else sampler.sample(members, size)
-            weights = strategy.current
-            outcomes = [
-                fit_round(
-                    data,
-                    weights,
-                    RunSettings.from_config(config),
-                    server_round=server_round,
-                    run_id=str(config["run-name"]),
+            config = strategy.round_config(server_round)
+            round_settings, run_id = RunSettings.from_config(config), str(config["run-name"])
+            weights = coordinator.current
+            chosen = sample_institutions(members, strategy.num_fit_clients(len(members))[0], sampler)
+            replies = []
+            for data in chosen:
+                outcome = fit_round(data, weights, round_settings, server_round=server_round, run_id=run_id)
+                replies.append(
+                    FitReply(data.name, Contribution(outcome.weights, outcome.num_examples), outcome.metrics)
                 )
-                for data in chosen
+            conclude_fit(coordinator, replies, settings, server_round=server_round, who=[who[d.name] for d in chosen])
+            evaluated = sample_institutions(members, strategy.num_evaluation_clients(len(members))[0], sampler)
+            evaluations = [
+                EvaluateReply(data.name, *evaluate_round(data, coordinator.current, client_settings))
+                for data in evaluated
             ]
-            results: FitResults = [
-                (
-                    LocalInstitution(data.name),
-                    FitRes(OK, ndarrays_to_parameters(o.weights), o.num_examples, dict(o.metrics)),
-                )
-                for data, o in zip(chosen, outcomes, strict=True)
-            ]
-            if not settings.secagg.enabled:
-                strategy.aggregate_fit(server_round, results, [])
-            elif may_unmask(o.num_examples for o in outcomes):
-                vectors = []
-                for data, outcome in zip(chosen, outcomes, strict=True):
-                    seed = quantization_seed(settings.seed, server_round, who[data.name])
-                    with seeded_global_numpy(seed):
-                        vectors.append(secaggplus_client_vector(outcome.weights, outcome.num_examples, settings.secagg))
-                recovered = secaggplus_unmasked_aggregate(vectors, settings.secagg)
-                warning = clipping_warning(
-                    recovered,
-                    (o.num_examples for o in outcomes),
-                    max_weight=settings.secagg.max_weight,
-                    clipping_range=settings.secagg.clipping_range,
-                )
-                if warning is not None:  # as GuardedSecAggPlusWorkflow warns
-                    log(WARNING, "%s", warning)
-                aggregate = ndarrays_to_parameters(recovered)
-                for _, res in results:
-                    res.parameters = aggregate  # as SecAggPlusWorkflow hands every FitRes the aggregate
-                strategy.aggregate_fit(server_round, results, [])
-            else:  # GuardedSecAggPlusWorkflow halts: book the replies, keep the model
-                strategy.book_fit(server_round, results, [])
-            evaluations: EvalResults = []
-            size, _ = strategy.num_evaluation_clients(len(members))
-            for data in members if size >= len(members) else sampler.sample(members, size):
-                loss, count, metrics = evaluate_round(data, strategy.current, client_settings)
-                evaluations.append((LocalInstitution(data.name), EvaluateRes(OK, loss, count, metrics)))
-            strategy.aggregate_evaluate(server_round, evaluations, [])
-        directory.finish(strategy.current, time.monotonic() - started)
-    report_path = Path(settings.out_dir) / "report.json"
-    return dict(json.loads(report_path.read_text(encoding="utf-8")))
+            coordinator.aggregate_evaluate(server_round, evaluations)
+        return coordinator.finish(time.monotonic() - started)

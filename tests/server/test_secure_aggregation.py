@@ -1,4 +1,4 @@
-"""SecAgg+ unmasking from exactly threshold shares: the same secrets, fewer shares combined."""
+"""Guarded SecAgg+: a lone trainer halts the round; unmasking from threshold shares recovers the same secrets."""
 
 from __future__ import annotations
 
@@ -7,13 +7,18 @@ from collections.abc import Iterable
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from flwr.app import ConfigRecord
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.secure_aggregation import ThresholdShares
+from server.secure_aggregation import GuardedSecAggPlusWorkflow, ThresholdShares
 
 
 class FakeGrid:
@@ -65,3 +70,44 @@ def test_too_few_shares_stay_too_few() -> None:
     owners = [m.content.config_records[RECORD_KEY_CONFIGS][Key.NODE_ID_LIST] for m in kept.send_and_receive([])]
     assert owners == [[7], [7]]  # Flower's unmask_stage then halts: fewer than threshold
     assert kept.get_node_ids() == [1, 2]  # everything else is the grid's
+
+
+def workflow(halted: list[tuple[int, int]], sample: int = 3) -> GuardedSecAggPlusWorkflow:
+    return GuardedSecAggPlusWorkflow(
+        sample_size=lambda: sample,
+        on_halt=lambda rnd, results, failures: halted.append((rnd, len(results))),
+        num_shares=5,
+        reconstruction_threshold=2,
+    )
+
+
+def round_context(current_round: int) -> Any:
+    record = ConfigRecord({WorkflowKey.CURRENT_ROUND: current_round})
+    return SimpleNamespace(state=SimpleNamespace(config_records={MAIN_CONFIGS_RECORD: record}))
+
+
+@pytest.mark.parametrize(("weights", "halts"), [([0, 10, 0], True), ([5, 10, 0], False)])
+def test_a_round_with_a_lone_trainer_halts_and_is_handed_to_the_callback(
+    monkeypatch: pytest.MonkeyPatch, weights: list[int], halts: bool
+) -> None:
+    # Prepare: Flower's stage has collected one masked vector per reply
+    monkeypatch.setattr(SecAggPlusWorkflow, "collect_masked_vectors_stage", lambda *_: True)
+    halted: list[tuple[int, int]] = []
+    state = WorkflowState()
+    state.legacy_results = [(None, SimpleNamespace(num_examples=w)) for w in weights]  # type: ignore[misc]
+    # Execute
+    went_on = workflow(halted).collect_masked_vectors_stage(None, round_context(4), state)  # type: ignore[arg-type]
+    # Assert
+    assert went_on is not halts
+    assert halted == ([(4, 3)] if halts else [])
+
+
+@pytest.mark.parametrize(("sample", "seen"), [(3, 1.0), (9, 5)])
+def test_num_shares_covering_the_sample_makes_every_institution_a_neighbour(
+    monkeypatch: pytest.MonkeyPatch, sample: int, seen: float
+) -> None:
+    used: list[float] = []
+    monkeypatch.setattr(SecAggPlusWorkflow, "setup_stage", lambda self, *_: used.append(self.num_shares) or True)
+    flow = workflow([], sample=sample)
+    assert flow.setup_stage(None, None, WorkflowState())  # type: ignore[arg-type]
+    assert used == [seen] and flow.num_shares == 5

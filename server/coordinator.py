@@ -1,0 +1,180 @@
+"""The coordinator's side of a round, whichever engine delivers the replies: book, aggregate, checkpoint, report.
+
+Both engines call one ``Coordinator``: Flower's through ``FedsiloStrategy`` (and
+``GuardedSecAggPlusWorkflow``'s halt callback), the in-process engine directly.
+It books every fit reply (trained or refused) in the run directory, aggregates
+through the run's ``common.aggregation.AggregationQuery``, checkpoints the new
+model, carries each round's trained and refused counts to its metrics row, and
+writes the report once at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.common.logger import log
+
+from common.aggregation import AggregationQuery, Contribution, Weights
+from common.metrics import LABELS, MODEL_METRICS
+from server.run_directory import RunDirectory
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class FitReply:
+    """One institution's answer to a fit request: its contribution and clear-text metrics."""
+
+    institution: str
+    contribution: Contribution
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvaluateReply:
+    """One institution's scores of the global model on its held-out records (weight 0: withheld)."""
+
+    institution: str
+    loss: float
+    num_examples: int
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Coordinator:
+    """Books, aggregates and reports a run's rounds; the one place both engines hand their replies to.
+
+    Parameters
+    ----------
+    run_dir
+        The run directory (metrics.csv, checkpoints, progress.json, report.json).
+    query
+        The run's aggregation.
+    weights
+        The global model before the first round to run.
+    on_round
+        Receives each round's metrics row (for CLIs and tests).
+    """
+
+    def __init__(
+        self,
+        run_dir: RunDirectory,
+        query: AggregationQuery[Any],
+        weights: Weights,
+        *,
+        on_round: RoundCallback | None = None,
+    ) -> None:
+        self.run_dir = run_dir
+        self.query = query
+        self.current = weights
+        self.on_round = on_round
+        self.started = time.monotonic()
+        self._counts: dict[int, tuple[int, int]] = {}  # round -> (trained, refused or failed)
+
+    def book_fit(self, server_round: int, replies: Sequence[FitReply], failures: Sequence[object]) -> list[FitReply]:
+        """Record every fit reply (trained or refused) and failure; return all replies in a fixed order.
+
+        A round halted before its secure sum was unmasked is booked here and
+        nothing else: its updates have left, so a resume never repeats it.
+        """
+        ordered = sorted(replies, key=lambda r: r.institution)  # a fixed order: the same seed, the same sum
+        for reply in ordered:
+            self.run_dir.record_fit(server_round, reply.contribution.weight, dict(reply.metrics))
+            if "refused" in reply.metrics:
+                log(WARNING, "%s", reply.metrics["refused"])
+        for failure in failures:
+            log(WARNING, "round %s: an institution failed: %s", server_round, failure)
+        trained = sum(1 for r in ordered if r.contribution.weight > 0)
+        self._counts[server_round] = (trained, len(ordered) - trained + len(failures))
+        self.run_dir.fit_booked(server_round)
+        return ordered
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        replies: Sequence[FitReply],
+        failures: Sequence[object],
+        *,
+        secure_sum: Weights | None = None,
+    ) -> Weights | None:
+        """Book the replies, aggregate them into the new global model and checkpoint it; None: unchanged.
+
+        ``secure_sum`` is what SecAgg+ recovered (the replies then carry no
+        individual update); without it the contributions are accumulated here.
+        """
+        ordered = self.book_fit(server_round, replies, failures)
+        if not any(r.contribution.weight > 0 for r in ordered):
+            log(WARNING, "round %s: no institution trained; the model is unchanged", server_round)
+            return None
+        model: Weights | None
+        if secure_sum is not None:
+            model = self.query.finish_secure(secure_sum, [r.contribution.weight for r in ordered])
+        else:
+            state = self.query.initial_state()
+            for reply in ordered:
+                state = self.query.accumulate(state, reply.contribution)
+            model = self.query.finish(state)
+        if model is None:
+            return None
+        self.current = model
+        self.run_dir.checkpoint(server_round, model)
+        return model
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Sequence[EvaluateReply]
+    ) -> tuple[float | None, dict[str, float]]:
+        """Write the round's metrics row from the evaluations; return the weighted loss and scores.
+
+        Each score is the mean over the institutions that report it, weighted by
+        their held-out records (AUC, average precision and balanced accuracy need
+        both classes among an institution's records); institutions whose policy
+        withholds evaluation metrics reply with zero weight and are left out.
+        """
+        shared = sorted(
+            (r for r in replies if r.num_examples > 0 and "accuracy" in r.metrics), key=lambda r: r.institution
+        )
+        total = sum(r.num_examples for r in shared)
+        loss = sum(r.loss * r.num_examples for r in shared) / total if total else None
+        metrics: dict[str, float] = {}
+        for key in (k for k in MODEL_METRICS if k != "loss"):
+            reporting = [r for r in shared if key in r.metrics]
+            weight = sum(r.num_examples for r in reporting)
+            if weight:
+                metrics[key] = sum(float(r.metrics[key]) * r.num_examples for r in reporting) / weight
+        trained, refused = self._counts.get(server_round, (0, 0))
+        epsilons = [rec.epsilon for rec in self.run_dir.institutions.values()]
+        row: dict[str, Any] = {
+            "round": server_round,
+            **{key: metrics.get(key) for key in MODEL_METRICS if key != "loss"},
+            "loss": loss,
+            "max_epsilon": max(epsilons, default=0.0),
+            "institutions_trained": trained,
+            "institutions_refused": refused,
+            "elapsed_s": round(time.monotonic() - self.started, 3),
+        }
+        self.run_dir.record_round(row)
+        scores = ", ".join(f"{LABELS[k]} {_fmt(row[k])}" for k in MODEL_METRICS if row[k] is not None)
+        log(
+            INFO,
+            "[fedsilo] round %s/%s: %s, max epsilon %.3f, %s trained, %s refused",
+            server_round,
+            self.run_dir.settings.rounds,
+            scores or "no evaluation metrics",
+            row["max_epsilon"],
+            trained,
+            refused,
+        )
+        if self.on_round is not None:
+            self.on_round(row)
+        return loss, metrics
+
+    def finish(self, elapsed_s: float) -> dict[str, Any]:
+        """Write the final model and report.json; return the report."""
+        return self.run_dir.finish(self.current, elapsed_s)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
