@@ -30,9 +30,9 @@ from flwr.server.strategy import FedAvg
 
 from common.aggregation import Contribution
 from common.settings import RunSettings
-from server.coordinator import Coordinator, EvaluateReply, FitReply, RoundCallback
+from server.coordinator import Coordinator, EvaluateReply, FitReply
 
-__all__ = ["WAIT_S", "EvalResults", "FedsiloStrategy", "FitResults", "RoundCallback", "fit_replies"]
+__all__ = ["WAIT_S", "EvalResults", "FedsiloStrategy", "FitResults", "fit_replies"]
 
 FitResults = list[tuple[ClientProxy, FitRes]]
 EvalResults = list[tuple[ClientProxy, EvaluateRes]]

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from common.errors import ConfigError
 from common.registry import Registry
 from common.settings import RunSettings
-from server.strategy import RoundCallback
+from server.coordinator import RoundCallback
 
 
 class Engine(Protocol):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.settings import RunSettings
-from server.strategy import RoundCallback
+from server.coordinator import RoundCallback
 from simulations.environment import contained_flower
 
 
