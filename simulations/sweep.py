@@ -30,7 +30,7 @@ import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +180,7 @@ def run_task(spec: SweepSpec, task: Task, out_dir: str) -> TaskResult:
 
     started = time.monotonic()
     run_dir = Path(out_dir) / "runs" / task.run_id
-    report = run_engine(spec.engine, settings.with_overrides({"out-dir": str(run_dir)}), institutions=n)
+    report = run_engine(spec.engine, replace(settings, out_dir=str(run_dir)), institutions=n)
     federation = refusals(report, run_dir)
     model = build_model(settings.train, schema, seed=settings.seed)
     set_weights(model, [t.numpy() for t in torch.load(run_dir / "model.pt").values()])

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from common.errors import ConfigError
 from common.keys import certificate_hosts, new_node_keys
-from common.settings import RunSettings
+from common.settings import PrivacySettings, Proposal, RunSettings
 from server.cli import app
 from server.federation import Federation
 
@@ -28,13 +28,13 @@ def test_init_writes_certificates_schema_and_settings(tmp_path: Path) -> None:
     assert set(certificate_hosts(fed.certs / "server.crt")) == {"10.1.2.3", "localhost", "127.0.0.1", "::1"}
     assert "german-credit" in fed.schema_path.read_text() or "creditability" in fed.schema_path.read_text()
     settings = fed.settings()
-    assert settings.data.dataset == "german-credit" and settings.data.schema_path == str(fed.schema_path)
+    assert settings.data.dataset == "german-credit" and settings.schema_path == str(fed.schema_path)
     again = RUNNER.invoke(app, ["init", str(tmp_path / "fed")])
     assert again.exit_code == 2 and "already holds a federation" in again.output
 
 
 def test_the_app_carries_the_federations_settings(tmp_path: Path) -> None:
-    fed = Federation.init(tmp_path / "fed", settings={"num-server-rounds": 5, "target-epsilon": 1.0})
+    fed = Federation.init(tmp_path / "fed", proposal=Proposal(rounds=5, privacy=PrivacySettings(target_epsilon=1.0)))
     config = tomllib.loads(fed.write_app().joinpath("pyproject.toml").read_text())["tool"]["flwr"]
     assert config["app"]["components"]["clientapp"] == "client.client_app:app"
     assert RunSettings.from_config(config["app"]["config"]) == fed.settings()
@@ -51,7 +51,7 @@ def test_federationtoml_values_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="may not set"):
         fed.load()
     fed.config_path.write_text(text + "target-epsilion = 3\n")
-    with pytest.raises(ConfigError, match="unknown setting"):
+    with pytest.raises(ConfigError, match="unknown run setting"):
         fed.load()
 
 
