@@ -42,12 +42,12 @@ from client.institution import InstitutionData
 from client.simulated_data import simulated_partition
 from common.audit import loss_threshold_auc
 from common.datasets import load_dataset
-from common.errors import ConfigError
 from common.metrics import PROBABILITY_FLOOR, classification_metrics, lead_metric
 from common.models import build_model, set_weights
 from common.training import predict_proba
 from simulations.baselines import alone, federation_members, pooled, records_digest, reference
 from simulations.engines import run_engine
+from simulations.plan import check_secagg_quorum
 from simulations.sweep_spec import SweepSpec, Task
 from simulations.sweep_store import SweepStore, TaskRecord
 
@@ -72,11 +72,9 @@ def check_sweep(spec: SweepSpec) -> None:
     dataset = load_dataset(spec.dataset, spec.schema)
     _, labels = dataset.schema.transform(dataset.frame, source=dataset.name)
     for setup in spec.setups:
-        if setup.secure_aggregation and setup.institutions < 3:
-            raise ConfigError(
-                f"SecAgg+ needs at least 3 institutions. Found institutions {setup.institutions} with "
-                "secure-aggregation true; add institutions or set secure-aggregation to false"
-            )
+        check_secagg_quorum(
+            setup.institutions, setup.secure_aggregation, fix="add institutions or set secure-aggregation to false"
+        )
         for seed in spec.seeds:
             task = Task(setup, spec.levels[-1], seed)
             simulated_partition(spec.run_settings(task), dataset.frame, labels, setup.institutions)
