@@ -120,3 +120,17 @@ def test_run_refuses_unknown_and_managed_settings_before_submitting(tmp_path: Pa
         result = RUNNER.invoke(app, ["run", str(fed.root), "--config", config])
         assert result.exit_code == 2 and words in result.output, result.output
     assert not fed.app_dir.exists()  # nothing was written or submitted
+
+
+def test_a_new_run_takes_federationtoml_then_config_then_the_options(tmp_path: Path) -> None:
+    fed = Federation.init(tmp_path / "fed", proposal=Proposal(rounds=5))
+    fed.admit(new_node_keys(tmp_path / "a" / "node.key"), "bank-1")
+    settings = fed.new_run({"learning-rate": 0.1, "num-server-rounds": 6}, epsilon=3.0)
+    assert settings.rounds == 6 and settings.train.learning_rate == 0.1 and settings.privacy.target_epsilon == 3.0
+    assert settings.min_institutions == 1  # every admitted institution, by default
+    assert Path(settings.out_dir).parent == fed.runs_dir and settings.schema_path == str(fed.schema_path)
+    assert fed.new_run({"min-institutions": 3}).min_institutions == 3
+    assert fed.new_run(rounds=2, min_institutions=4).rounds == 2
+    assert fed.write_app(settings) and RunSettings.from_config(
+        tomllib.loads((fed.app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    ) == settings  # flattened once, into the app the ServerApp parses once
