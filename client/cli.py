@@ -5,31 +5,25 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
-import time
 from pathlib import Path
-from typing import Annotated, Any
+from types import FrameType
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from client.budget import budget_rows
 from client.check import check_table
-from client.policy import PrivacyPolicy
-from common.accounting import epsilon_spent
-from common.cli import print_error
+from client.processes import Node, node_config, run_institution
+from common.cli import exit_on_error
 from common.errors import FedsiloError
-from common.flower_env import flower_env, stop_process
-from common.ledger import PrivacyLedger
 from common.schema import Schema
-from common.settings import RunSettings
+from common.settings import Proposal
 
 app = typer.Typer(help="fedsilo for institutions: privacy budget and data tools.", no_args_is_help=True)
 console = Console(soft_wrap=True)
-DEFAULTS = RunSettings()
-ACTIVATION_ATTEMPTS = 12  # a SuperNode refused at start is retried for about two minutes
-ACTIVATION_WINDOW_S = 30.0
-ACTIVATION_PAUSE_S = 10
+DEFAULTS = Proposal()
 
 
 @app.callback()
@@ -48,11 +42,8 @@ def check(
     delta: Annotated[float, typer.Option(help="Delta of the institution's privacy policy.")] = DEFAULTS.privacy.delta,
 ) -> None:
     """Check a table against the federation schema; exit 0 if it fits, 2 with the reason if not. Writes nothing."""
-    try:
+    with exit_on_error(console):
         summary = check_table(data, Schema.load(schema), batch_size=batch_size, delta=delta, delimiter=delimiter)
-    except FedsiloError as err:
-        print_error(console, err)
-        raise typer.Exit(2) from None
     console.print(f"{summary.path}: {summary.rows} records fit the schema ({summary.num_inputs} model inputs)")
     balance = ", ".join(f"{k} {v} ({v / summary.rows:.0%})" for k, v in summary.label_counts.items())
     console.print(f"label balance: {balance}")
@@ -81,18 +72,8 @@ def budget(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Show, per dataset, each run's rounds and epsilon, the total spent and what remains of the budget."""
-    paths = sorted((state_dir / "ledgers").glob("*.json"))
-    if not paths:
-        print_error(console, f"no privacy ledger under {state_dir / 'ledgers'}; check --state-dir")
-        raise typer.Exit(2)
-    if policy is None and (state_dir / "policy.toml").exists():
-        policy = state_dir / "policy.toml"
-    try:
-        limits = PrivacyPolicy.load(policy) if policy else None
-        rows = [_budget_row(state_dir, path.stem, limits) for path in paths]
-    except FedsiloError as err:
-        print_error(console, err)
-        raise typer.Exit(2) from None
+    with exit_on_error(console):
+        rows = budget_rows(state_dir, policy)
     if as_json:
         typer.echo(json.dumps(rows, indent=2, default=str))
         return
@@ -118,45 +99,13 @@ def budget(
         console.print(f"dataset {row['dataset']}: epsilon {row['epsilon']:.3f} spent at delta {row['delta']:g}; {left}")
 
 
-def _budget_row(state_dir: Path, fingerprint: str, limits: PrivacyPolicy | None) -> dict[str, Any]:
-    """One dataset's ledger, per run (in the order runs first trained), at the policy's delta."""
-    ledger = PrivacyLedger.for_dataset(state_dir, fingerprint)
-    recorded = max((e.delta for e in ledger.entries), default=DEFAULTS.privacy.delta)
-    delta = limits.delta if limits is not None and limits.delta is not None else recorded
-    runs: list[dict[str, Any]] = []
-    for run_id in dict.fromkeys(e.run_id for e in ledger.entries):
-        own = [e for e in ledger.entries if e.run_id == run_id]
-        last = max(i for i, e in enumerate(ledger.entries) if e.run_id == run_id)
-        runs.append(
-            {
-                "run_id": run_id,
-                "rounds": len(own),
-                "epsilon": epsilon_spent([e.event() for e in own], delta=delta),
-                "epsilon_after": epsilon_spent([e.event() for e in ledger.entries[: last + 1]], delta=delta),
-            }
-        )
-    spent = ledger.epsilon(delta=delta)
-    max_epsilon = limits.max_epsilon if limits is not None else None
-    return {
-        "dataset": fingerprint,
-        "delta": delta,
-        "epsilon": spent,
-        "max_epsilon": max_epsilon,
-        "remaining": None if max_epsilon is None else max(0.0, max_epsilon - spent),
-        "runs": runs,
-    }
-
-
 @app.command()
 def keys(directory: Annotated[Path, typer.Argument(help="Where to write node.key and node.key.pub.")]) -> None:
     """Make this institution's node key pair (ECDSA P-384, OpenSSH); send the .pub file to the coordinator."""
     from common.keys import fingerprint, new_node_keys
 
-    try:
+    with exit_on_error(console):
         public = new_node_keys(directory / "node.key")
-    except FedsiloError as err:
-        print_error(console, err)
-        raise typer.Exit(2) from None
     console.print(f"private key: {directory / 'node.key'} (mode 0600; it never leaves this institution)")
     console.print(f"public key:  {public} (send it to the coordinator)")
     console.print(f"fingerprint: {fingerprint(public.read_bytes().strip())} (tell it to the coordinator separately)")
@@ -184,11 +133,9 @@ def start(
     ] = True,
 ) -> None:
     """Check the data, then run this institution's SuperNode until interrupted."""
-    from client.deployment import node_config, node_config_arg, supernode_argv, trainer_argv
-    from client.institution import deployed_policy
-    from client.trainer import SOCKET_KEY, TrainerError, socket_dir, wait_ready
+    from client.institution import deployed_policy  # imports torch: not for the other commands
 
-    try:
+    with exit_on_error(console, note="the SuperNode was not started"):
         for path, what in ((ca, "--ca"), (key, "--key")):
             if not path.is_file():
                 raise FedsiloError(f"{what} {path}: no such file")
@@ -196,10 +143,6 @@ def start(
         summary = check_table(
             data, Schema.load(schema), batch_size=DEFAULTS.train.batch_size, delta=limits.accounting_delta(DEFAULTS)
         )
-    except FedsiloError as err:
-        print_error(console, err)
-        console.print("the SuperNode was not started")
-        raise typer.Exit(2) from None
     state_dir.mkdir(parents=True, exist_ok=True)
     if policy.resolve() != (state_dir / "policy.toml").resolve():
         shutil.copyfile(policy, state_dir / "policy.toml")  # what `budget` reads by default
@@ -209,57 +152,13 @@ def start(
     # The SuperNode enforces the copy in the state directory, which `budget` also reads.
     config = node_config(name=who, data=data, schema=schema, policy=state_dir / "policy.toml", state_dir=state_dir)
 
-    def stop(signum: int, frame: object) -> None:
+    def stop(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)  # before anything starts: it is always stopped with us
-    # The warm trainer holds torch and the records, so that each round's fit and evaluate
-    # do not start from a cold process (see client/trainer.py).
-    private = socket_dir()
-    socket_path = private / "trainer.sock"
-    trainer = (
-        subprocess.Popen(trainer_argv(socket_path=socket_path, config=config), cwd=state_dir) if warm_trainer else None
-    )
-    try:
-        if trainer is not None:
-            try:
-                wait_ready(socket_path, trainer)
-            except TrainerError as err:
-                print_error(console, err)
-                raise typer.Exit(1) from None
-            config = {**config, SOCKET_KEY: str(socket_path)}
-        argv = supernode_argv(server=server, ca=ca, key=key, config=node_config_arg(config), port=port)
-        if max_retries is not None:
-            argv += ["--max-retries", str(max_retries)]
-        _run_supernode(argv, who=who, server=server, state_dir=state_dir, once=max_retries is not None)
-    finally:
-        if trainer is not None:
-            stop_process(trainer)
-        shutil.rmtree(private, ignore_errors=True)
-
-
-def _run_supernode(argv: list[str], *, who: str, server: str, state_dir: Path, once: bool) -> None:
-    """Run the SuperNode until it stops or we are interrupted; retry one the SuperLink refused at once."""
-    console.print(f"{who}: SuperNode connecting to {server} over TLS; stop with Ctrl-C")
-    code = 0
-    for attempt in range(1 if once else ACTIVATION_ATTEMPTS):
-        started = time.monotonic()
-        process = subprocess.Popen(argv, env=flower_env(state_dir / "flwr"), cwd=state_dir)
-        try:
-            code = process.wait()
-        except KeyboardInterrupt:
-            code = 0
-        finally:
-            stop_process(process)
-        # Right after this node stopped, or after the SuperLink restarted, the SuperLink may
-        # still hold the node's previous session and refuse to activate it for a while.
-        if code == 0 or time.monotonic() - started > ACTIVATION_WINDOW_S or attempt == ACTIVATION_ATTEMPTS - 1:
-            break
-        console.print(f"{who}: the SuperNode stopped at once (code {code}); trying again in {ACTIVATION_PAUSE_S} s")
-        time.sleep(ACTIVATION_PAUSE_S)
-    if code:
-        print_error(console, f"the SuperNode exited with code {code}")
-        raise typer.Exit(1)
+    node = Node(who, server, ca, key, config, state_dir, port=port, max_retries=max_retries, warm_trainer=warm_trainer)
+    with exit_on_error(console, code=1):
+        run_institution(node, say=console.print)
 
 
 def main() -> None:  # pragma: no cover - console-script entry point

@@ -12,6 +12,7 @@ imports torch at all (about 5 s saved per message on 2 cores). Without a trainer
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import Context
@@ -21,11 +22,24 @@ from flwr.common import NDArrays, Scalar
 
 from client.mods import UNDER_SECURE_AGGREGATION, secure_aggregation_mod
 from client.simulated_data import PROCESS_TABLES, SimulatedTables
-from client.trainer import SOCKET_KEY, TrainerUnavailable, call
+from client.trainer import SOCKET_KEY, call
+from common.errors import TrainerUnavailable
+from common.settings import Proposal, RunSettings
 
 if TYPE_CHECKING:
     from client.institution import InstitutionData
-    from common.settings import RunSettings
+
+
+def institution_settings(node_config: Mapping[str, Any], config: Mapping[str, Any]) -> RunSettings:
+    """A message's settings, parsed once: the coordinator's proposal, and nothing else for a deployed node.
+
+    A simulated node (no ``data-path``: the researcher plays every institution) also
+    takes the researcher's paths for it from the message (``RunSettings.institution_config``);
+    a deployed institution's paths are its node config's, never the coordinator's.
+    """
+    if "data-path" in node_config:
+        return RunSettings.of(Proposal.from_config(config))
+    return RunSettings.from_config(config)
 
 
 class InstitutionClient(NumPyClient):
@@ -39,10 +53,9 @@ class InstitutionClient(NumPyClient):
         import torch
 
         from client.institution import InstitutionData
-        from common.settings import RunSettings
 
         torch.set_num_threads(1)
-        settings = RunSettings.from_config(config)
+        settings = institution_settings(self.context.node_config, config)
         return settings, InstitutionData.from_node_config(self.context.node_config, settings, tables=self.tables)
 
     def _warm_trainer(

@@ -80,7 +80,7 @@ class InstitutionData:
             schema = table.schema
             rows = table.rows[pid]
             inputs, labels = table.inputs[rows], table.labels[rows]
-            name = f"{table.institution_noun}-{pid + 1}"
+            name = table.name(pid)
             state_dir = Path(settings.state_root) / name
             reproducible = True  # a simulation: the researcher holds every record and every seed
             # The researcher plays every institution, so the run config may carry their policies.

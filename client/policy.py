@@ -22,13 +22,13 @@ A policy file::
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError
-from common.settings import RunSettings
+from common.settings import Proposal, coerce
 from common.tomlfile import read_toml
 from common.training import RoundPlan
 
@@ -77,9 +77,10 @@ class PrivacyPolicy:
         unknown = sorted(set(values) - set(KEYS))
         if unknown:
             raise ConfigError(f"{source}: unknown policy key(s) {unknown}; known keys are {sorted(KEYS)}")
+        kinds = {f.name: f.type for f in fields(cls)}
         kwargs: dict[str, Any] = {"source": source}
         for key, value in values.items():
-            kwargs[KEYS[key]] = _coerce(key, value, source)
+            kwargs[KEYS[key]] = coerce(key, value, kinds[KEYS[key]], source=source)
         return cls(**kwargs)
 
     @classmethod
@@ -105,6 +106,18 @@ class PrivacyPolicy:
         return policy
 
     @classmethod
+    def load_simulated(cls, path: str | Path, names: Sequence[str]) -> dict[str, PrivacyPolicy]:
+        """Each simulated institution's policy from one file; a ``[institutions.NAME]`` table must name one of them."""
+        strangers = sorted(set(read_toml(path, "policy file").get("institutions", {})) - set(names))
+        policies = {name: cls.load(path, institution=name) for name in names}  # every table checked first
+        if strangers:
+            raise ConfigError(
+                f"{path}: [institutions.{strangers[0]}] names no institution of this run "
+                f"(they are {names[0]} to {names[-1]})"
+            )
+        return policies
+
+    @classmethod
     def from_node_config(
         cls, node_config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
     ) -> PrivacyPolicy:
@@ -124,15 +137,15 @@ class PrivacyPolicy:
         """The policy's keys (those with a limit), for reports and ``budget``."""
         return {key: getattr(self, attr) for key, attr in KEYS.items() if getattr(self, attr) is not None}
 
-    def budget(self, settings: RunSettings) -> float:
+    def budget(self, settings: Proposal) -> float:
         """The lifetime epsilon budget: the policy's, else (simulations only) the run's."""
         return self.max_epsilon if self.max_epsilon is not None else settings.privacy.budget
 
-    def accounting_delta(self, settings: RunSettings) -> float:
+    def accounting_delta(self, settings: Proposal) -> float:
         """The delta epsilon is accounted at: the institution's own, else the run's."""
         return self.delta if self.delta is not None else settings.privacy.delta
 
-    def violations(self, settings: RunSettings, plan: RoundPlan, *, secure_aggregation: bool) -> list[str]:
+    def violations(self, settings: Proposal, plan: RoundPlan, *, secure_aggregation: bool) -> list[str]:
         """What in the coordinator's proposal breaks this policy (empty: nothing).
 
         ``secure_aggregation`` says whether this round's update would leave masked by
@@ -156,25 +169,3 @@ class PrivacyPolicy:
                 f"max-local-epochs {self.max_local_epochs}"
             )
         return out
-
-
-def _coerce(key: str, value: Any, source: str) -> Any:
-    attr = KEYS[key]
-    kind = next(f.type for f in fields(PrivacyPolicy) if f.name == attr)
-    try:
-        if "bool" in str(kind):
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in {"true", "false"}:
-                return value.lower() == "true"
-            raise ValueError
-        if "int" in str(kind):
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if isinstance(value, bool):
-            raise ValueError
-        return float(value)
-    except (TypeError, ValueError):
-        expected = "true or false" if "bool" in str(kind) else "a number"
-        raise ConfigError(f"{source}: '{key}' must be {expected}. Found {value!r}.") from None

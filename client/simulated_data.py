@@ -34,6 +34,15 @@ class SimulatedTable:
     labels: np.ndarray
     rows: list[np.ndarray]
 
+    def name(self, partition_id: int) -> str:
+        """A simulated institution's name: ``hospital-1``, ``bank-3``, ... (partition ids count from 0)."""
+        return simulated_name(self.institution_noun, partition_id)
+
+
+def simulated_name(noun: str, partition_id: int) -> str:
+    """The name of the simulated institution of ``partition_id`` (the one rule: ``NOUN-<id + 1>``)."""
+    return f"{noun}-{partition_id + 1}"
+
 
 class SimulatedTables:
     """The datasets one simulation process has encoded and split, each once.
@@ -54,13 +63,13 @@ class SimulatedTables:
     def partition(self, settings: RunSettings, count: int) -> SimulatedTable:
         """The encoded dataset of ``settings`` split into ``count`` institutions."""
         data = settings.data
-        split_key = (data.dataset, data.schema_path, data.partition, settings.seed, count)
+        split_key = (data.dataset, settings.schema_path, data.partition, settings.seed, count)
         if split_key not in self._splits:
-            source = (data.dataset, data.schema_path)
+            source = (data.dataset, settings.schema_path)
             if source not in self._encoded:
                 from common.datasets import load_dataset
 
-                dataset = load_dataset(data.dataset, data.schema_path)
+                dataset = load_dataset(data.dataset, settings.schema_path)
                 inputs, labels = dataset.schema.transform(dataset.frame, source=dataset.name)
                 self._encoded[source] = (dataset.frame, dataset.schema, dataset.institution_noun, inputs, labels)
                 _drop_oldest(self._encoded, self.keep)

@@ -18,6 +18,7 @@ arrays as an ``.npz`` (read with ``allow_pickle=False``).
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -32,17 +33,12 @@ from typing import Any
 
 import numpy as np
 
+from common.errors import TrainerError, TrainerUnavailable
+from common.settings import Proposal, RunSettings
+
 SOCKET_KEY = "trainer-socket"  # the node-config key that points the ClientApp at its trainer
 _LENGTH = struct.Struct("!Q")
 MAX_FRAME = 1 << 31
-
-
-class TrainerError(RuntimeError):
-    """The trainer answered with an error."""
-
-
-class TrainerUnavailable(TrainerError):
-    """The trainer could not be reached, or went away before it answered."""
 
 
 # the wire ------------------------------------------------------------------
@@ -118,7 +114,7 @@ class Trainer:
         self.node_config = dict(node_config)
         self._cache: dict[str, Any] = {}
 
-    def _data(self, settings: Any) -> Any:
+    def _data(self, settings: RunSettings) -> Any:
         """The institution's records for these settings; read again when a file changed."""
         from client.institution import InstitutionData
 
@@ -134,9 +130,9 @@ class Trainer:
 
     def handle(self, header: Mapping[str, Any], arrays: list[np.ndarray]) -> tuple[dict[str, Any], list[np.ndarray]]:
         from client.institution import evaluate_round, fit_round
-        from common.settings import RunSettings
 
-        settings = RunSettings.from_config(header["config"])
+        # The proposal only: the institution's paths are its own node config's, never the message's.
+        settings = RunSettings.of(Proposal.from_config(header["config"]))
         data = self._data(settings)
         if header["op"] == "fit":
             outcome = fit_round(
@@ -205,8 +201,6 @@ def wait_ready(socket_path: Path, process: Any, timeout: float = 120.0) -> None:
 
 
 def main() -> None:
-    import argparse
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--socket", type=Path, required=True, help="Unix socket to listen on (its folder: 0700).")
     parser.add_argument("--node-config", required=True, help="The institution's node config, as JSON.")

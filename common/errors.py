@@ -23,5 +23,9 @@ class LedgerError(FedsiloError):
     """A privacy ledger cannot be read or written safely."""
 
 
-class BudgetExceededError(FedsiloError):
-    """Training this round would take an institution past its epsilon budget."""
+class TrainerError(FedsiloError, RuntimeError):
+    """An institution's warm trainer (``client.trainer``) failed, or answered with an error."""
+
+
+class TrainerUnavailable(TrainerError):
+    """The warm trainer could not be reached, or went away before it answered."""

@@ -1,15 +1,27 @@
-"""Typed, self-validating run settings and their one adapter to Flower's flat config.
+"""Typed, self-validating run settings, who owns them, and their one adapter to Flower's flat config.
 
-Every setting has exactly one key in ``[tool.flwr.app.config]`` (pyproject.toml),
-the same key in the FitIns/EvaluateIns config the coordinator sends each round,
+Two owners:
+
+- ``Proposal``: what the coordinator proposes to every institution (rounds, seed,
+  fractions, training, privacy, SecAgg+, data). It travels in each FitIns and
+  EvaluateIns; an institution parses it once (``Proposal.from_config``) and checks
+  it against its own policy.
+- ``RunSettings``: the coordinator's run config, the proposal plus the
+  coordinator's own settings (``LOCAL_KEYS``): where its run directory is, the run
+  it resumes, its schema file, and in simulation where the institutions it plays
+  keep their state and policies. These never go to an institution in a message.
+
+Every setting has exactly one key in ``[tool.flwr.app.config]`` (pyproject.toml)
 and one default, written here. ``tests/common/test_settings.py`` checks that the
-defaults in pyproject.toml are these.
+defaults in pyproject.toml are these. Values from people (TOML files, ``--config``,
+policy files) are coerced once (``coerce``) and their keys checked once
+(``check_keys``); code changes settings with ``dataclasses.replace``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
@@ -19,6 +31,7 @@ from common.registry import ACTIVATIONS, DATASETS, MODELS, PARTITIONERS, TABLE_S
 
 Scalar = bool | int | float | str
 _T = TypeVar("_T")
+_P = TypeVar("_P", bound="Proposal")
 
 
 # Opacus per-sample gradient modes that handle every batch DP-SGD draws. "ew" (expanded
@@ -216,13 +229,11 @@ class SecAggSettings:
 
 @dataclass(frozen=True)
 class DataSettings:
-    """Which data a simulated federation uses and how it is split."""
+    """Which data a simulated federation uses and how each institution splits its records."""
 
     dataset: str = field(default="breast-cancer", metadata=_key("dataset"))
     partition: str = field(default="iid", metadata=_key("partition"))
     test_fraction: float = field(default=0.2, metadata=_key("test-fraction"))
-    # A deployed federation's schema file (on the coordinator); empty: the built-in dataset's.
-    schema_path: str = field(default="", metadata=_key("schema-path"))
 
     def __post_init__(self) -> None:
         _check(0 < self.test_fraction < 1, "test-fraction", self.test_fraction, "in (0, 1)")
@@ -233,8 +244,8 @@ class DataSettings:
 
 
 @dataclass(frozen=True)
-class RunSettings:
-    """Everything a run needs, grouped; the single source of defaults."""
+class Proposal:
+    """What the coordinator proposes to every institution each round; the institution checks it."""
 
     rounds: int = field(default=8, metadata=_key("num-server-rounds"))
     seed: int = field(default=42, metadata=_key("seed"))
@@ -242,11 +253,6 @@ class RunSettings:
     # Institutions evaluating the global model each round; below 1, a fresh sample every round.
     fraction_evaluate: float = field(default=1.0, metadata=_key("fraction-evaluate"))
     min_institutions: int = field(default=2, metadata=_key("min-institutions"))
-    out_dir: str = field(default="", metadata=_key("out-dir"))
-    state_root: str = field(default="", metadata=_key("state-root"))
-    simulation_policy: str = field(default="", metadata=_key("simulation-policy"))
-    # A run directory to continue from its last completed round (same run, same name).
-    resume_from: str = field(default="", metadata=_key("resume-from"))
     train: TrainSettings = field(default_factory=TrainSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     secagg: SecAggSettings = field(default_factory=SecAggSettings)
@@ -260,21 +266,107 @@ class RunSettings:
         _check(self.min_institutions >= 1, "min-institutions", self.min_institutions, "an integer >= 1")
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> RunSettings:
-        """Build settings from Flower's run config or a FitIns config.
+    def from_config(cls: type[_P], config: Mapping[str, Any], *, source: str | None = None) -> _P:
+        """Parse Flower's run config, a FitIns config or a person's settings.
 
-        Keys that are absent take their default; unknown keys are ignored, so a
-        config may carry other entries (the server round, say).
+        Keys that are absent take their default. Without ``source`` other keys are
+        ignored (a FitIns also carries the server round); with it, each key must be
+        one of this class's (``check_keys``), and errors name ``source``.
         """
-        return _from_config(cls, config)
+        if source is not None:
+            check_keys(config, cls, source=source)
+        try:
+            return _from_config(cls, config)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}" if source else str(err)) from None
 
     def to_config(self) -> dict[str, Scalar]:
-        """Flatten to Flower's run-config keys (the inverse of ``from_config``)."""
+        """Flatten to Flower's config keys (the inverse of ``from_config``)."""
         return _to_config(self)
 
-    def with_overrides(self, overrides: Mapping[str, Any]) -> RunSettings:
-        """A copy with some run-config keys replaced."""
-        return RunSettings.from_config({**self.to_config(), **overrides})
+    @property
+    def proposal(self) -> Proposal:
+        """Only what an institution receives (a ``RunSettings`` without the coordinator's own settings)."""
+        return Proposal(**{f.name: getattr(self, f.name) for f in fields(Proposal)})
+
+    def with_overrides(self: _P, overrides: Mapping[str, Any]) -> _P:
+        """A copy with some config keys replaced; an unknown key is an error.
+
+        For values people give by key (``--config``, a sweep's ``[settings]``, tests);
+        code uses ``dataclasses.replace``.
+        """
+        check_keys(overrides, type(self), source="overrides")
+        return type(self).from_config({**self.to_config(), **overrides})
+
+
+@dataclass(frozen=True)
+class RunSettings(Proposal):
+    """The coordinator's run config: the proposal, then its own settings, which stay with it."""
+
+    # The run directory (empty: runs/<time>-<dataset> in the working directory).
+    out_dir: str = field(default="", metadata=_key("out-dir"))
+    # A run directory to continue from its last completed round (same run, same name).
+    resume_from: str = field(default="", metadata=_key("resume-from"))
+    # The federation schema file (empty: the built-in dataset's). In simulation, also the
+    # schema of a CSV/Parquet dataset that the simulated institutions read.
+    schema_path: str = field(default="", metadata=_key("schema-path"))
+    # Simulation only (the researcher plays every institution): where the institutions keep their
+    # state (ledgers) and their privacy policy file. A deployed institution takes neither from
+    # the coordinator: its node config names its state directory and policy.
+    state_root: str = field(default="", metadata=_key("state-root"))
+    simulation_policy: str = field(default="", metadata=_key("simulation-policy"))
+
+    @classmethod
+    def of(cls, proposal: Proposal, **local: str) -> RunSettings:
+        """A proposal with the coordinator's (or, simulated, the researcher's) own settings."""
+        values: dict[str, Any] = {f.name: getattr(proposal, f.name) for f in fields(Proposal)}
+        return cls(**values | local)
+
+    @property
+    def simulated(self) -> bool:
+        """Whether the coordinator plays the institutions too (the simulation engines set ``state_root``)."""
+        return bool(self.state_root)
+
+    def institution_config(self) -> dict[str, Scalar]:
+        """What each FitIns and EvaluateIns carries: the proposal, flattened once.
+
+        In a simulation the researcher plays every institution, and Flower's simulation
+        engine gives them nothing but the message: it also carries where they keep their
+        state and find their policy and schema (``SIMULATED_KEYS``). A deployment's
+        messages carry the proposal alone.
+        """
+        config = self.proposal.to_config()
+        if self.simulated:
+            config.update({k: v for k, v in self.to_config().items() if k in SIMULATED_KEYS})
+        return config
+
+
+def config_keys(cls: type[Proposal]) -> tuple[str, ...]:
+    """Every config key of a settings class."""
+    return tuple(cls().to_config())
+
+
+def check_keys(
+    config: Iterable[str],
+    cls: type[Proposal],
+    *,
+    source: str,
+    fixed: Iterable[str] = (),
+    fixed_by: str = "the coordinator chooses these paths",
+) -> None:
+    """The one unknown-key check: every key is a setting of ``cls``, and none is one the caller chooses.
+
+    ``fixed`` are keys the caller sets itself (``fixed_by`` says who); a ``Proposal``
+    never takes the coordinator's own settings (``LOCAL_KEYS``).
+    """
+    known = set(config_keys(cls))
+    chosen = set(fixed) | (set(LOCAL_KEYS) - known)
+    keys = set(config)
+    if managed := sorted(keys & chosen):
+        raise ConfigError(f"{source} may not set {managed}: {fixed_by}")
+    if unknown := sorted(keys - known):
+        listed = ", ".join(sorted(known - chosen))
+        raise ConfigError(f"{source}: unknown run setting(s) {unknown}; check the spelling (known: {listed})")
 
 
 def _from_config(cls: type[_T], config: Mapping[str, Any]) -> _T:
@@ -286,37 +378,45 @@ def _from_config(cls: type[_T], config: Mapping[str, Any]) -> _T:
         key = f.metadata["key"]
         if key not in config:
             continue
-        kwargs[f.name] = _coerce(key, config[key], f.type)
+        kwargs[f.name] = coerce(key, config[key], f.type)
     try:
         return cls(**kwargs)
     except TypeError as err:  # pragma: no cover - a programming error, not user input
         raise ConfigError(str(err)) from err
 
 
-def _coerce(key: str, value: Any, type_name: Any) -> Scalar:
-    """Convert a config value to the declared type, refusing silent changes."""
-    name = type_name if isinstance(type_name, str) else type_name.__name__
+def coerce(key: str, value: Any, kind: Any, *, source: str = "") -> Scalar:
+    """Convert a config value to its declared type (``bool``, ``int``, ``float``, ``str``, or ``X | None``).
+
+    The one coercion of values people write (settings and policies): it refuses
+    silent changes (2.5 to an integer, "maybe" to a boolean) and names ``key``,
+    the value and, when given, ``source``.
+    """
+    name = (kind if isinstance(kind, str) else kind.__name__).removesuffix(" | None")
+    where = f"{source}: " if source else ""
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{where}'{key}' must be {expected}. Found {value!r}.")
+
     if name == "bool":
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in {"true", "false"}:
             return value.lower() == "true"
-        raise ConfigError(f"'{key}' must be true or false. Found {value!r}.")
+        raise bad("true or false")
     if name == "int":
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"'{key}' must be an integer. Found {value!r}.")
-        if not float(value).is_integer():
-            raise ConfigError(f"'{key}' must be an integer. Found {value!r}.")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not float(value).is_integer():
+            raise bad("an integer")
         return int(value)
     if name == "float":
         if isinstance(value, bool):
-            raise ConfigError(f"'{key}' must be a number. Found {value!r}.")
+            raise bad("a number")
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"'{key}' must be a number. Found {value!r}.") from None
+            raise bad("a number") from None
         if math.isnan(number):
-            raise ConfigError(f"'{key}' must be a number. Found {value!r}.")
+            raise bad("a number")
         return number
     return str(value)
 
@@ -332,10 +432,20 @@ def _to_config(obj: object) -> dict[str, Scalar]:
     return out
 
 
+# The coordinator's own settings' keys: never in a message to an institution, never in federation.toml.
+LOCAL_KEYS = tuple(k for k in RunSettings().to_config() if k not in Proposal().to_config())
+# Of those, what simulated institutions read (``RunSettings.institution_config``).
+SIMULATED_KEYS = ("schema-path", "state-root", "simulation-policy")
+
 __all__ = [
+    "LOCAL_KEYS",
+    "SIMULATED_KEYS",
     "DataSettings",
     "PrivacySettings",
+    "Proposal",
     "RunSettings",
     "SecAggSettings",
     "TrainSettings",
+    "check_keys",
+    "coerce",
 ]

@@ -1,7 +1,9 @@
-"""Reading the TOML files people write (policies, sweeps), with errors that name the file and the fix."""
+"""The TOML people write (policies, sweeps, federation.toml, ``--config``): read once, errors naming the fix."""
 
 from __future__ import annotations
 
+import json
+import shlex
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -20,3 +22,26 @@ def read_toml(path: Path | str, what: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read the {what} ({err})") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML ({err}); see the {what} format in the README") from None
+
+
+def parse_assignments(text: str, what: str) -> dict[str, Any]:
+    """``'key=value key2=value2'`` (shell quoting) with TOML values; a value that is not TOML is a string."""
+    out: dict[str, Any] = {}
+    for item in shlex.split(text):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{what}: {item!r} is not key=value")
+        try:
+            out[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = value
+    return out
+
+
+def toml_value(value: Any) -> str:
+    """A scalar as a TOML value (``inf`` for infinity)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value == float("inf"):
+        return "inf"
+    return json.dumps(value)

@@ -18,8 +18,8 @@ import json
 import os
 import shutil
 import tempfile
-import tomllib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,11 +28,20 @@ from common.datasets import builtin_schema_path
 from common.errors import ConfigError
 from common.keys import DEFAULT_HOSTS, fingerprint, issue_server_certificates, load_node_public_key
 from common.schema import Schema
-from common.settings import RunSettings
+from common.settings import Proposal, RunSettings, check_keys
+from common.tomlfile import read_toml, toml_value
+from server.run_naming import new_run_dir
 
 DEFAULT_PORT = 9092
-# Run settings a deployment never takes from federation.toml: they are the coordinator's paths.
-MANAGED_KEYS = ("out-dir", "state-root", "simulation-policy", "resume-from", "schema-path")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """federation.toml, parsed: where the SuperLink listens and what runs propose by default."""
+
+    hosts: tuple[str, ...]
+    port: int
+    proposal: Proposal  # its [run] table: proposal keys only, the coordinator's paths are chosen here
 
 
 @dataclass(frozen=True)
@@ -97,9 +106,12 @@ class Federation:
         dataset: str = "breast-cancer",
         schema: Path | None = None,
         port: int = DEFAULT_PORT,
-        settings: dict[str, Any] | None = None,
+        proposal: Proposal | None = None,
     ) -> Federation:
-        """Create a federation directory; refuse to touch an existing one."""
+        """Create a federation directory; refuse to touch an existing one.
+
+        ``proposal`` (default: fedsilo's) becomes federation.toml's ``[run]``, with ``dataset``.
+        """
         fed = cls(root)
         if fed.config_path.exists():
             raise ConfigError(f"{fed.config_path} exists: {root} already holds a federation")
@@ -115,7 +127,8 @@ class Federation:
         hosts = tuple(dict.fromkeys((*hosts, *DEFAULT_HOSTS)))
         source = schema if schema is not None else builtin_schema_path(dataset)
         Schema.load(source)  # a malformed schema fails here, before anything is written
-        run = RunSettings().with_overrides({"dataset": dataset, **(settings or {})})
+        run = proposal or Proposal()
+        run = replace(run, data=replace(run.data, dataset=dataset))
         # Everything is written in a scratch folder beside DIR and moved in at the end, so a
         # failure part-way leaves no DIR, or DIR as it was.
         fed.root.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +145,7 @@ class Federation:
         return fed
 
     @staticmethod
-    def _write_new(fed: Federation, source: Path, hosts: tuple[str, ...], port: int, run: RunSettings) -> None:
+    def _write_new(fed: Federation, source: Path, hosts: tuple[str, ...], port: int, run: Proposal) -> None:
         issue_server_certificates(fed.certs, hosts)
         shutil.copyfile(source, fed.schema_path)
         lines = [
@@ -143,47 +156,80 @@ class Federation:
             "",
             "# Run settings: the keys of [tool.flwr.app.config] in fedsilo's pyproject.toml.",
             "[run]",
-            *(f"{key} = {toml_value(value)}" for key, value in run.to_config().items() if key not in MANAGED_KEYS),
+            *(f"{key} = {toml_value(value)}" for key, value in run.to_config().items()),
             "",
         ]
         fed.config_path.write_text("\n".join(lines), encoding="utf-8")
         fed.registry_path.write_text("# institutions admitted with `fedsilo-server admit`\n", encoding="utf-8")
 
-    def load(self) -> dict[str, Any]:
-        """federation.toml, checked."""
-        try:
-            raw = tomllib.loads(self.config_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{self.root} is not a federation directory (run `fedsilo-server init` first)") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{self.config_path}: not valid TOML ({err})") from None
-        managed = sorted(set(raw.get("run", {})) & set(MANAGED_KEYS))
-        unknown = sorted(set(raw.get("run", {})) - set(RunSettings().to_config()))
-        if unknown:
-            raise ConfigError(f"{self.config_path}: [run] has unknown setting(s) {unknown}; check the spelling")
-        if managed:
-            raise ConfigError(f"{self.config_path}: [run] may not set {managed}; fedsilo-server chooses these paths")
-        self.settings(raw)  # every value is checked
-        return raw
+    def load(self) -> FederationConfig:
+        """federation.toml, read and checked once: every [run] key a proposal's, every value valid."""
+        if not self.config_path.exists():
+            raise ConfigError(f"{self.root} is not a federation directory (run `fedsilo-server init` first)")
+        raw = read_toml(self.config_path, "federation file")
+        section = raw.get("federation", {})
+        proposal = Proposal.from_config(raw.get("run", {}), source=f"{self.config_path}: [run]")
+        return FederationConfig(
+            tuple(section.get("hosts", DEFAULT_HOSTS)), int(section.get("port", DEFAULT_PORT)), proposal
+        )
 
-    def settings(self, raw: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> RunSettings:
-        """The run settings: federation.toml's [run], then ``overrides``, then the managed paths."""
-        raw = raw if raw is not None else self.load()
-        values = {**raw.get("run", {}), **(overrides or {}), "schema-path": str(self.schema_path)}
-        try:
-            return RunSettings().with_overrides(values)
-        except ConfigError as err:
-            raise ConfigError(f"{self.config_path}: {err}") from None
+    def settings(self, proposal: Proposal | None = None, **local: str) -> RunSettings:
+        """A run's settings: ``proposal`` (default: federation.toml's), this federation's schema, ``local`` paths."""
+        return RunSettings.of(proposal or self.load().proposal, schema_path=str(self.schema_path), **local)
+
+    def new_run(
+        self,
+        config: Mapping[str, Any] | None = None,
+        *,
+        rounds: int | None = None,
+        epsilon: float | None = None,
+        min_institutions: int | None = None,
+    ) -> RunSettings:
+        """A new run's settings: federation.toml's [run], then ``config`` (run-config keys), then the options.
+
+        Every round waits for ``min_institutions`` (default: every admitted institution,
+        unless ``config`` says otherwise). The run gets a fresh directory under ``runs/``.
+        """
+        config = dict(config or {})
+        check_keys(config, Proposal, source="--config")
+        base = self.load().proposal
+        proposal = Proposal.from_config({**base.to_config(), **config}, source="--config")
+        if rounds is not None:
+            proposal = replace(proposal, rounds=rounds)
+        if epsilon is not None:
+            proposal = replace(proposal, privacy=replace(proposal.privacy, target_epsilon=epsilon))
+        if min_institutions is None and "min-institutions" not in config:
+            min_institutions = len(self.institutions())
+        if min_institutions:
+            proposal = replace(proposal, min_institutions=min_institutions)
+        return self.settings(proposal, out_dir=str(new_run_dir(self.runs_dir)))
+
+    def resumed_run(self) -> RunSettings:
+        """The settings that continue the last unfinished run (the ServerApp takes the rest from its directory)."""
+        candidates = [p for p in sorted(self.runs_dir.glob("*")) if (p / "progress.json").exists()]
+        if not candidates or (candidates[-1] / "report.json").exists():
+            raise ConfigError(f"no unfinished run under {self.runs_dir} has a completed round to resume from")
+        return self.settings(resume_from=str(candidates[-1]))
+
+    def runs(self) -> list[tuple[str, int, str]]:
+        """Each run directory's name, rounds written and state (finished, or stopped or running)."""
+        out = []
+        for path in sorted(self.runs_dir.glob("*")) if self.runs_dir.exists() else []:
+            state = "finished" if (path / "report.json").exists() else "stopped or running"
+            metrics = path / "metrics.csv"
+            rows = max(0, len(metrics.read_text().splitlines()) - 1) if metrics.exists() else 0
+            out.append((path.name, rows, state))
+        return out
 
     @property
     def port(self) -> int:
-        return int(self.load()["federation"].get("port", DEFAULT_PORT))
+        return self.load().port
 
     # institutions
     def institutions(self) -> dict[str, Institution]:
         if not self.registry_path.exists():
             return {}
-        raw = tomllib.loads(self.registry_path.read_text(encoding="utf-8"))
+        raw = read_toml(self.registry_path, "institutions file")
         return {name: Institution(name=name, **entry) for name, entry in raw.get("institutions", {}).items()}
 
     def admit(self, public_key_path: Path, name: str) -> Institution:
@@ -222,9 +268,12 @@ class Federation:
         os.replace(partial, self.registry_path)
 
     # the Flower app and connection
-    def write_app(self) -> Path:
-        """The Flower app ``flwr run`` submits: fedsilo's components, this federation's defaults."""
-        settings = self.settings()
+    def write_app(self, settings: RunSettings | None = None) -> Path:
+        """The Flower app ``flwr run`` submits: fedsilo's components and the run's settings, flattened once.
+
+        ``settings`` default to this federation's; the ServerApp parses them once from its run config.
+        """
+        settings = settings or self.settings()
         config = "\n".join(f"{k} = {toml_value(v)}" for k, v in settings.to_config().items())
         self.app_dir.mkdir(parents=True, exist_ok=True)
         (self.app_dir / "pyproject.toml").write_text(
@@ -247,11 +296,3 @@ class Federation:
             f'[superlink]\ndefault = "fedsilo"\n\n[superlink.fedsilo]\naddress = {json.dumps(address)}\n{tls}',
             encoding="utf-8",
         )
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and value == float("inf"):
-        return "inf"
-    return json.dumps(value)

@@ -13,7 +13,7 @@ import math
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -115,7 +115,7 @@ class RunDirectory:
             progress = json.loads((path / "progress.json").read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path} has no completed round to resume from (no progress.json)") from None
-        return RunSettings.from_config(progress["settings"]).with_overrides({"resume-from": str(path)})
+        return replace(RunSettings.from_config(progress["settings"]), resume_from=str(path))
 
     def last_checkpoint(self) -> list[np.ndarray] | None:
         """The global model after the last completed round (None: no round has completed)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from datetime import datetime
+from dataclasses import replace
 from logging import INFO
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from common.schema import Schema
 from common.settings import RunSettings
 from server.coordinator import Coordinator, RoundCallback
 from server.run_directory import RunDirectory
+from server.run_naming import new_run_dir
 from server.secure_aggregation import GuardedSecAggPlusWorkflow
 from server.strategy import FedsiloStrategy
 from server.workflow import ResumableWorkflow
@@ -32,8 +33,7 @@ def resolve_run_dir(settings: RunSettings) -> Path:
         return Path(settings.resume_from).resolve()
     if settings.out_dir:
         return Path(settings.out_dir).resolve()
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return (Path("runs") / f"{stamp}-{settings.data.dataset}").resolve()
+    return new_run_dir(Path("runs"), dataset=settings.data.dataset).resolve()
 
 
 def open_run(
@@ -45,18 +45,14 @@ def open_run(
     strategy (FedAvg's) and hands the replies to the coordinator, as the strategy does.
     """
     run_dir = resolve_run_dir(settings)
-    settings = settings.with_overrides(
-        {"out-dir": str(run_dir), "state-root": settings.state_root or str(run_dir / "state")}
-    )
-    schema_path = (
-        Path(settings.data.schema_path) if settings.data.schema_path else builtin_schema_path(settings.data.dataset)
-    )
+    settings = replace(settings, out_dir=str(run_dir))
+    schema_path = Path(settings.schema_path) if settings.schema_path else builtin_schema_path(settings.data.dataset)
     schema = Schema.load(schema_path)
     model = build_model(settings.train, schema, seed=settings.seed)
     directory = RunDirectory(run_dir, settings, model_spec(settings.train, schema, model), schema_path)
     weights = directory.last_checkpoint() or get_weights(model)
     coordinator = Coordinator(directory, aggregation_for(settings.secagg), weights, on_round=on_round)
-    round_config = {**settings.to_config(), "run-name": run_dir.name}  # the ledgers' run id, kept on resume
+    round_config = {**settings.institution_config(), "run-name": run_dir.name}  # the ledgers' run id, kept on resume
     return settings, coordinator, strategy_cls(settings, coordinator, round_config)
 
 

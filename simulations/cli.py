@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import math
+import os
+import platform
 import time
-from datetime import datetime
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,30 +14,20 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from common.cli import print_error
+from common.cli import exit_on_error, fmt, institutions_table, print_error
 from common.errors import FedsiloError
 from common.registry import DATASETS
-from common.settings import RunSettings
-from simulations.engines import check_engine
+from common.settings import Proposal, RunSettings
+from server.run_naming import new_run_dir
 
 app = typer.Typer(help="Simulate fedsilo federations on one machine (Flower simulation engine).", no_args_is_help=True)
 console = Console(soft_wrap=True)
-
-DEFAULT_INSTITUTIONS = {"breast-cancer": 4, "german-credit": 3, "digits": 4}
-DEFAULTS = RunSettings()
+DEFAULTS = Proposal()
 
 
 @app.callback()
 def _main() -> None:
     """Simulate fedsilo federations on one machine."""
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None or value == "":
-        return "-"
-    if isinstance(value, str):
-        return value
-    return "inf" if math.isinf(value) else f"{value:.{digits}f}"
 
 
 @app.command()
@@ -100,46 +91,44 @@ def run(
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
     """Run one federation and write its run directory (metrics.csv, model.pt, report.json)."""
+    # Imported here, not at the top: they load torch, which `--help` and `sweep` need not wait for.
     from simulations.engines import run_engine
+    from simulations.plan import check_simulation, check_where, dataset_value, default_institutions
 
-    count = institutions or DEFAULT_INSTITUTIONS.get(dataset, 3)
-    out_dir = out or Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{dataset}"
-    try:
-        settings = RunSettings().with_overrides(
-            {
-                "dataset": _dataset_value(dataset),
-                "schema-path": str(schema.resolve()) if schema else "",
-                "num-server-rounds": rounds,
-                "target-epsilon": epsilon,
-                "noise-multiplier": noise_multiplier,
-                "delta": delta,
-                "max-epsilon": max_epsilon,
-                "accountant": accountant,
-                "partition": partition,
-                "secure-aggregation": secure_aggregation,
-                "local-epochs": local_epochs,
-                "batch-size": batch_size,
-                "learning-rate": learning_rate,
-                "model": model,
-                "activation": activation,
-                "seed": seed,
-                "out-dir": str(out_dir.resolve()),
-                "state-root": str(state_root.resolve()) if state_root else "",
-                "simulation-policy": str(policy.resolve()) if policy else "",
-            }
+    count = institutions or default_institutions(dataset)
+    with exit_on_error(console):
+        proposal = replace(
+            DEFAULTS,
+            rounds=rounds,
+            seed=seed,
+            train=replace(
+                DEFAULTS.train,
+                local_epochs=local_epochs,
+                batch_size=batch_size,
+                learning_rate=learning_rate,
+                model=model,
+                activation=activation,
+            ),
+            privacy=replace(
+                DEFAULTS.privacy,
+                target_epsilon=epsilon,
+                noise_multiplier=noise_multiplier,
+                delta=delta,
+                max_epsilon=max_epsilon,
+                accountant=accountant,
+            ),
+            secagg=replace(DEFAULTS.secagg, enabled=secure_aggregation),
+            data=replace(DEFAULTS.data, dataset=dataset_value(dataset), partition=partition),
         )
-        lead, majority = _check_data(settings, count)
-        _check_policy(settings, count)
-        if (out_dir / "report.json").exists():
-            raise FedsiloError(f"{out_dir} already holds a finished run; choose another --out or remove it")
-        check_engine(engine)
-        if ray_address and engine != "flower":
-            raise FedsiloError(
-                "--ray-address runs Flower's simulation engine on a cluster; add --engine flower "
-                f"(the {engine} engine runs in this process)"
-            )
-        if settings.secagg.enabled and count < 3:
-            raise FedsiloError("SecAgg+ needs at least 3 institutions here; add some or pass --no-secure-aggregation")
+        settings = RunSettings.of(
+            proposal,
+            out_dir=str((out or new_run_dir(Path("runs"), dataset=dataset)).resolve()),
+            schema_path=str(schema.resolve()) if schema else "",
+            state_root=str(state_root.resolve()) if state_root else "",
+            simulation_policy=str(policy.resolve()) if policy else "",
+        )
+        checked = check_simulation(settings, count)
+        check_where(engine, ray_address)
         if ray_address:
             from simulations.cluster import check_reachable
 
@@ -149,10 +138,8 @@ def run(
             from simulations.tracking import RunTracker
 
             tracker = RunTracker(tensorboard)
-    except FedsiloError as err:
-        print_error(console, err)
-        raise typer.Exit(2) from None
-    privacy = "no DP" if not settings.privacy.enabled else f"target epsilon {_fmt(epsilon, 2)}, delta {delta:g}"
+    out_dir = Path(settings.out_dir)
+    privacy = "no DP" if not settings.privacy.enabled else f"target epsilon {fmt(epsilon, 2)}, delta {delta:g}"
     console.print(
         f"fedsilo: {count} institutions on {dataset} ({partition}), {rounds} rounds, {privacy}, "
         f"secure aggregation {'on (SecAgg+)' if secure_aggregation else 'off'}"
@@ -164,26 +151,24 @@ def run(
 
     def progress(row: dict[str, Any]) -> None:
         console.print(
-            f"round {row['round']:>3}/{rounds}  {_scores(row, lead)}  "
-            f"max epsilon {_fmt(row['max_epsilon'], 3)}  trained {row['institutions_trained']}  "
+            f"round {row['round']:>3}/{rounds}  {_scores(row, checked.lead)}  "
+            f"max epsilon {fmt(row['max_epsilon'], 3)}  trained {row['institutions_trained']}  "
             f"refused {row['institutions_refused']}  ({row['elapsed_s']:.1f} s)"
         )
         if tracker is not None:
             tracker.round(row)
 
     try:
-        report = run_engine(
-            engine, settings, institutions=count, on_round=progress, verbose=verbose, ray_address=ray_address
-        )
-    except FedsiloError as err:
-        print_error(console, err)
-        raise typer.Exit(2) from None
+        with exit_on_error(console):
+            report = run_engine(
+                engine, settings, institutions=count, on_round=progress, verbose=verbose, ray_address=ray_address
+            )
     finally:
         if tracker is not None:
             tracker.close()
     if tensorboard is not None:
         console.print(f"TensorBoard event files: {tensorboard} (tensorboard --logdir {tensorboard})")
-    _summary(report, time.monotonic() - started, out_dir, lead, majority)
+    _summary(report, time.monotonic() - started, out_dir, checked.lead, checked.majority)
 
 
 def _comma_list(value: str | None) -> list[str] | None:
@@ -224,12 +209,13 @@ def sweep(
     ] = None,
 ) -> None:
     """Sweep privacy and federation settings with baselines and a privacy audit; write tables, plots, report."""
-    import os
-
+    from simulations.plan import dataset_value
+    from simulations.sweep import check_sweep
     from simulations.sweep_spec import load_sweep_file, parse_sweep
+    from simulations.sweep_store import SweepStore
 
     cli_values = {
-        "dataset": _dataset_value(dataset) if dataset else None,
+        "dataset": dataset_value(dataset) if dataset else None,
         "epsilons": _comma_list(epsilons),
         "noise-multipliers": _comma_list(noise_multipliers),
         "institutions": _comma_list(institutions),
@@ -243,16 +229,13 @@ def sweep(
         "ray-address": ray_address,
     }
     given = {k: v for k, v in cli_values.items() if v is not None}
-    out_dir = out or Path("runs") / f"sweep-{datetime.now():%Y%m%d-%H%M%S}"
-    try:
+    out_dir = out or new_run_dir(Path("runs"), prefix="sweep")
+    with exit_on_error(console):
         raw = load_sweep_file(file) if file else {}
         if schema is not None:
             raw["schema"] = str(schema.resolve())
         source = str(file) if file and not given else f"{file} and the command line" if file else "command line"
         spec = parse_sweep({**raw, **given}, source, folder=file.parent if file else None)
-        from simulations.sweep import check_sweep
-        from simulations.sweep_store import SweepStore
-
         check_sweep(spec)
         if SweepStore.holds_sweep(out_dir):
             SweepStore.open(out_dir, spec)  # the same spec, or an error naming what differs
@@ -269,17 +252,11 @@ def sweep(
             from simulations.tracking import SweepTracker
 
             tracker = SweepTracker(tensorboard)
-    except FedsiloError as err:
-        print_error(console, err)
-        raise typer.Exit(2) from None
     workers = jobs or os.cpu_count() or 1
     _run_sweep_cli(spec, out_dir, workers, tracker)
 
 
 def _run_sweep_cli(spec: Any, out_dir: Path, workers: int, tracker: Any = None) -> None:
-    import os
-    import platform
-
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -309,15 +286,18 @@ def _run_sweep_cli(spec: Any, out_dir: Path, workers: int, tracker: Any = None) 
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     try:
-        with Progress(
-            TextColumn("[progress.description]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=console,
-        ) as progress:
+        with (
+            exit_on_error(console),
+            Progress(
+                TextColumn("[progress.description]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=console,
+            ) as progress,
+        ):
             bar = progress.add_task("sweep", total=len(tasks), completed=finished)
             track = (lambda _, r: tracker.task(r.run_id, r.rounds, r.results)) if tracker is not None else None
             tables = run_sweep(spec, out_dir, jobs=workers, on_done=lambda _: progress.advance(bar), on_record=track)
@@ -328,9 +308,6 @@ def _run_sweep_cli(spec: Any, out_dir: Path, workers: int, tracker: Any = None) 
             "run the same command again to resume"
         )
         raise typer.Exit(130) from None
-    except FedsiloError as err:
-        print_error(console, err)
-        raise typer.Exit(2) from None
     wall = time.monotonic() - started
     failures = tables["failures"]
     for row in failures.itertuples(index=False):
@@ -347,7 +324,7 @@ def _run_sweep_cli(spec: Any, out_dir: Path, workers: int, tracker: Any = None) 
     ]
     if len(failures):
         notes.append(f"{len(failures)} federation(s) failed and are missing (failures.csv): rerun to retry them")
-    try:
+    with exit_on_error(console):
         write_tables(tables, out_dir)
         write_report(tables, out_dir, title=f"fedsilo sweep: {spec.dataset}", notes=notes)
         if tracker is not None:
@@ -355,9 +332,6 @@ def _run_sweep_cli(spec: Any, out_dir: Path, workers: int, tracker: Any = None) 
 
             tracker.summary(summary_table(tables["results"]), sweep_lead_metric(tables["results"]))
             console.print(f"TensorBoard event files: {tracker.log_dir} (tensorboard --logdir {tracker.log_dir})")
-    except FedsiloError as err:
-        print_error(console, err)
-        raise typer.Exit(2) from None
     results = tables["results"]
     metric = sweep_lead_metric(results)
     table = tradeoff_table(results)
@@ -387,56 +361,6 @@ def _run_sweep_cli(spec: Any, out_dir: Path, workers: int, tracker: Any = None) 
         raise typer.Exit(1)
 
 
-def _dataset_value(name: str) -> str:
-    """A built-in dataset's name, or a table's absolute path (Flower's workers run elsewhere)."""
-    from common.registry import TABLE_SUFFIXES
-
-    return name if name in DATASETS or not name.lower().endswith(TABLE_SUFFIXES) else str(Path(name).resolve())
-
-
-def _check_policy(settings: RunSettings, count: int) -> None:
-    """Every simulated institution's policy loads, and its tables name institutions of this run."""
-    import tomllib
-
-    from client.policy import PrivacyPolicy
-    from common.datasets import load_dataset
-
-    if not settings.simulation_policy:
-        return
-    noun = load_dataset(settings.data.dataset, settings.data.schema_path).institution_noun
-    names = [f"{noun}-{i + 1}" for i in range(count)]
-    for name in names:
-        PrivacyPolicy.load(settings.simulation_policy, institution=name)
-    tables = tomllib.loads(Path(settings.simulation_policy).read_text(encoding="utf-8")).get("institutions", {})
-    strangers = sorted(set(tables) - set(names))
-    if strangers:
-        raise FedsiloError(
-            f"{settings.simulation_policy}: [institutions.{strangers[0]}] names no institution of this run "
-            f"(they are {names[0]} to {names[-1]})"
-        )
-
-
-def _check_data(settings: RunSettings, count: int) -> tuple[str, float]:
-    """Fail before Flower starts if the dataset, the model or the partition cannot work.
-
-    Returns the metric to lead with (``common.metrics.lead_metric``) and the dataset's
-    majority-class rate (the accuracy of always guessing the commonest class).
-    """
-    import numpy as np
-
-    from client.simulated_data import simulated_partition
-    from common.datasets import load_dataset
-    from common.metrics import lead_metric
-    from common.models import check_model_fits
-
-    dataset = load_dataset(settings.data.dataset, settings.data.schema_path)
-    check_model_fits(settings.train, dataset.schema)
-    _, labels = dataset.schema.transform(dataset.frame, source=dataset.name)
-    simulated_partition(settings, dataset.frame, labels, count)
-    majority = float(np.bincount(labels).max() / len(labels))
-    return lead_metric(dataset.schema.num_classes, majority), majority
-
-
 SHORT = {"auc": "AUC", "average_precision": "AP", "balanced_accuracy": "bal. accuracy", "accuracy": "accuracy"}
 
 
@@ -444,23 +368,11 @@ def _scores(row: dict[str, Any], lead: str) -> str:
     """A round's scores, the lead metric first (for two classes: AUC, AP, balanced accuracy, accuracy)."""
     shown = tuple(SHORT) if lead == "auc" else ("balanced_accuracy", "accuracy")  # AUC and AP: two classes only
     keys = [lead, *(k for k in shown if k != lead)]
-    return "  ".join(f"{SHORT[k]} {_fmt(row.get(k))}" for k in keys)
+    return "  ".join(f"{SHORT[k]} {fmt(row.get(k))}" for k in keys)
 
 
 def _summary(report: dict[str, Any], wall_s: float, out_dir: Path, lead: str, majority: float) -> None:
-    table = Table(title="Institutions")
-    for column in ("institution", "weight", "epsilon", "delta", "rounds trained", "rounds refused"):
-        table.add_column(column, justify="left" if column == "institution" else "right")
-    for inst in report["institutions"]:
-        table.add_row(
-            inst["name"],
-            str(inst["num_examples"]),
-            _fmt(inst["epsilon"], 3),
-            f"{inst['delta']:g}",
-            str(len(inst["ledger"])),
-            str(len(inst["refusals"])),
-        )
-    console.print(table)
+    console.print(institutions_table(report))
     final = report["final_metrics"]
     refused = sum(int(r["institutions_refused"]) for r in report["rounds"])
     asked = refused + sum(int(r["institutions_trained"]) for r in report["rounds"])
@@ -468,7 +380,7 @@ def _summary(report: dict[str, Any], wall_s: float, out_dir: Path, lead: str, ma
     console.print(
         f"{'untrained initial model (no round aggregated):' if untrained else 'final'} {_scores(final, lead)} "
         f"(always guessing the majority class: accuracy {majority:.4f}), "
-        f"max epsilon {_fmt(report['max_epsilon'], 3)}, {report['rounds_completed']} rounds, "
+        f"max epsilon {fmt(report['max_epsilon'], 3)}, {report['rounds_completed']} rounds, "
         f"secure aggregation {report['secure_aggregation']}, wall time {wall_s:.1f} s"
     )
     console.print(f"run directory: {out_dir}")

@@ -45,6 +45,7 @@ from server.aggregation import clipping_warning, secaggplus_client_vector, secag
 from server.coordinator import Coordinator, EvaluateReply, FitReply, RoundCallback
 from server.server_app import open_run
 from simulations.baselines import federation_members
+from simulations.runner import simulated
 
 T = TypeVar("T")
 
@@ -118,9 +119,7 @@ def run_inprocess(
     ``settings.out_dir`` must be set: the run directory is written there, as the
     Flower engine (``simulations.runner.run_federation``) writes it.
     """
-    if not settings.out_dir:
-        raise ValueError("settings.out_dir must name the run directory")
-    settings = settings.with_overrides({"min-institutions": institutions})
+    settings = simulated(settings, institutions)
     sampler = random.Random(settings.seed)
     with _one_torch_thread():
         settings, coordinator, strategy = open_run(settings, on_round)

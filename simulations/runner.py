@@ -11,12 +11,27 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from common.settings import RunSettings
 from server.coordinator import RoundCallback
 from simulations.environment import contained_flower
+
+
+def simulated(settings: RunSettings, institutions: int) -> RunSettings:
+    """The settings a simulation of ``institutions`` runs with (both engines).
+
+    Each round waits for every simulated institution (Flower registers nodes with the
+    strategy in the background, and round 1 must not start with a subset), and the
+    institutions keep their state under the run directory unless ``state_root`` says
+    otherwise: it is what makes the run a simulation (``RunSettings.simulated``).
+    """
+    if not settings.out_dir:
+        raise ValueError("settings.out_dir must name the run directory")
+    state_root = settings.state_root or str(Path(settings.out_dir).resolve() / "state")
+    return replace(settings, min_institutions=institutions, state_root=state_root)
 
 
 def run_federation(
@@ -38,11 +53,7 @@ def run_federation(
     nodes. They write their ledgers under the run directory: on a cluster of several
     machines it must be on a filesystem every node shares.
     """
-    if not settings.out_dir:
-        raise ValueError("settings.out_dir must name the run directory")
-    # Each round waits for every simulated institution: Flower registers nodes with the
-    # strategy in the background, and round 1 must not start with a subset.
-    settings = settings.with_overrides({"min-institutions": institutions})
+    settings = simulated(settings, institutions)
     with contained_flower():
         from flwr.app import Context, RecordDict
         from flwr.simulation.run_simulation import _run_simulation

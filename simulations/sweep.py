@@ -30,7 +30,7 @@ import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +42,12 @@ from client.institution import InstitutionData
 from client.simulated_data import simulated_partition
 from common.audit import loss_threshold_auc
 from common.datasets import load_dataset
-from common.errors import ConfigError
 from common.metrics import PROBABILITY_FLOOR, classification_metrics, lead_metric
 from common.models import build_model, set_weights
 from common.training import predict_proba
 from simulations.baselines import alone, federation_members, pooled, records_digest, reference
 from simulations.engines import run_engine
+from simulations.plan import check_secagg_quorum
 from simulations.sweep_spec import SweepSpec, Task
 from simulations.sweep_store import SweepStore, TaskRecord
 
@@ -72,11 +72,9 @@ def check_sweep(spec: SweepSpec) -> None:
     dataset = load_dataset(spec.dataset, spec.schema)
     _, labels = dataset.schema.transform(dataset.frame, source=dataset.name)
     for setup in spec.setups:
-        if setup.secure_aggregation and setup.institutions < 3:
-            raise ConfigError(
-                f"SecAgg+ needs at least 3 institutions. Found institutions {setup.institutions} with "
-                "secure-aggregation true; add institutions or set secure-aggregation to false"
-            )
+        check_secagg_quorum(
+            setup.institutions, setup.secure_aggregation, fix="add institutions or set secure-aggregation to false"
+        )
         for seed in spec.seeds:
             task = Task(setup, spec.levels[-1], seed)
             simulated_partition(spec.run_settings(task), dataset.frame, labels, setup.institutions)
@@ -180,7 +178,7 @@ def run_task(spec: SweepSpec, task: Task, out_dir: str) -> TaskResult:
 
     started = time.monotonic()
     run_dir = Path(out_dir) / "runs" / task.run_id
-    report = run_engine(spec.engine, settings.with_overrides({"out-dir": str(run_dir)}), institutions=n)
+    report = run_engine(spec.engine, replace(settings, out_dir=str(run_dir)), institutions=n)
     federation = refusals(report, run_dir)
     model = build_model(settings.train, schema, seed=settings.seed)
     set_weights(model, [t.numpy() for t in torch.load(run_dir / "model.pt").values()])

@@ -28,23 +28,26 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError
 from common.registry import DATASETS, PARTITIONERS, TABLE_SUFFIXES
-from common.settings import RunSettings
+from common.settings import PrivacySettings, RunSettings, check_keys
 from common.tomlfile import read_toml
 from simulations.engines import ENGINES
 
 AXES = ("epsilons", "noise-multipliers", "institutions", "partitions", "secure-aggregation", "local-epochs", "seeds")
 SCALARS = ("dataset", "schema", "rounds", "delta", "engine", "ray-address")
 KEYS = (*SCALARS, *AXES, "settings")
-SWEPT_KEYS = {
+# Run settings the sweep sets itself (a [settings] table may not); of the coordinator's own
+# settings a [settings] table may set the simulated institutions' policy file only.
+SWEPT_KEYS = (
     *("partition", "secure-aggregation", "local-epochs", "seed", "target-epsilon", "noise-multiplier"),
-    *("dataset", "schema-path", "num-server-rounds", "delta", "out-dir", "state-root", "min-institutions"),
-}
+    *("dataset", "num-server-rounds", "delta", "min-institutions"),
+    *("schema-path", "out-dir", "state-root", "resume-from"),
+)
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,9 @@ class PrivacyLevel:
             return f"sigma={self.noise_multiplier:g}"
         return "inf" if not self.private else f"eps={self.target_epsilon:g}"
 
-    def overrides(self) -> dict[str, float]:
-        return {"target-epsilon": self.target_epsilon, "noise-multiplier": self.noise_multiplier}
+    def privacy(self, base: PrivacySettings, *, delta: float) -> PrivacySettings:
+        """``base`` at this level (and ``delta``)."""
+        return replace(base, target_epsilon=self.target_epsilon, noise_multiplier=self.noise_multiplier, delta=delta)
 
 
 NO_DP = PrivacyLevel()
@@ -142,19 +146,16 @@ class SweepSpec:
 
     def run_settings(self, task: Task) -> RunSettings:
         """The run settings of one task's federated run (and of its baselines)."""
-        return RunSettings().with_overrides(
-            {
-                **self.settings,
-                "dataset": self.dataset,
-                "schema-path": self.schema,
-                "num-server-rounds": self.rounds,
-                "delta": self.delta,
-                "partition": task.setup.partition,
-                "secure-aggregation": task.setup.secure_aggregation,
-                "local-epochs": task.setup.local_epochs,
-                "seed": task.seed,
-                **task.level.overrides(),
-            }
+        base = RunSettings.from_config(self.settings)  # checked by parse_sweep
+        return replace(
+            base,
+            rounds=self.rounds,
+            seed=task.seed,
+            train=replace(base.train, local_epochs=task.setup.local_epochs),
+            privacy=task.level.privacy(base.privacy, delta=self.delta),
+            secagg=replace(base.secagg, enabled=task.setup.secure_aggregation),
+            data=replace(base.data, dataset=self.dataset, partition=task.setup.partition),
+            schema_path=self.schema,
         )
 
 
@@ -293,15 +294,7 @@ def _integer(key: str, item: Any, fail: Any, *, minimum: int) -> int:
 def _fixed_settings(table: Any, source: str) -> dict[str, Any]:
     if not isinstance(table, Mapping):
         raise ConfigError(f"{source}: [settings] must be a table of run-config keys, e.g. learning-rate = 0.1")
-    known = set(RunSettings().to_config())
-    for key in table:
-        if key in SWEPT_KEYS:
-            raise ConfigError(f"{source}: [settings] sets {key!r}, which the sweep itself sets; use its sweep key")
-        if key not in known:
-            known_keys = ", ".join(sorted(known - SWEPT_KEYS))
-            raise ConfigError(f"{source}: [settings] has unknown run-config key {key!r}; known: {known_keys}")
-    try:
-        RunSettings().with_overrides(dict(table))
-    except ConfigError as err:
-        raise ConfigError(f"{source}: [settings]: {err}") from None
+    where = f"{source}: [settings]"
+    check_keys(table, RunSettings, source=where, fixed=SWEPT_KEYS, fixed_by="the sweep sets it; use its sweep key")
+    RunSettings.from_config(table, source=where)  # every value checked
     return dict(table)

@@ -24,7 +24,7 @@ import numpy as np
 
 from common.datasets import load_builtin
 from common.flower_env import executable, free_port
-from server.deployment import healthy
+from server.processes import healthy
 from simulations.benchmarks import emit, machine, seconds_per_round
 
 # ServerApp log lines that open and close each of a round's five message exchanges.

@@ -13,8 +13,8 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from client.client_app import InstitutionClient
-from client.deployment import node_config
 from client.institution import InstitutionData, fit_round
+from client.processes import node_config
 from client.simulated_data import SimulatedTables
 from client.trainer import SOCKET_KEY, Trainer, TrainerError, TrainerUnavailable, call
 from common.datasets import builtin_schema_path, load_builtin

@@ -2,12 +2,13 @@
 
 import math
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from common.errors import ConfigError
-from common.settings import RunSettings
+from common.settings import LOCAL_KEYS, SIMULATED_KEYS, Proposal, RunSettings, coerce
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,3 +62,33 @@ def test_secagg_counts_and_fractions_reach_flower_as_flower_reads_them() -> None
     assert kwargs["num_shares"] == 5 and isinstance(kwargs["num_shares"], int)
     assert isinstance(kwargs["reconstruction_threshold"], float)
     assert kwargs["timeout"] is None
+
+
+def test_the_proposal_holds_no_path_of_the_coordinator() -> None:
+    settings = RunSettings(rounds=3, out_dir="/runs/a", resume_from="/runs/b", schema_path="/fed/schema.toml")
+    proposal = settings.proposal
+    assert type(proposal) is Proposal and proposal.rounds == 3
+    assert not set(proposal.to_config()) & set(LOCAL_KEYS)
+    assert set(LOCAL_KEYS) == {"out-dir", "resume-from", "schema-path", "state-root", "simulation-policy"}
+    # Deployed, a message carries the proposal alone; simulated, also where the simulated institutions live.
+    assert settings.institution_config() == proposal.to_config()
+    simulated = replace(settings, state_root="/runs/a/state", simulation_policy="/p.toml")
+    assert set(simulated.institution_config()) - set(proposal.to_config()) == set(SIMULATED_KEYS)
+    assert RunSettings.of(proposal, state_root="/s").state_root == "/s"
+
+
+def test_unknown_and_local_keys_are_refused_where_people_write_settings() -> None:
+    with pytest.raises(ConfigError, match=r"--config: unknown run setting\(s\) \['target-epsilion'\]"):
+        Proposal.from_config({"target-epsilion": 3}, source="--config")
+    with pytest.raises(ConfigError, match=r"--config may not set \['out-dir'\]"):
+        Proposal.from_config({"out-dir": "/x"}, source="--config")
+    with pytest.raises(ConfigError, match="unknown run setting"):
+        RunSettings().with_overrides({"num-server-round": 3})  # a misspelling is never silently ignored
+    # A message may carry other entries (the server round): they are not settings, and not an error.
+    assert Proposal.from_config({"server-round": 2, "num-server-rounds": 4}).rounds == 4
+
+
+def test_one_coercion_for_settings_and_policies() -> None:
+    assert coerce("k", "true", bool) is True and coerce("k", 3.0, "int | None") == 3
+    with pytest.raises(ConfigError, match=r"policy\.toml: 'k' must be an integer\. Found 2\.5\."):
+        coerce("k", 2.5, int, source="policy.toml")

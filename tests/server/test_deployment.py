@@ -26,7 +26,7 @@ from common.datasets import load_builtin
 from common.flower_env import executable, flower_env, free_port
 from common.keys import issue_server_certificates
 from common.ledger import PrivacyLedger
-from server.deployment import healthy
+from server.processes import healthy
 
 pytestmark = pytest.mark.deployment
 BANKS = ("bank-1", "bank-2", "bank-3")
@@ -320,8 +320,8 @@ def query(message: Message, context: Context) -> Message:
 
 
 def test_an_app_that_brings_its_own_code_is_refused_by_every_institution(deployment: dict[str, Any]) -> None:
-    from server.deployment import flwr
     from server.federation import Federation
+    from server.processes import flwr
 
     root, fed = deployment["root"], Federation(deployment["fed"])
     app = root / "evil-app"
@@ -346,8 +346,8 @@ def test_an_app_that_brings_its_own_code_is_refused_by_every_institution(deploym
 
 
 def test_ctrl_c_on_run_stops_the_flower_run_and_one_run_drives_at_a_time(deployment: dict[str, Any]) -> None:
-    from server.deployment import active_runs
     from server.federation import Federation
+    from server.processes import active_runs
 
     fed, server, procs = deployment["fed"], deployment["server"], deployment["procs"]
     federation = Federation(fed)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from common.errors import ConfigError
 from common.keys import certificate_hosts, new_node_keys
-from common.settings import RunSettings
+from common.settings import PrivacySettings, Proposal, RunSettings
 from server.cli import app
 from server.federation import Federation
 
@@ -28,13 +28,13 @@ def test_init_writes_certificates_schema_and_settings(tmp_path: Path) -> None:
     assert set(certificate_hosts(fed.certs / "server.crt")) == {"10.1.2.3", "localhost", "127.0.0.1", "::1"}
     assert "german-credit" in fed.schema_path.read_text() or "creditability" in fed.schema_path.read_text()
     settings = fed.settings()
-    assert settings.data.dataset == "german-credit" and settings.data.schema_path == str(fed.schema_path)
+    assert settings.data.dataset == "german-credit" and settings.schema_path == str(fed.schema_path)
     again = RUNNER.invoke(app, ["init", str(tmp_path / "fed")])
     assert again.exit_code == 2 and "already holds a federation" in again.output
 
 
 def test_the_app_carries_the_federations_settings(tmp_path: Path) -> None:
-    fed = Federation.init(tmp_path / "fed", settings={"num-server-rounds": 5, "target-epsilon": 1.0})
+    fed = Federation.init(tmp_path / "fed", proposal=Proposal(rounds=5, privacy=PrivacySettings(target_epsilon=1.0)))
     config = tomllib.loads(fed.write_app().joinpath("pyproject.toml").read_text())["tool"]["flwr"]
     assert config["app"]["components"]["clientapp"] == "client.client_app:app"
     assert RunSettings.from_config(config["app"]["config"]) == fed.settings()
@@ -51,7 +51,7 @@ def test_federationtoml_values_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="may not set"):
         fed.load()
     fed.config_path.write_text(text + "target-epsilion = 3\n")
-    with pytest.raises(ConfigError, match="unknown setting"):
+    with pytest.raises(ConfigError, match="unknown run setting"):
         fed.load()
 
 
@@ -120,3 +120,21 @@ def test_run_refuses_unknown_and_managed_settings_before_submitting(tmp_path: Pa
         result = RUNNER.invoke(app, ["run", str(fed.root), "--config", config])
         assert result.exit_code == 2 and words in result.output, result.output
     assert not fed.app_dir.exists()  # nothing was written or submitted
+
+
+def test_a_new_run_takes_federationtoml_then_config_then_the_options(tmp_path: Path) -> None:
+    fed = Federation.init(tmp_path / "fed", proposal=Proposal(rounds=5))
+    fed.admit(new_node_keys(tmp_path / "a" / "node.key"), "bank-1")
+    settings = fed.new_run({"learning-rate": 0.1, "num-server-rounds": 6}, epsilon=3.0)
+    assert settings.rounds == 6 and settings.train.learning_rate == 0.1 and settings.privacy.target_epsilon == 3.0
+    assert settings.min_institutions == 1  # every admitted institution, by default
+    assert Path(settings.out_dir).parent == fed.runs_dir and settings.schema_path == str(fed.schema_path)
+    assert fed.new_run({"min-institutions": 3}).min_institutions == 3
+    assert fed.new_run(rounds=2, min_institutions=4).rounds == 2
+    assert (
+        fed.write_app(settings)
+        and RunSettings.from_config(
+            tomllib.loads((fed.app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+        )
+        == settings
+    )  # flattened once, into the app the ServerApp parses once

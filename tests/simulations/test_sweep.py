@@ -46,8 +46,8 @@ RUNNER = CliRunner()
             "CSV/Parquet file. "
             "Found 'mnist'.",
         ),
-        ("[settings]\nlearning-rat = 0.1\n", "[settings] has unknown run-config key 'learning-rat'"),
-        ("[settings]\nseed = 3\n", "[settings] sets 'seed', which the sweep itself sets; use its sweep key"),
+        ("[settings]\nlearning-rat = 0.1\n", "[settings]: unknown run setting(s) ['learning-rat']"),
+        ("[settings]\nseed = 3\n", "[settings] may not set ['seed']: the sweep sets it; use its sweep key"),
         ("[settings]\nlearning-rate = -1\n", "[settings]: 'learning-rate' must be > 0 (0: the recipe's). Found -1.0."),
         ("epsilons = [1\n", "not valid TOML"),
     ],
@@ -248,7 +248,7 @@ def test_a_sweep_file_names_its_schema_relative_to_its_own_folder(
     spec = parse_sweep(load_sweep_file(path), str(path), folder=path.parent)
     # Assert
     assert spec.schema == str(study / "credit.schema.toml")
-    assert spec.run_settings(spec.tasks()[0]).data.schema_path == spec.schema
+    assert spec.run_settings(spec.tasks()[0]).schema_path == spec.schema
     check_sweep(spec)  # the table is read with that schema
     # The command line reads it the same way (it stops only at the non-empty --out).
     (tmp_path / "taken").mkdir()
@@ -262,7 +262,7 @@ def test_a_sweep_file_names_its_schema_relative_to_its_own_folder(
     [
         ('schema = "nowhere.toml"\n', "'schema' names no file ("),
         ("schema = 3\n", "'schema' must be the path of a schema file (TOML)"),
-        ('[settings]\nschema-path = "x.toml"\n', "[settings] sets 'schema-path', which the sweep itself sets"),
+        ('[settings]\nschema-path = "x.toml"\n', "[settings] may not set ['schema-path']: the sweep sets it"),
     ],
 )
 def test_a_bad_schema_in_a_sweep_file_is_named(tmp_path: Path, text: str, words: str) -> None:

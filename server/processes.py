@@ -1,15 +1,19 @@
 """The coordinator's Flower processes: the SuperLink, node registration, runs, health.
 
 Flower's own executables do the work (``flower-superlink``, ``flwr``); this module
-only builds their command lines and environment, so that every file they write
-stays in the federation directory.
+builds their command lines and environment, so that every file they write stays
+in the federation directory, starts and stops them, and drives a run
+(``fedsilo-server`` parses its options and delegates here; the institution's side
+is ``client.processes``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -18,13 +22,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from common.errors import ConfigError, FedsiloError
 from common.flower_env import executable, flower_env, free_port, stop_process
-from server.federation import Federation
+from server.federation import Federation, Institution
 
 
 def superlink_argv(fed: Federation, *, host: str, port: int, insecure: bool = False) -> list[str]:
@@ -228,8 +233,6 @@ def stop_run(fed: Federation, run_id: str, timeout: float = 120.0) -> None:
 @contextlib.contextmanager
 def run_lock(fed: Federation) -> Iterator[None]:
     """Held while ``fedsilo-server run`` drives a run: one driver per federation."""
-    import fcntl
-
     fed.superlink_dir.mkdir(parents=True, exist_ok=True)
     with open(fed.superlink_dir / "run.lock", "a+", encoding="utf-8") as lock:
         try:
@@ -287,11 +290,6 @@ def healthy(address: str, ca_cert: Path | None) -> bool:
         return False
 
 
-def connect_address(fed: Federation, port: int | None = None) -> str:
-    """Where this machine reaches the federation's SuperLink."""
-    return running_address(fed) or f"127.0.0.1:{port or fed.port}"
-
-
 def _connect_host(host: str) -> str:
     if host in ("0.0.0.0", ""):
         return "127.0.0.1"
@@ -321,3 +319,79 @@ def _alive(pid: int) -> bool:
 def require_admitted(fed: Federation) -> None:
     if not fed.institutions():
         raise ConfigError(f"no institution is admitted to {fed.root}; run `fedsilo-server admit` first")
+
+
+def admit(fed: Federation, public_key: Path, name: str) -> tuple[Institution, bool]:
+    """Admit an institution's key, and register it with the running SuperLink if there is one.
+
+    Returns the admission and whether it was registered now. An institution is never
+    half admitted (the SuperLink would refuse it until a restart).
+    """
+    entry = fed.admit(public_key, name)
+    live = running_address(fed) is not None
+    if live:
+        try:
+            register_admitted(fed)
+        except FedsiloError:
+            fed.withdraw(name)
+            raise
+    return entry, live
+
+
+@contextlib.contextmanager
+def run_slot(fed: Federation) -> Iterator[None]:
+    """Hold the federation's run lock once a run can start: institutions admitted, a SuperLink, no active run."""
+    require_admitted(fed)
+    if running_address(fed) is None:
+        raise FedsiloError(f"no SuperLink is running for {fed.root}; start it with `fedsilo-server start`")
+    with run_lock(fed):
+        if active := active_runs(fed):
+            raise FedsiloError(
+                f"Flower run(s) {', '.join(active)} are still active on the SuperLink; a second run would "
+                f"compete for the same institutions. Stop them with `fedsilo-server stop {fed.root}`"
+            )
+        yield
+
+
+def drive_run(fed: Federation, *, verbose: bool, say: Callable[[str], None], warn: Callable[[str], None]) -> None:
+    """Submit the app ``fed.write_app`` wrote with ``flwr run --stream`` and show its progress.
+
+    Without ``verbose`` only fedsilo's own lines and errors are shown. Ctrl-C (or
+    SIGTERM) stops the Flower run too, then raises ``KeyboardInterrupt``.
+    """
+
+    def interrupted(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+    argv = [executable("flwr"), "run", str(fed.app_dir), "fedsilo", "--stream"]
+    run_id = None
+    with subprocess.Popen(
+        argv, cwd=fed.root, env=flower_env(fed.flwr_home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as flower:
+        assert flower.stdout is not None
+        try:
+            shown = ""
+            for line in flower.stdout:
+                if run_id is None and (started := re.search(r"Successfully started run (\d+)", line)):
+                    run_id = started.group(1)
+                if verbose:
+                    sys.stdout.write(line)
+                elif "[fedsilo]" in line or "ERROR" in line:
+                    text = line.split("[fedsilo] ")[-1]
+                    if text != shown:  # Flower logs each line through two handlers
+                        sys.stdout.write(text)
+                    shown = text
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            stop_process(flower, timeout=5)
+            # The stream is only a view: the run itself goes on until stopped. A Ctrl-C can come
+            # before the stream has shown the run's id; the caller holds the federation's run
+            # lock (``run_slot``), so the runs active on the SuperLink then are its own.
+            try:
+                for active in [run_id] if run_id is not None else active_runs(fed):
+                    stop_run(fed, active, timeout=60)
+                    say(f"stopped Flower run {active}")
+            except FedsiloError as err:
+                warn(str(err))
+            raise
