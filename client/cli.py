@@ -19,10 +19,10 @@ from client.policy import PrivacyPolicy
 from common.accounting import epsilon_spent
 from common.cli import print_error
 from common.errors import FedsiloError
-from common.flower_env import flower_env, stop_process
 from common.ledger import PrivacyLedger
 from common.schema import Schema
 from common.settings import RunSettings
+from runtime.processes import flower_env, stop_process
 
 app = typer.Typer(help="fedsilo for institutions: privacy budget and data tools.", no_args_is_help=True)
 console = Console(soft_wrap=True)
@@ -150,7 +150,7 @@ def _budget_row(state_dir: Path, fingerprint: str, limits: PrivacyPolicy | None)
 @app.command()
 def keys(directory: Annotated[Path, typer.Argument(help="Where to write node.key and node.key.pub.")]) -> None:
     """Make this institution's node key pair (ECDSA P-384, OpenSSH); send the .pub file to the coordinator."""
-    from common.keys import fingerprint, new_node_keys
+    from runtime.keys import fingerprint, new_node_keys
 
     try:
         public = new_node_keys(directory / "node.key")

@@ -19,9 +19,9 @@ from rich.table import Table
 
 from common.cli import print_error
 from common.errors import FedsiloError
-from common.flower_env import executable, flower_env, stop_process
-from common.keys import DEFAULT_HOSTS
 from common.settings import RunSettings
+from runtime.keys import DEFAULT_HOSTS
+from runtime.processes import executable, flower_env, stop_process
 from server.federation import DEFAULT_PORT, MANAGED_KEYS, Federation
 
 app = typer.Typer(help="fedsilo for coordinators.", no_args_is_help=True)

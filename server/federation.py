@@ -26,9 +26,9 @@ from typing import Any
 
 from common.datasets import builtin_schema_path
 from common.errors import ConfigError
-from common.keys import DEFAULT_HOSTS, fingerprint, issue_server_certificates, load_node_public_key
 from common.schema import Schema
 from common.settings import RunSettings
+from runtime.keys import DEFAULT_HOSTS, fingerprint, issue_server_certificates, load_node_public_key
 
 DEFAULT_PORT = 9092
 # Run settings a deployment never takes from federation.toml: they are the coordinator's paths.

@@ -16,13 +16,13 @@ from flwr.serverapp import Grid
 
 from common.datasets import builtin_schema_path
 from common.models import build_model, get_weights, model_spec
-from common.polling import cap_grid_polling
 from common.schema import Schema
 from common.settings import RunSettings
+from runtime.flower.polling import cap_grid_polling
+from runtime.flower.workflow import ResumableWorkflow
 from server.run_directory import RunDirectory
 from server.secure_aggregation import GuardedSecAggPlusWorkflow
 from server.strategy import FedsiloStrategy, RoundCallback
-from server.workflow import ResumableWorkflow
 
 
 def resolve_run_dir(settings: RunSettings) -> Path:
