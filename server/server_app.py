@@ -9,8 +9,7 @@ from logging import INFO
 from pathlib import Path
 
 from flwr.app import Context
-from flwr.common import ndarrays_to_parameters
-from flwr.common.logger import log
+from flwr.common import log, ndarrays_to_parameters
 from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.serverapp import Grid
 
