@@ -102,7 +102,7 @@ def budget(
 @app.command()
 def keys(directory: Annotated[Path, typer.Argument(help="Where to write node.key and node.key.pub.")]) -> None:
     """Make this institution's node key pair (ECDSA P-384, OpenSSH); send the .pub file to the coordinator."""
-    from common.keys import fingerprint, new_node_keys
+    from runtime.keys import fingerprint, new_node_keys
 
     with exit_on_error(console):
         public = new_node_keys(directory / "node.key")

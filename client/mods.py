@@ -8,11 +8,10 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 import numpy as np
-from flwr.app import Context, Message
-from flwr.app.message_type import MessageType
+from flwr.app import Context, Message, MessageType
 from flwr.client.mod import secaggplus_mod
-from flwr.clientapp.typing import ClientAppCallable
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+from runtime.flower.internals import RECORD_KEY_CONFIGS, ClientAppCallable
 
 FIT_CONFIG = "fitins.config"
 # True while a message is handled by Flower's secaggplus_mod: the update that leaves is

@@ -29,16 +29,17 @@ import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from flwr.common.secure_aggregation.ndarrays_arithmetic import (
+
+from common.settings import SecAggSettings
+from runtime.flower.internals import (
+    dequantize,
     factor_combine,
     factor_extract,
     parameters_addition,
     parameters_mod,
     parameters_multiply,
+    quantize,
 )
-from flwr.common.secure_aggregation.quantization import dequantize, quantize
-
-from common.settings import SecAggSettings
 
 Weights = list[np.ndarray]
 # How near SecAgg+'s clipping range an aggregate may come before the coordinator warns. The

@@ -15,8 +15,8 @@ from rich.table import Table
 
 from common.cli import exit_on_error, institutions_table, print_error
 from common.errors import ConfigError, FedsiloError
-from common.keys import DEFAULT_HOSTS
 from common.tomlfile import parse_assignments
+from runtime.keys import DEFAULT_HOSTS
 from server import processes
 from server.federation import DEFAULT_PORT, Federation
 

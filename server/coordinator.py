@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.common.logger import log
+from flwr.common import log
 
 from common.aggregation import AggregationQuery, Contribution, Weights
 from common.metrics import LABELS, MODEL_METRICS

@@ -26,10 +26,10 @@ from typing import Any
 
 from common.datasets import builtin_schema_path
 from common.errors import ConfigError
-from common.keys import DEFAULT_HOSTS, fingerprint, issue_server_certificates, load_node_public_key
 from common.schema import Schema
 from common.settings import Proposal, RunSettings, check_keys
 from common.tomlfile import read_toml, toml_value
+from runtime.keys import DEFAULT_HOSTS, fingerprint, issue_server_certificates, load_node_public_key
 from server.run_naming import new_run_dir
 
 DEFAULT_PORT = 9092

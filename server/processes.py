@@ -28,7 +28,7 @@ from types import FrameType
 from typing import Any
 
 from common.errors import ConfigError, FedsiloError
-from common.flower_env import executable, flower_env, free_port, stop_process
+from runtime.processes import executable, flower_env, free_port, stop_process
 from server.federation import Federation, Institution
 
 

@@ -28,18 +28,20 @@ from logging import WARNING
 from typing import Any, cast
 
 from flwr.app import Message
-from flwr.common import FitRes, parameters_to_ndarrays
-from flwr.common.logger import log
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
-from flwr.server.client_proxy import ClientProxy
-from flwr.server.compat.legacy_context import LegacyContext
+from flwr.common import FitRes, log, parameters_to_ndarrays
+from flwr.server import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
-from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
 from common.aggregation import MIN_CONTRIBUTORS, may_unmask
+from runtime.flower.internals import (
+    MAIN_CONFIGS_RECORD,
+    RECORD_KEY_CONFIGS,
+    ClientProxy,
+    SecAggKey,
+    WorkflowState,
+)
+from runtime.flower.internals import WorkflowKey as Key
 from server.aggregation import clipping_warning
 
 HaltCallback = Callable[[int, list[tuple[ClientProxy, FitRes]], list[Any]], None]

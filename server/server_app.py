@@ -9,22 +9,22 @@ from logging import INFO
 from pathlib import Path
 
 from flwr.app import Context
-from flwr.common.logger import log
+from flwr.common import log
 from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.serverapp import Grid
 
 from common.aggregation import aggregation_for
 from common.datasets import builtin_schema_path
 from common.models import build_model, get_weights, model_spec
-from common.polling import cap_grid_polling
 from common.schema import Schema
 from common.settings import RunSettings
+from runtime.flower.polling import cap_grid_polling
+from runtime.flower.workflow import ResumableWorkflow
 from server.coordinator import Coordinator, RoundCallback
 from server.run_directory import RunDirectory
 from server.run_naming import new_run_dir
 from server.secure_aggregation import GuardedSecAggPlusWorkflow
 from server.strategy import FedsiloStrategy
-from server.workflow import ResumableWorkflow
 
 
 def resolve_run_dir(settings: RunSettings) -> Path:

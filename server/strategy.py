@@ -24,12 +24,12 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.server.client_manager import ClientManager
-from flwr.server.client_proxy import ClientProxy
+from flwr.server import ClientManager
 from flwr.server.strategy import FedAvg
 
 from common.aggregation import Contribution
 from common.settings import RunSettings
+from runtime.flower.internals import ClientProxy
 from server.coordinator import Coordinator, EvaluateReply, FitReply
 
 __all__ = ["WAIT_S", "EvalResults", "FedsiloStrategy", "FitResults", "fit_replies"]

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import FedsiloError
-from common.flower_env import QUIET
+from runtime.processes import QUIET
 from simulations.sweep_spec import SweepSpec, Task
 from simulations.sweep_store import TaskRecord
 

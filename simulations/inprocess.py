@@ -35,7 +35,7 @@ from logging import WARNING
 from typing import Any, TypeVar
 
 import torch
-from flwr.common.logger import log
+from flwr.common import log
 
 from client.institution import evaluate_round, fit_round
 from client.mods import quantization_seed, seeded_global_numpy

@@ -1,7 +1,7 @@
 """Run a fedsilo federation in Flower's simulation engine (Ray backend), in process.
 
 This is what ``flwr run`` does for a local simulation (``flwr.simulation.app``
-calls the same ``_run_simulation``), minus the SuperLink round trip: the run
+calls the same ``_run_simulation``, see ``runtime.flower.internals``), minus the SuperLink round trip: the run
 config is handed to the ServerApp's context directly, and the ServerApp runs in
 this process so a caller can follow the rounds.
 """
@@ -56,15 +56,15 @@ def run_federation(
     settings = simulated(settings, institutions)
     with contained_flower():
         from flwr.app import Context, RecordDict
-        from flwr.simulation.run_simulation import _run_simulation
-        from flwr.supercore.telemetry import EventType
+        from flwr.common import EventType
 
         from client.client_app import app as default_client_app
+        from runtime.flower.internals import run_simulation_in_process
         from server.server_app import build_server_app
 
         logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.WARNING)
         context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=settings.to_config())
-        _run_simulation(
+        run_simulation_in_process(
             num_supernodes=institutions,
             client_app=client_app or default_client_app,
             server_app=server_app or build_server_app(on_round=on_round),

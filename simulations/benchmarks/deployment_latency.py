@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from common.datasets import load_builtin
-from common.flower_env import executable, free_port
+from runtime.processes import executable, free_port
 from server.processes import healthy
 from simulations.benchmarks import emit, machine, seconds_per_round
 

@@ -23,9 +23,9 @@ import pytest
 import torch
 
 from common.datasets import load_builtin
-from common.flower_env import executable, flower_env, free_port
-from common.keys import issue_server_certificates
 from common.ledger import PrivacyLedger
+from runtime.keys import issue_server_certificates
+from runtime.processes import executable, flower_env, free_port
 from server.processes import healthy
 
 pytestmark = pytest.mark.deployment

@@ -9,10 +9,11 @@ import pytest
 from typer.testing import CliRunner
 
 from common.errors import ConfigError
-from common.keys import certificate_hosts, new_node_keys
 from common.settings import PrivacySettings, Proposal, RunSettings
+from runtime.keys import new_node_keys
 from server.cli import app
 from server.federation import Federation
+from tests.runtime.certificates import certificate_hosts
 
 RUNNER = CliRunner()
 

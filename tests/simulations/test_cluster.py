@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from common.errors import ConfigError
-from common.flower_env import free_port
+from runtime.processes import free_port
 from simulations.cli import app
 from simulations.cluster import pack, unpack
 from simulations.local_cluster import LocalCluster

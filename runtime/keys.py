@@ -128,15 +128,6 @@ def issue_server_certificates(directory: Path, hosts: tuple[str, ...] = DEFAULT_
     return out
 
 
-def certificate_hosts(path: Path) -> list[str]:
-    """The host names and IP addresses a certificate is valid for."""
-    cert = x509.load_pem_x509_certificate(path.read_bytes())
-    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    return [str(v) for v in names.get_values_for_type(x509.DNSName)] + [
-        str(v) for v in names.get_values_for_type(x509.IPAddress)
-    ]
-
-
 def new_node_keys(private_path: Path) -> Path:
     """An institution's node key pair (ECDSA P-384, OpenSSH format); returns the public key's path."""
     key = ec.generate_private_key(ec.SECP384R1())

@@ -1,9 +1,10 @@
-"""The environment Flower's processes get, so they write only where fedsilo says."""
+"""Flower's processes: their environment (they write only where fedsilo says), executables, ports, stopping."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -49,8 +50,6 @@ def executable(name: str) -> str:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on now (for local federations: tests, benchmarks)."""
-    import socket
-
     with socket.socket() as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])

@@ -57,6 +57,7 @@ def poll_seconds(variable: str, default: float) -> float:
 
 def cap_grid_polling() -> None:
     """The ServerApp's wait between asks for replies, at most ``FEDSILO_SERVERAPP_POLL_S`` (0.2 s)."""
+    # Imported here: the SuperNode imports this module too and never needs the ServerApp's grid.
     import flwr.superlink.grid.http_grid as http_grid
 
     if not isinstance(http_grid.time, CappedSleep):  # once per process

@@ -11,6 +11,8 @@ task's token; other task types go through Flower's subprocess launcher.
 
 The forkserver is a clean single-threaded process (no torch: training happens in
 the institution's warm trainer, see ``client.trainer``), so forking it is safe.
+Flower is imported inside functions: this module is imported again wherever a task
+is unpickled, and only ``main``'s process needs Flower's SuperExec.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def main() -> None:
     from flwr.supercore.cli.flower_superexec import flower_superexec
 
     if not callable(getattr(superexec, "get_executor", None)):
-        raise RuntimeError("flwr's SuperExec no longer picks its executor with get_executor; review client.superexec")
+        raise RuntimeError("flwr's SuperExec no longer picks its executor with get_executor; review this patch")
     superexec.get_executor = lambda *args, **kwargs: forking_executor()
     flower_superexec()
 

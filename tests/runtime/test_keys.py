@@ -8,16 +8,11 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from common.errors import ConfigError
-from common.keys import (
-    certificate_hosts,
-    fingerprint,
-    issue_server_certificates,
-    load_node_public_key,
-    new_node_keys,
-)
+from runtime.keys import fingerprint, issue_server_certificates, load_node_public_key, new_node_keys
+from tests.runtime.certificates import certificate_hosts
 
 
 def test_the_server_certificate_is_signed_by_the_ca_for_the_given_hosts(tmp_path: Path) -> None:
@@ -70,8 +65,6 @@ def test_a_bad_public_key_is_named_with_the_fix(tmp_path: Path, content: bytes, 
 
 
 def test_an_rsa_key_is_refused(tmp_path: Path) -> None:
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
     path = tmp_path / "rsa.pub"
     path.write_bytes(key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))

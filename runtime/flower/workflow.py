@@ -1,4 +1,12 @@
-"""Flower's default workflow, able to start at a later round (to resume a stopped run)."""
+"""Flower's default workflow, able to start at a later round (to resume a stopped run).
+
+``ResumableWorkflow.__call__`` is a copy of Flower 1.41's ``DefaultWorkflow.__call__``
+(``flwr/server/workflow/default_workflows.py``) with three changes: the rounds run
+from ``first_round``, the end-of-run summary log is left out (fedsilo's report says
+it), and the client-manager thread is stopped even when a round raises.
+``FLOWER_CALL_SHA256`` is the hash of the source it was copied from; the tripwire
+test fails when Flower's changes, so that the copy is reviewed against it.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +14,7 @@ import timeit
 from logging import INFO
 
 from flwr.app import ConfigRecord, Context
-from flwr.common.logger import log
+from flwr.common import log
 from flwr.server import LegacyContext
 from flwr.server.compat.app_utils import start_update_client_manager_thread
 from flwr.server.workflow import DefaultWorkflow
@@ -16,6 +24,9 @@ from flwr.server.workflow.default_workflows import (
     default_init_params_workflow,
 )
 from flwr.serverapp import Grid
+
+# sha256 of inspect.getsource(flwr.server.workflow.DefaultWorkflow.__call__), flwr 1.41.0.
+FLOWER_CALL_SHA256 = "866c7974d30c0149fba1ad10dada0641d8f618d81ed74d5b8cfd8b97fdfc9ffa"
 
 
 class ResumableWorkflow(DefaultWorkflow):

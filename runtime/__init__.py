@@ -1,0 +1,1 @@
+"""What fedsilo's deployment processes run on: Flower's process environment, key material, patches over Flower."""
