@@ -54,7 +54,7 @@ def supernode_argv(
     argv = [
         sys.executable,
         "-m",
-        "client.supernode",  # flower-supernode, polling more often
+        "runtime.flower.supernode",  # flower-supernode, patched (runtime.flower)
         "--superlink",
         server,
         "--node-config",

@@ -23,7 +23,7 @@ with the same command-line options (``flwr/supernode/start_client_internal.py``)
   on its own state (for the ClientApp's reply, for a reply's contents) are capped
   at 0.05 s: they cost no request.
 
-``python -m client.supernode`` (what an institution's ``fedsilo-client start`` runs)
+``python -m runtime.flower.supernode`` (what an institution's ``fedsilo-client start`` runs)
 calls ``main``. Flower is imported inside functions: the process that runs ``main``
 imports it once anyway, and tests and tools can read ``fab_problem`` without it.
 """
