@@ -19,7 +19,7 @@ from pathlib import Path
 
 from client.trainer import SOCKET_KEY, socket_dir, wait_ready
 from common.errors import FedsiloError
-from common.flower_env import flower_env, stop_process
+from runtime.processes import flower_env, stop_process
 
 ACTIVATION_ATTEMPTS = 12  # a SuperNode refused at start is retried for about two minutes
 ACTIVATION_WINDOW_S = 30.0

@@ -95,6 +95,10 @@ def test_the_supernode_starts_fedsilos_superexec_which_is_flowers_own_with_a_war
 def test_the_institutions_supernode_command_runs_flowers_supernode() -> None:
     # `fedsilo-client start` runs `python -m runtime.flower.supernode ...` (client/processes.py).
     shown = subprocess.run(
-        [sys.executable, "-m", "runtime.flower.supernode", "--help"], capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-m", "runtime.flower.supernode", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert shown.returncode == 0 and "--superlink" in shown.stdout
