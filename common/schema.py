@@ -10,7 +10,6 @@ privacy.
 from __future__ import annotations
 
 import math
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from common.errors import DataError, SchemaError
+from common.tomlfile import read_toml
 
 MAX_ROWS_SHOWN = 3
 
@@ -76,15 +76,7 @@ class Schema:
     @classmethod
     def load(cls, path: Path | str) -> Schema:
         """Read and validate a schema TOML file."""
-        path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SchemaError(f"schema file {path} does not exist") from None
-        except (OSError, UnicodeDecodeError) as err:
-            raise SchemaError(f"schema file {path} cannot be read: {err}") from err
-        except tomllib.TOMLDecodeError as err:
-            raise SchemaError(f"schema file {path} is not valid TOML: {err}") from err
+        raw = read_toml(path, "schema file", error=SchemaError)
         return cls.from_dict(raw, source=str(path))
 
     @classmethod

@@ -1,4 +1,4 @@
-"""The TOML people write (policies, sweeps, federation.toml, ``--config``): read once, errors naming the fix."""
+"""The TOML people write (schemas, policies, sweeps, federation.toml, ``--config``): read once, clear errors."""
 
 from __future__ import annotations
 
@@ -8,20 +8,23 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from common.errors import ConfigError
+from common.errors import ConfigError, FedsiloError
 
 
-def read_toml(path: Path | str, what: str) -> dict[str, Any]:
-    """The file's tables and values; ``what`` names the kind of file in errors ("policy file")."""
+def read_toml(path: Path | str, what: str, *, error: type[FedsiloError] = ConfigError) -> dict[str, Any]:
+    """The file's tables and values; ``what`` names the kind of file in errors ("policy file").
+
+    Every problem (missing, unreadable, not TOML) raises ``error`` naming the file.
+    """
     path = Path(path)
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{path}: {what} not found; check the path") from None
+        raise error(f"{path}: {what} not found; check the path") from None
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: cannot read the {what} ({err})") from None
+        raise error(f"{path}: cannot read the {what} ({err})") from None
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML ({err}); see the {what} format in the README") from None
+        raise error(f"{path}: not valid TOML ({err}); see the {what} format in the README") from None
 
 
 def parse_assignments(text: str, what: str) -> dict[str, Any]:
