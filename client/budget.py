@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from client.policy import PrivacyPolicy
-from common.accounting import epsilon_spent
-from common.errors import ConfigError
-from common.ledger import PrivacyLedger
-from common.settings import PrivacySettings
+from fedsilo.client.policy import PrivacyPolicy
+from fedsilo.common.accounting import epsilon_spent
+from fedsilo.common.errors import ConfigError
+from fedsilo.common.ledger import PrivacyLedger
+from fedsilo.common.settings import PrivacySettings
 
 
 def budget_rows(state_dir: Path, policy: Path | None = None) -> list[dict[str, Any]]:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.datasets import read_table
-from common.errors import DataError
-from common.schema import NumericFeature, Schema
+from fedsilo.common.datasets import read_table
+from fedsilo.common.errors import DataError
+from fedsilo.common.schema import NumericFeature, Schema
 
 MIN_ROWS_FOR_ID_WARNING = 20
 

@@ -13,13 +13,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from client.budget import budget_rows
-from client.check import check_table
-from client.processes import Node, node_config, run_institution
-from common.cli import exit_on_error
-from common.errors import FedsiloError
-from common.schema import Schema
-from common.settings import Proposal
+from fedsilo.client.budget import budget_rows
+from fedsilo.client.check import check_table
+from fedsilo.client.processes import Node, node_config, run_institution
+from fedsilo.common.cli import exit_on_error
+from fedsilo.common.errors import FedsiloError
+from fedsilo.common.schema import Schema
+from fedsilo.common.settings import Proposal
 
 app = typer.Typer(help="fedsilo for institutions: privacy budget and data tools.", no_args_is_help=True)
 console = Console(soft_wrap=True)
@@ -102,7 +102,7 @@ def budget(
 @app.command()
 def keys(directory: Annotated[Path, typer.Argument(help="Where to write node.key and node.key.pub.")]) -> None:
     """Make this institution's node key pair (ECDSA P-384, OpenSSH); send the .pub file to the coordinator."""
-    from runtime.keys import fingerprint, new_node_keys
+    from fedsilo.runtime.keys import fingerprint, new_node_keys
 
     with exit_on_error(console):
         public = new_node_keys(directory / "node.key")
@@ -133,7 +133,7 @@ def start(
     ] = True,
 ) -> None:
     """Check the data, then run this institution's SuperNode until interrupted."""
-    from client.institution import deployed_policy  # imports torch: not for the other commands
+    from fedsilo.client.institution import deployed_policy  # imports torch: not for the other commands
 
     with exit_on_error(console, note="the SuperNode was not started"):
         for path, what in ((ca, "--ca"), (key, "--key")):

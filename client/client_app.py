@@ -3,7 +3,7 @@
 Deployed, Flower starts a fresh process for every message. Three of SecAgg+'s
 five messages a round need no model, so torch and the training code are imported
 only when a message trains or evaluates; and when ``fedsilo-client start`` runs
-the institution's warm trainer (``client.trainer``, named by the node config's
+the institution's warm trainer (``fedsilo.client.trainer``, named by the node config's
 ``trainer-socket``), fit and evaluate are handed to it and this process never
 imports torch at all (about 5 s saved per message on 2 cores). Without a trainer
 (simulation, or one that is not answering) the same code runs here.
@@ -20,14 +20,14 @@ from flwr.client import Client, NumPyClient
 from flwr.clientapp import ClientApp
 from flwr.common import NDArrays, Scalar
 
-from client.mods import UNDER_SECURE_AGGREGATION, secure_aggregation_mod
-from client.simulated_data import PROCESS_TABLES, SimulatedTables
-from client.trainer import SOCKET_KEY, call
-from common.errors import TrainerUnavailable
-from common.settings import Proposal, RunSettings
+from fedsilo.client.mods import UNDER_SECURE_AGGREGATION, secure_aggregation_mod
+from fedsilo.client.simulated_data import PROCESS_TABLES, SimulatedTables
+from fedsilo.client.trainer import SOCKET_KEY, call
+from fedsilo.common.errors import TrainerUnavailable
+from fedsilo.common.settings import Proposal, RunSettings
 
 if TYPE_CHECKING:
-    from client.institution import InstitutionData
+    from fedsilo.client.institution import InstitutionData
 
 
 def institution_settings(node_config: Mapping[str, Any], config: Mapping[str, Any]) -> RunSettings:
@@ -43,7 +43,7 @@ def institution_settings(node_config: Mapping[str, Any], config: Mapping[str, An
 
 
 class InstitutionClient(NumPyClient):
-    """Translates Flower's fit/evaluate calls into ``client.institution``."""
+    """Translates Flower's fit/evaluate calls into ``fedsilo.client.institution``."""
 
     def __init__(self, context: Context, tables: SimulatedTables) -> None:
         self.context = context
@@ -52,7 +52,7 @@ class InstitutionClient(NumPyClient):
     def _settings_and_data(self, config: dict[str, Scalar]) -> tuple[RunSettings, InstitutionData]:
         import torch
 
-        from client.institution import InstitutionData
+        from fedsilo.client.institution import InstitutionData
 
         torch.set_num_threads(1)
         settings = institution_settings(self.context.node_config, config)
@@ -79,7 +79,7 @@ class InstitutionClient(NumPyClient):
         if (warm := self._warm_trainer("fit", header, parameters)) is not None:
             answer, weights = warm
             return weights, int(answer["num-examples"]), dict(answer["metrics"])
-        from client.institution import fit_round
+        from fedsilo.client.institution import fit_round
 
         settings, data = self._settings_and_data(config)
         outcome = fit_round(
@@ -91,7 +91,7 @@ class InstitutionClient(NumPyClient):
         if (warm := self._warm_trainer("evaluate", {"config": dict(config)}, parameters)) is not None:
             answer, _ = warm
             return float(answer["loss"]), int(answer["num-examples"]), dict(answer["metrics"])
-        from client.institution import evaluate_round
+        from fedsilo.client.institution import evaluate_round
 
         settings, data = self._settings_and_data(config)
         return evaluate_round(data, parameters, settings)

@@ -22,17 +22,17 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from client.policy import PrivacyPolicy
-from client.simulated_data import SimulatedTables
-from common.accounting import epsilon_spent
-from common.aggregation import aggregation_for
-from common.datasets import read_table
-from common.errors import ConfigError
-from common.ledger import LedgerEntry, PrivacyLedger
-from common.models import build_model, get_weights, set_weights
-from common.schema import Schema
-from common.settings import PrivacySettings, RunSettings
-from common.training import evaluate, plan_round, train_round
+from fedsilo.client.policy import PrivacyPolicy
+from fedsilo.client.simulated_data import SimulatedTables
+from fedsilo.common.accounting import epsilon_spent
+from fedsilo.common.aggregation import aggregation_for
+from fedsilo.common.datasets import read_table
+from fedsilo.common.errors import ConfigError
+from fedsilo.common.ledger import LedgerEntry, PrivacyLedger
+from fedsilo.common.models import build_model, get_weights, set_weights
+from fedsilo.common.schema import Schema
+from fedsilo.common.settings import PrivacySettings, RunSettings
+from fedsilo.common.training import evaluate, plan_round, train_round
 
 Weights = list[np.ndarray]
 
@@ -169,7 +169,7 @@ def fit_round(
 ) -> FitOutcome:
     """Plan, check the policy and the budget, train with DP-SGD, record in the ledger, release.
 
-    What leaves is prepared by the run's aggregation (``common.aggregation``). A
+    What leaves is prepared by the run's aggregation (``fedsilo.common.aggregation``). A
     refused round trains nothing, records nothing and releases the received
     weights with zero weight (``num_examples = 0``), so it does not move the
     aggregate, and the reason travels in the clear metrics. ``secure_aggregation``

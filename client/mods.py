@@ -11,7 +11,7 @@ import numpy as np
 from flwr.app import Context, Message, MessageType
 from flwr.client.mod import secaggplus_mod
 
-from runtime.flower.internals import RECORD_KEY_CONFIGS, ClientAppCallable
+from fedsilo.runtime.flower.internals import RECORD_KEY_CONFIGS, ClientAppCallable
 
 FIT_CONFIG = "fitins.config"
 # True while a message is handled by Flower's secaggplus_mod: the update that leaves is

@@ -27,10 +27,10 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from common.errors import ConfigError
-from common.settings import Proposal, coerce
-from common.tomlfile import read_toml
-from common.training import RoundPlan
+from fedsilo.common.errors import ConfigError
+from fedsilo.common.settings import Proposal, coerce
+from fedsilo.common.tomlfile import read_toml
+from fedsilo.common.training import RoundPlan
 
 KEYS = {
     "max-epsilon": "max_epsilon",

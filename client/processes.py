@@ -3,7 +3,7 @@
 The node config carries where the institution's records, schema, policy and
 state live; the coordinator never sees these paths, only what the ClientApp
 releases. ``run_institution`` is what ``fedsilo-client start`` runs once its
-checks have passed (the coordinator's side is ``server.processes``).
+checks have passed (the coordinator's side is ``fedsilo.server.processes``).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.trainer import SOCKET_KEY, socket_dir, wait_ready
-from common.errors import FedsiloError
-from runtime.processes import flower_env, stop_process
+from fedsilo.client.trainer import SOCKET_KEY, socket_dir, wait_ready
+from fedsilo.common.errors import FedsiloError
+from fedsilo.runtime.processes import flower_env, stop_process
 
 ACTIVATION_ATTEMPTS = 12  # a SuperNode refused at start is retried for about two minutes
 ACTIVATION_WINDOW_S = 30.0
@@ -43,8 +43,16 @@ def node_config_arg(values: dict[str, str]) -> str:
 
 
 def trainer_argv(*, socket_path: Path, config: dict[str, str]) -> list[str]:
-    """The warm trainer (``client.trainer``) for this node config."""
-    return [sys.executable, "-m", "client.trainer", "--socket", str(socket_path), "--node-config", json.dumps(config)]
+    """The warm trainer (``fedsilo.client.trainer``) for this node config."""
+    return [
+        sys.executable,
+        "-m",
+        "fedsilo.client.trainer",
+        "--socket",
+        str(socket_path),
+        "--node-config",
+        json.dumps(config),
+    ]
 
 
 def supernode_argv(
@@ -54,7 +62,7 @@ def supernode_argv(
     argv = [
         sys.executable,
         "-m",
-        "runtime.flower.supernode",  # flower-supernode, patched (runtime.flower)
+        "fedsilo.runtime.flower.supernode",  # flower-supernode, patched (fedsilo.runtime.flower)
         "--superlink",
         server,
         "--node-config",
@@ -89,7 +97,7 @@ def run_institution(node: Node, say: Callable[[str], None]) -> None:
     """Run the warm trainer and the SuperNode until the SuperNode stops or we are interrupted.
 
     The warm trainer holds torch and the records, so that each round's fit and
-    evaluate do not start from a cold process (see ``client.trainer``). ``say``
+    evaluate do not start from a cold process (see ``fedsilo.client.trainer``). ``say``
     reports progress; a failure raises ``FedsiloError``.
     """
     private = socket_dir()

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from common.schema import Schema
-    from common.settings import RunSettings
+    from fedsilo.common.schema import Schema
+    from fedsilo.common.settings import RunSettings
 
 
 def simulated_partition(settings: RunSettings, frame: Any, labels: np.ndarray, count: int) -> list[np.ndarray]:
     """The rows of every simulated institution: a pure function of the seed."""
-    from common.partition import partition
+    from fedsilo.common.partition import partition
 
     rng = np.random.default_rng([settings.seed, 1])
     return partition(settings.data.partition, frame, labels, count, rng)
@@ -67,7 +67,7 @@ class SimulatedTables:
         if split_key not in self._splits:
             source = (data.dataset, settings.schema_path)
             if source not in self._encoded:
-                from common.datasets import load_dataset
+                from fedsilo.common.datasets import load_dataset
 
                 dataset = load_dataset(data.dataset, settings.schema_path)
                 inputs, labels = dataset.schema.transform(dataset.frame, source=dataset.name)

@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from common.errors import TrainerError, TrainerUnavailable
-from common.settings import Proposal, RunSettings
+from fedsilo.common.errors import TrainerError, TrainerUnavailable
+from fedsilo.common.settings import Proposal, RunSettings
 
 SOCKET_KEY = "trainer-socket"  # the node-config key that points the ClientApp at its trainer
 _LENGTH = struct.Struct("!Q")
@@ -116,7 +116,7 @@ class Trainer:
 
     def _data(self, settings: RunSettings) -> Any:
         """The institution's records for these settings; read again when a file changed."""
-        from client.institution import InstitutionData
+        from fedsilo.client.institution import InstitutionData
 
         stamps = [
             (str(p), stat.st_mtime_ns, stat.st_size)
@@ -129,7 +129,7 @@ class Trainer:
         return self._cache[key]
 
     def handle(self, header: Mapping[str, Any], arrays: list[np.ndarray]) -> tuple[dict[str, Any], list[np.ndarray]]:
-        from client.institution import evaluate_round, fit_round
+        from fedsilo.client.institution import evaluate_round, fit_round
 
         # The proposal only: the institution's paths are its own node config's, never the message's.
         settings = RunSettings.of(Proposal.from_config(header["config"]))
@@ -206,7 +206,7 @@ def main() -> None:
     parser.add_argument("--node-config", required=True, help="The institution's node config, as JSON.")
     args = parser.parse_args()
     trainer = Trainer(json.loads(args.node_config))
-    import client.institution  # noqa: F401 - loaded now, not at the first round
+    import fedsilo.client.institution  # noqa: F401 - loaded now, not at the first round
 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(str(args.socket))  # bound last: a connectable socket means ready

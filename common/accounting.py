@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from common.errors import ConfigError
+from fedsilo.common.errors import ConfigError
 
 # Opacus's default RDP orders, extended: small epsilons over few steps need high orders.
 ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [2**k for k in range(6, 13)]

@@ -5,7 +5,7 @@ The interface has the shape of tensorflow_privacy's ``DPQuery``
 leaves (``prepare``), and how the coordinator accumulates the contributions and
 finishes the aggregate (``initial_state`` / ``accumulate`` / ``finish``). Both
 engines run any implementation the same way. With SecAgg+ the coordinator never
-sees a contribution: the secure sum (Flower's, or ``server.aggregation``'s
+sees a contribution: the secure sum (Flower's, or ``fedsilo.server.aggregation``'s
 emulation of its arithmetic in the in-process engine) comes back to it, and
 ``finish_secure`` turns it into the model. A new aggregation (distributed DP's
 encode, noise share and decode: Kairouz, Liu, Steinke, ICML 2021; Agarwal,
@@ -21,7 +21,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from common.settings import SecAggSettings
+from fedsilo.common.settings import SecAggSettings
 
 Weights = list[np.ndarray]
 StateT = TypeVar("StateT")

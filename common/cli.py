@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from common.errors import FedsiloError
+from fedsilo.common.errors import FedsiloError
 
 
 def print_error(console: Console, message: object) -> None:

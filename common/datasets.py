@@ -1,7 +1,7 @@
 """Built-in real datasets, each with its federation schema, and table readers.
 
 A built-in dataset is a ``BuiltinDataset`` (its schema file in ``common/data/`` and
-a loader) registered by name in ``common.registry.DATASETS``.
+a loader) registered by name in ``fedsilo.common.registry.DATASETS``.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.errors import ConfigError, DataError
-from common.images import FASHION_MNIST_DIR
-from common.registry import DATASETS, TABLE_SUFFIXES
-from common.schema import Schema
+from fedsilo.common.errors import ConfigError, DataError
+from fedsilo.common.images import FASHION_MNIST_DIR
+from fedsilo.common.registry import DATASETS, TABLE_SUFFIXES
+from fedsilo.common.schema import Schema
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -73,7 +73,7 @@ def _digits(schema: Schema) -> TabularDataset:
 
 def fashion_mnist(*splits: str, schema: Schema | None = None) -> TabularDataset:
     """Fashion-MNIST's ``splits`` (``train``: 60,000 images, ``test``: 10,000), one pixel per column, as a table."""
-    from common import images
+    from fedsilo.common import images
 
     parts = [images.load_fashion_mnist(split, FASHION_MNIST_DIR) for split in splits]
     pixels = np.concatenate([p[0] for p in parts]).reshape(-1, 28 * 28) * 255.0

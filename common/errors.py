@@ -24,7 +24,7 @@ class LedgerError(FedsiloError):
 
 
 class TrainerError(FedsiloError, RuntimeError):
-    """An institution's warm trainer (``client.trainer``) failed, or answered with an error."""
+    """An institution's warm trainer (``fedsilo.client.trainer``) failed, or answered with an error."""
 
 
 class TrainerUnavailable(TrainerError):

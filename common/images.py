@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import ConfigError
+from fedsilo.common.errors import ConfigError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (

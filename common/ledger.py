@@ -5,7 +5,7 @@ directory); epsilon is always computed from the whole ledger, so it accumulates
 across rounds and runs and survives a restart. Writes are atomic: a crash
 mid-write leaves the previous ledger intact.
 
-Epsilon is the accountant of record's (``common.accounting.ACCOUNTANT_OF_RECORD``,
+Epsilon is the accountant of record's (``fedsilo.common.accounting.ACCOUNTANT_OF_RECORD``,
 PLD); the file names it and its parameters under "accountant", so that its
 epsilon can be recomputed from the file alone. The name is informative: reading
 a ledger (one written before it was recorded, say) always uses the accountant of
@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common.accounting import ACCOUNTANT_OF_RECORD, DPSGDEvent, epsilon_spent, get_accountant
-from common.errors import LedgerError
+from fedsilo.common.accounting import ACCOUNTANT_OF_RECORD, DPSGDEvent, epsilon_spent, get_accountant
+from fedsilo.common.errors import LedgerError
 
 LEDGER_VERSION = 1
 

@@ -2,7 +2,7 @@
 
 ``build_model`` is the one factory a run uses (server, institutions, baselines,
 sweeps): the run settings' ``model`` and ``activation`` name a registered
-``ModelKind`` and activation (``common.registry``), the federation schema gives
+``ModelKind`` and activation (``fedsilo.common.registry``), the federation schema gives
 the input and output widths, a seed the initial weights. A new model is an
 ``nn.Module``, its ``ModelKind`` and one ``MODELS.register`` line.
 """
@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.errors import ConfigError
-from common.registry import ACTIVATIONS, MODELS
-from common.schema import NumericFeature, Schema
-from common.settings import TrainSettings
+from fedsilo.common.errors import ConfigError
+from fedsilo.common.registry import ACTIVATIONS, MODELS
+from fedsilo.common.schema import NumericFeature, Schema
+from fedsilo.common.settings import TrainSettings
 
 IMAGE_SIDE = 28
 
@@ -108,7 +108,7 @@ def _no_spec(train: TrainSettings) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ModelKind:
-    """A registered model (``common.registry.MODELS``): its network for a schema and what it needs.
+    """A registered model (``fedsilo.common.registry.MODELS``): its network for a schema and what it needs.
 
     ``build`` makes the network from the training settings and the schema (under a
     seeded generator: ``build_model`` seeds it); ``check`` raises ``ConfigError`` when

@@ -3,7 +3,7 @@
 Each is a pure function of the labels (or a column), the number of
 institutions and a ``numpy.random.Generator``: the same seed gives the same split.
 A partitioner has the ``Partitioner`` shape and is registered by name in
-``common.registry.PARTITIONERS``; a partition spec is ``NAME`` or ``NAME:ARGUMENT``.
+``fedsilo.common.registry.PARTITIONERS``; a partition spec is ``NAME`` or ``NAME:ARGUMENT``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
-from common.errors import ConfigError
-from common.registry import PARTITIONERS
+from fedsilo.common.errors import ConfigError
+from fedsilo.common.registry import PARTITIONERS
 
 MIN_RECORDS = 8
 MAX_DIRICHLET_DRAWS = 100

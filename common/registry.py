@@ -2,21 +2,21 @@
 
 The shape of Opacus's ``accountants/registry.py``: one table per kind from a
 name to what it names, a ``register`` / ``get`` pair, and the settings
-(``common.settings``) validate against the table, so a new model, dataset or
+(``fedsilo.common.settings``) validate against the table, so a new model, dataset or
 partitioner is its own code plus one registration, never a tuple mirrored in
 other files. An entry is the object itself (``@MODELS.register("tiny")``) or a
 lazy ``"module:attribute"`` reference, imported on first ``get``: the built-ins
 below are registered that way, so that reading the settings (which only asks
 for the names) imports neither torch nor pandas.
 
-Adding a built-in model: write its ``common.models.ModelKind`` (an ``nn.Module``
-class and how to build it for a schema) in ``common.models`` or a module of its
+Adding a built-in model: write its ``fedsilo.common.models.ModelKind`` (an ``nn.Module``
+class and how to build it for a schema) in ``fedsilo.common.models`` or a module of its
 own, then add one ``MODELS.register`` line below. A built-in dataset: its schema
-in ``common/data/``, a ``common.datasets.BuiltinDataset`` (schema file and
+in ``common/data/``, a ``fedsilo.common.datasets.BuiltinDataset`` (schema file and
 loader), and one ``DATASETS.register`` line. A partitioner: a function of
-``common.partition``'s ``Partitioner`` shape and one ``PARTITIONERS.register``
+``fedsilo.common.partition``'s ``Partitioner`` shape and one ``PARTITIONERS.register``
 line (its ``usage`` is what error messages show). Engines have their own table
-in ``simulations.engines``.
+in ``fedsilo.simulations.engines``.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ import importlib
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
 
-from common.errors import ConfigError
+from fedsilo.common.errors import ConfigError
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from common.datasets import BuiltinDataset
-    from common.models import ModelKind
-    from common.partition import Partitioner
+    from fedsilo.common.datasets import BuiltinDataset
+    from fedsilo.common.models import ModelKind
+    from fedsilo.common.partition import Partitioner
 
 T = TypeVar("T")
 _O = TypeVar("_O")
@@ -125,9 +125,9 @@ class Registry(Generic[T]):
 
 
 MODELS: Registry[ModelKind] = Registry("model")
-MODELS.register("linear", "common.models:LINEAR")
-MODELS.register("mlp", "common.models:MLP")
-MODELS.register("cnn", "common.models:CNN")
+MODELS.register("linear", "fedsilo.common.models:LINEAR")
+MODELS.register("mlp", "fedsilo.common.models:MLP")
+MODELS.register("cnn", "fedsilo.common.models:CNN")
 
 # "tanh" is the tempered sigmoid s * sigmoid(T * x) - o of Papernot et al. (AAAI 2021)
 # at their defaults s = 2, T = 2, o = 1, which is exactly tanh(x).
@@ -136,17 +136,17 @@ ACTIVATIONS.register("relu", "torch.nn:ReLU")
 ACTIVATIONS.register("tanh", "torch.nn:Tanh")
 
 DATASETS: Registry[BuiltinDataset] = Registry("dataset")
-DATASETS.register("breast-cancer", "common.datasets:BREAST_CANCER")
-DATASETS.register("german-credit", "common.datasets:GERMAN_CREDIT")
-DATASETS.register("digits", "common.datasets:DIGITS")
+DATASETS.register("breast-cancer", "fedsilo.common.datasets:BREAST_CANCER")
+DATASETS.register("german-credit", "fedsilo.common.datasets:GERMAN_CREDIT")
+DATASETS.register("digits", "fedsilo.common.datasets:DIGITS")
 # All 70,000 images (train and test files together); or the official training split only,
 # to test on the official 10,000 test images as the literature does.
-DATASETS.register("fashion-mnist", "common.datasets:FASHION_MNIST")
-DATASETS.register("fashion-mnist-train", "common.datasets:FASHION_MNIST_TRAIN")
-# What a dataset setting names when it names no built-in dataset: a table file (common.datasets).
+DATASETS.register("fashion-mnist", "fedsilo.common.datasets:FASHION_MNIST")
+DATASETS.register("fashion-mnist-train", "fedsilo.common.datasets:FASHION_MNIST_TRAIN")
+# What a dataset setting names when it names no built-in dataset: a table file (fedsilo.common.datasets).
 TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".pq")
 
 PARTITIONERS: Registry[Partitioner] = Registry("partition")
-PARTITIONERS.register("iid", "common.partition:iid")
-PARTITIONERS.register("dirichlet", "common.partition:dirichlet", usage="dirichlet:ALPHA")
-PARTITIONERS.register("column", "common.partition:by_column", usage="column:NAME")
+PARTITIONERS.register("iid", "fedsilo.common.partition:iid")
+PARTITIONERS.register("dirichlet", "fedsilo.common.partition:dirichlet", usage="dirichlet:ALPHA")
+PARTITIONERS.register("column", "fedsilo.common.partition:by_column", usage="column:NAME")

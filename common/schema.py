@@ -18,8 +18,8 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from common.errors import DataError, SchemaError
-from common.tomlfile import read_toml
+from fedsilo.common.errors import DataError, SchemaError
+from fedsilo.common.tomlfile import read_toml
 
 MAX_ROWS_SHOWN = 3
 

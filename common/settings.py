@@ -25,9 +25,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
-from common.accounting import ACCOUNTANT_OF_RECORD, ACCOUNTANTS
-from common.errors import ConfigError
-from common.registry import ACTIVATIONS, DATASETS, MODELS, PARTITIONERS, TABLE_SUFFIXES
+from fedsilo.common.accounting import ACCOUNTANT_OF_RECORD, ACCOUNTANTS
+from fedsilo.common.errors import ConfigError
+from fedsilo.common.registry import ACTIVATIONS, DATASETS, MODELS, PARTITIONERS, TABLE_SUFFIXES
 
 Scalar = bool | int | float | str
 _T = TypeVar("_T")
@@ -58,12 +58,12 @@ class TrainSettings:
     """Local training that each institution runs in one round."""
 
     local_epochs: int = field(default=2, metadata=_key("local-epochs"))
-    # 0: the recipe's (common.training.auto_batch_size / auto_learning_rate), from public facts only.
+    # 0: the recipe's (fedsilo.common.training.auto_batch_size / auto_learning_rate), from public facts only.
     batch_size: int = field(default=0, metadata=_key("batch-size"))
     learning_rate: float = field(default=0.0, metadata=_key("learning-rate"))
     momentum: float = field(default=0.9, metadata=_key("momentum"))
     # The model: "linear" (logistic / softmax regression, any schema), "mlp" (TabularMLP, any
-    # schema) or "cnn" (SmallCNN, 28x28 images only); see common.models.
+    # schema) or "cnn" (SmallCNN, 28x28 images only); see fedsilo.common.models.
     model: str = field(default="linear", metadata=_key("model"))
     # Hidden activation: "relu", or "tanh" (the tempered sigmoid of Papernot et al., AAAI 2021).
     activation: str = field(default="relu", metadata=_key("activation"))
@@ -111,7 +111,7 @@ class PrivacySettings:
     that the planned rounds spend ``target_epsilon``. ``target_epsilon = inf`` with
     no noise multiplier turns DP off (a non-private baseline, epsilon = inf).
     ``max_epsilon`` is the lifetime budget of a dataset; 0 means "the target".
-    ``accountant`` calibrates the noise to the target (see ``common.accounting``).
+    ``accountant`` calibrates the noise to the target (see ``fedsilo.common.accounting``).
     """
 
     target_epsilon: float = field(default=2.0, metadata=_key("target-epsilon"))
@@ -154,8 +154,8 @@ class SecAggSettings:
     maximum has the maximum's influence. SecAgg+ multiplies each update by
     ``weight / max_weight`` (at most 1) and clips the product to
     ``[-clipping_range, clipping_range]``, so an institution keeps its weights inside
-    that range while it trains (``client.institution.fit_round``), and the coordinator
-    warns when the bound binds (``server.aggregation.clipping_warning``).
+    that range while it trains (``fedsilo.client.institution.fit_round``), and the coordinator
+    warns when the bound binds (``fedsilo.server.aggregation.clipping_warning``).
     """
 
     enabled: bool = field(default=True, metadata=_key("secure-aggregation"))

@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from common.errors import ConfigError, FedsiloError
+from fedsilo.common.errors import ConfigError, FedsiloError
 
 
 def read_toml(path: Path | str, what: str, *, error: type[FedsiloError] = ConfigError) -> dict[str, Any]:

@@ -17,10 +17,10 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.accounting import calibrate_noise
-from common.errors import ConfigError
-from common.metrics import MODEL_METRICS, classification_metrics
-from common.settings import PrivacySettings, TrainSettings
+from fedsilo.common.accounting import calibrate_noise
+from fedsilo.common.errors import ConfigError
+from fedsilo.common.metrics import MODEL_METRICS, classification_metrics
+from fedsilo.common.settings import PrivacySettings, TrainSettings
 
 
 @dataclass(frozen=True)
@@ -237,7 +237,7 @@ def predict_proba(model: nn.Module, inputs: np.ndarray) -> np.ndarray:
 
 
 def evaluate(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """The model's scores on these records (``common.metrics``), without the labels' own statistics.
+    """The model's scores on these records (``fedsilo.common.metrics``), without the labels' own statistics.
 
     Loss, accuracy, balanced accuracy and, for two classes both present, ROC AUC
     and average precision. The labels' own statistics (majority-class and positive

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.errors import ConfigError
+from fedsilo.common.errors import ConfigError
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 CERT_DAYS = 825

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common.errors import FedsiloError
+from fedsilo.common.errors import FedsiloError
 
 QUIET = {
     "FLWR_TELEMETRY_ENABLED": "0",

@@ -20,7 +20,7 @@ same Flower functions in the same order as ``secaggplus_mod``'s
 ``_collect_masked_vectors`` and ``SecAggPlusWorkflow``'s
 ``collect_masked_vectors_stage`` / ``unmask_stage``, and so gets the numbers the
 Flower engine gets. What the coordinator makes of the recovered sum is the
-run's ``common.aggregation.AggregationQuery.finish_secure``, in both engines.
+run's ``fedsilo.common.aggregation.AggregationQuery.finish_secure``, in both engines.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from common.settings import SecAggSettings
-from runtime.flower.internals import (
+from fedsilo.common.settings import SecAggSettings
+from fedsilo.runtime.flower.internals import (
     dequantize,
     factor_combine,
     factor_extract,
@@ -53,7 +53,7 @@ def secaggplus_client_vector(weights: Sequence[np.ndarray], num_examples: int, s
     """What one institution's ``secaggplus_mod`` masks: its quantized weight, then its quantized, weighted update.
 
     The stochastic rounding draws from numpy's global generator, as Flower's
-    does: seed it first (``client.mods.seeded_global_numpy``).
+    does: seed it first (``fedsilo.client.mods.seeded_global_numpy``).
     """
     q_ratio = round(num_examples / secagg.max_weight * secagg.quantization_range)
     dq_ratio = q_ratio / secagg.quantization_range

@@ -1,4 +1,4 @@
-"""fedsilo-server: the coordinator's tools; they parse options and delegate to server.federation and .processes."""
+"""fedsilo-server: the coordinator's tools; they parse options and delegate (server.federation, .processes)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from common.cli import exit_on_error, institutions_table, print_error
-from common.errors import ConfigError, FedsiloError
-from common.tomlfile import parse_assignments
-from runtime.keys import DEFAULT_HOSTS
-from server import processes
-from server.federation import DEFAULT_PORT, Federation
+from fedsilo.common.cli import exit_on_error, institutions_table, print_error
+from fedsilo.common.errors import ConfigError, FedsiloError
+from fedsilo.common.tomlfile import parse_assignments
+from fedsilo.runtime.keys import DEFAULT_HOSTS
+from fedsilo.server import processes
+from fedsilo.server.federation import DEFAULT_PORT, Federation
 
 app = typer.Typer(help="fedsilo for coordinators.", no_args_is_help=True)
 console = Console(soft_wrap=True)

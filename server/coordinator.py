@@ -3,7 +3,7 @@
 Both engines call one ``Coordinator``: Flower's through ``FedsiloStrategy`` (and
 ``GuardedSecAggPlusWorkflow``'s halt callback), the in-process engine directly.
 It books every fit reply (trained or refused) in the run directory, aggregates
-through the run's ``common.aggregation.AggregationQuery``, checkpoints the new
+through the run's ``fedsilo.common.aggregation.AggregationQuery``, checkpoints the new
 model, carries each round's trained and refused counts to its metrics row, and
 writes the report once at the end.
 """
@@ -18,9 +18,9 @@ from typing import Any
 
 from flwr.common import log
 
-from common.aggregation import AggregationQuery, Contribution, Weights
-from common.metrics import LABELS, MODEL_METRICS
-from server.run_directory import RunDirectory
+from fedsilo.common.aggregation import AggregationQuery, Contribution, Weights
+from fedsilo.common.metrics import LABELS, MODEL_METRICS
+from fedsilo.server.run_directory import RunDirectory
 
 RoundCallback = Callable[[dict[str, Any]], None]
 

@@ -24,13 +24,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from common.datasets import builtin_schema_path
-from common.errors import ConfigError
-from common.schema import Schema
-from common.settings import Proposal, RunSettings, check_keys
-from common.tomlfile import read_toml, toml_value
-from runtime.keys import DEFAULT_HOSTS, fingerprint, issue_server_certificates, load_node_public_key
-from server.run_naming import new_run_dir
+from fedsilo.common.datasets import builtin_schema_path
+from fedsilo.common.errors import ConfigError
+from fedsilo.common.schema import Schema
+from fedsilo.common.settings import Proposal, RunSettings, check_keys
+from fedsilo.common.tomlfile import read_toml, toml_value
+from fedsilo.runtime.keys import DEFAULT_HOSTS, fingerprint, issue_server_certificates, load_node_public_key
+from fedsilo.server.run_naming import new_run_dir
 
 DEFAULT_PORT = 9092
 
@@ -282,7 +282,8 @@ class Federation:
             '[project]\nname = "fedsilo-federation"\nversion = "1.0.0"\n'
             'description = "A fedsilo federation"\nlicense = "Apache-2.0"\ndependencies = []\n\n'
             '[tool.flwr.app]\npublisher = "fedsilo"\n\n'
-            '[tool.flwr.app.components]\nserverapp = "server.server_app:app"\nclientapp = "client.client_app:app"\n\n'
+            '[tool.flwr.app.components]\nserverapp = "fedsilo.server.server_app:app"\n'
+            'clientapp = "fedsilo.client.client_app:app"\n\n'
             f"[tool.flwr.app.config]\n{config}\n",
             encoding="utf-8",
         )

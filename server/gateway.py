@@ -9,7 +9,7 @@ federation's TLS certificate and forwards ``POST /v1/fleet/<call>`` and
 ``GET /health`` to the SuperLink, and nothing else. The coordinator's own tools
 (``fedsilo-server admit/run/status``) reach the Control API over loopback.
 
-    python -m server.gateway --listen 0.0.0.0:9092 --upstream 127.0.0.1:40123 \
+    python -m fedsilo.server.gateway --listen 0.0.0.0:9092 --upstream 127.0.0.1:40123 \
         --certfile server.crt --keyfile server.key --ca ca.crt
 """
 

@@ -4,7 +4,7 @@ Flower's own executables do the work (``flower-superlink``, ``flwr``); this modu
 builds their command lines and environment, so that every file they write stays
 in the federation directory, starts and stops them, and drives a run
 (``fedsilo-server`` parses its options and delegates here; the institution's side
-is ``client.processes``).
+is ``fedsilo.client.processes``).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from common.errors import ConfigError, FedsiloError
-from runtime.processes import executable, flower_env, free_port, stop_process
-from server.federation import Federation, Institution
+from fedsilo.common.errors import ConfigError, FedsiloError
+from fedsilo.runtime.processes import executable, flower_env, free_port, stop_process
+from fedsilo.server.federation import Federation, Institution
 
 
 def superlink_argv(fed: Federation, *, host: str, port: int, insecure: bool = False) -> list[str]:
@@ -60,7 +60,7 @@ def superlink_argv(fed: Federation, *, host: str, port: int, insecure: bool = Fa
 
 
 class SuperLink:
-    """A running SuperLink on loopback and the Fleet gateway in front of it (``server.gateway``)."""
+    """A running SuperLink on loopback and the Fleet gateway in front of it (``fedsilo.server.gateway``)."""
 
     def __init__(self, superlink: subprocess.Popen[bytes], gateway: subprocess.Popen[bytes] | None = None) -> None:
         self.superlink = superlink
@@ -81,7 +81,7 @@ class SuperLink:
 
 def gateway_argv(fed: Federation, *, listen: str, upstream: str, insecure: bool = False) -> list[str]:
     """The Fleet gateway's command line (TLS with the federation's server certificate unless ``insecure``)."""
-    argv = [sys.executable, "-m", "server.gateway", "--listen", listen, "--upstream", upstream]
+    argv = [sys.executable, "-m", "fedsilo.server.gateway", "--listen", listen, "--upstream", upstream]
     if insecure:
         return argv
     certs = ["--certfile", str(fed.certs / "server.crt"), "--keyfile", str(fed.certs / "server.key")]

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.accounting import DPSGDEvent, epsilon_spent
-from common.errors import ConfigError
-from common.settings import RunSettings
+from fedsilo.common.accounting import DPSGDEvent, epsilon_spent
+from fedsilo.common.errors import ConfigError
+from fedsilo.common.settings import RunSettings
 
 # The global model's scores on the held-out records (weighted means over institutions), as report.json's final_metrics.
 SCORE_COLUMNS = ("accuracy", "auc", "average_precision", "balanced_accuracy", "loss")

@@ -16,7 +16,7 @@ coordinator receives the same shares as before and recovers the same secrets:
 nothing about what it learns changes.
 
 After unmasking it warns in the run log when the aggregate comes near SecAgg+'s
-clipping range (``server.aggregation.clipping_warning``): the institutions keep
+clipping range (``fedsilo.server.aggregation.clipping_warning``): the institutions keep
 their weights inside it, which Flower would otherwise clip without a word.
 """
 
@@ -33,16 +33,16 @@ from flwr.server import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from common.aggregation import MIN_CONTRIBUTORS, may_unmask
-from runtime.flower.internals import (
+from fedsilo.common.aggregation import MIN_CONTRIBUTORS, may_unmask
+from fedsilo.runtime.flower.internals import (
     MAIN_CONFIGS_RECORD,
     RECORD_KEY_CONFIGS,
     ClientProxy,
     SecAggKey,
     WorkflowState,
 )
-from runtime.flower.internals import WorkflowKey as Key
-from server.aggregation import clipping_warning
+from fedsilo.runtime.flower.internals import WorkflowKey as Key
+from fedsilo.server.aggregation import clipping_warning
 
 HaltCallback = Callable[[int, list[tuple[ClientProxy, FitRes]], list[Any]], None]
 

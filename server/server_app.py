@@ -13,18 +13,18 @@ from flwr.common import log
 from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.serverapp import Grid
 
-from common.aggregation import aggregation_for
-from common.datasets import builtin_schema_path
-from common.models import build_model, get_weights, model_spec
-from common.schema import Schema
-from common.settings import RunSettings
-from runtime.flower.polling import cap_grid_polling
-from runtime.flower.workflow import ResumableWorkflow
-from server.coordinator import Coordinator, RoundCallback
-from server.run_directory import RunDirectory
-from server.run_naming import new_run_dir
-from server.secure_aggregation import GuardedSecAggPlusWorkflow
-from server.strategy import FedsiloStrategy
+from fedsilo.common.aggregation import aggregation_for
+from fedsilo.common.datasets import builtin_schema_path
+from fedsilo.common.models import build_model, get_weights, model_spec
+from fedsilo.common.schema import Schema
+from fedsilo.common.settings import RunSettings
+from fedsilo.runtime.flower.polling import cap_grid_polling
+from fedsilo.runtime.flower.workflow import ResumableWorkflow
+from fedsilo.server.coordinator import Coordinator, RoundCallback
+from fedsilo.server.run_directory import RunDirectory
+from fedsilo.server.run_naming import new_run_dir
+from fedsilo.server.secure_aggregation import GuardedSecAggPlusWorkflow
+from fedsilo.server.strategy import FedsiloStrategy
 
 
 def resolve_run_dir(settings: RunSettings) -> Path:

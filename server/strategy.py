@@ -2,7 +2,7 @@
 
 Flower's ``FedAvg`` (McMahan et al., AISTATS 2017) samples the institutions and
 sends them the round's config; what comes back is translated into plain
-replies for ``server.coordinator.Coordinator``, which books, aggregates through
+replies for ``fedsilo.server.coordinator.Coordinator``, which books, aggregates through
 the run's ``AggregationQuery`` and writes the run directory. Under SecAgg+ every
 FitRes handed to ``aggregate_fit`` already carries the securely aggregated
 parameters (``GuardedSecAggPlusWorkflow`` unmasks only sums of at least two
@@ -27,10 +27,10 @@ from flwr.common import (
 from flwr.server import ClientManager
 from flwr.server.strategy import FedAvg
 
-from common.aggregation import Contribution
-from common.settings import RunSettings
-from runtime.flower.internals import ClientProxy
-from server.coordinator import Coordinator, EvaluateReply, FitReply
+from fedsilo.common.aggregation import Contribution
+from fedsilo.common.settings import RunSettings
+from fedsilo.runtime.flower.internals import ClientProxy
+from fedsilo.server.coordinator import Coordinator, EvaluateReply, FitReply
 
 __all__ = ["WAIT_S", "EvalResults", "FedsiloStrategy", "FitResults", "fit_replies"]
 

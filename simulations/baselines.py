@@ -6,8 +6,8 @@ settings: the institutions are built as the engines build them
 model trains on the union of their training records, and every model is
 tested on the union of their held-out records.
 
-``pooled`` and ``alone`` train the federation's model (``common.models.build_model``,
-the same initial weights) with the federation's recipe (``common.training.plan_round``
+``pooled`` and ``alone`` train the federation's model (``fedsilo.common.models.build_model``,
+the same initial weights) with the federation's recipe (``fedsilo.common.training.plan_round``
 / ``train_round``), one planned round at a time:
 
 - with DP, central DP-SGD on their records for the federation's number of rounds,
@@ -42,13 +42,13 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
-from client.institution import InstitutionData
-from client.simulated_data import SimulatedTables
-from common.accounting import DPSGDEvent, epsilon_spent
-from common.models import build_model, get_weights, set_weights
-from common.schema import Schema
-from common.settings import RunSettings
-from common.training import PREDICT_BATCH, plan_round, predict_proba, train_round
+from fedsilo.client.institution import InstitutionData
+from fedsilo.client.simulated_data import SimulatedTables
+from fedsilo.common.accounting import DPSGDEvent, epsilon_spent
+from fedsilo.common.models import build_model, get_weights, set_weights
+from fedsilo.common.schema import Schema
+from fedsilo.common.settings import RunSettings
+from fedsilo.common.training import PREDICT_BATCH, plan_round, predict_proba, train_round
 
 BASELINE_SEED_SALT = {"pooled": 101, "alone": 202}
 CONVERGENCE_WINDOW = 10  # rounds over which the lowest training loss must keep falling

@@ -14,11 +14,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from common.cli import exit_on_error, fmt, institutions_table, print_error
-from common.errors import FedsiloError
-from common.registry import DATASETS
-from common.settings import Proposal, RunSettings
-from server.run_naming import new_run_dir
+from fedsilo.common.cli import exit_on_error, fmt, institutions_table, print_error
+from fedsilo.common.errors import FedsiloError
+from fedsilo.common.registry import DATASETS
+from fedsilo.common.settings import Proposal, RunSettings
+from fedsilo.server.run_naming import new_run_dir
 
 app = typer.Typer(help="Simulate fedsilo federations on one machine (Flower simulation engine).", no_args_is_help=True)
 console = Console(soft_wrap=True)
@@ -92,8 +92,8 @@ def run(
 ) -> None:
     """Run one federation and write its run directory (metrics.csv, model.pt, report.json)."""
     # Imported here, not at the top: they load torch, which `--help` and `sweep` need not wait for.
-    from simulations.engines import run_engine
-    from simulations.plan import check_simulation, check_where, dataset_value, default_institutions
+    from fedsilo.simulations.engines import run_engine
+    from fedsilo.simulations.plan import check_simulation, check_where, dataset_value, default_institutions
 
     count = institutions or default_institutions(dataset)
     with exit_on_error(console):
@@ -130,12 +130,12 @@ def run(
         checked = check_simulation(settings, count)
         check_where(engine, ray_address)
         if ray_address:
-            from simulations.cluster import check_reachable
+            from fedsilo.simulations.cluster import check_reachable
 
             check_reachable(ray_address)
         tracker = None
         if tensorboard is not None:
-            from simulations.tracking import RunTracker
+            from fedsilo.simulations.tracking import RunTracker
 
             tracker = RunTracker(tensorboard)
     out_dir = Path(settings.out_dir)
@@ -209,10 +209,10 @@ def sweep(
     ] = None,
 ) -> None:
     """Sweep privacy and federation settings with baselines and a privacy audit; write tables, plots, report."""
-    from simulations.plan import dataset_value
-    from simulations.sweep import check_sweep
-    from simulations.sweep_spec import load_sweep_file, parse_sweep
-    from simulations.sweep_store import SweepStore
+    from fedsilo.simulations.plan import dataset_value
+    from fedsilo.simulations.sweep import check_sweep
+    from fedsilo.simulations.sweep_spec import load_sweep_file, parse_sweep
+    from fedsilo.simulations.sweep_store import SweepStore
 
     cli_values = {
         "dataset": dataset_value(dataset) if dataset else None,
@@ -244,12 +244,12 @@ def sweep(
         if jobs < 0:
             raise FedsiloError(f"--jobs must be >= 0 (0: one per core). Found {jobs}.")
         if spec.ray_address:
-            from simulations.cluster import check_reachable
+            from fedsilo.simulations.cluster import check_reachable
 
             check_reachable(spec.ray_address)
         tracker = None
         if tensorboard is not None:
-            from simulations.tracking import SweepTracker
+            from fedsilo.simulations.tracking import SweepTracker
 
             tracker = SweepTracker(tensorboard)
     workers = jobs or os.cpu_count() or 1
@@ -266,10 +266,10 @@ def _run_sweep_cli(spec: Any, out_dir: Path, workers: int, tracker: Any = None) 
         TimeRemainingColumn,
     )
 
-    from common.metrics import LABELS as METRIC_LABELS
-    from simulations.report import lead_explanation, tradeoff_table, write_report, write_tables
-    from simulations.sweep import run_sweep, status_messages, sweep_lead_metric
-    from simulations.sweep_store import SweepStore
+    from fedsilo.common.metrics import LABELS as METRIC_LABELS
+    from fedsilo.simulations.report import lead_explanation, tradeoff_table, write_report, write_tables
+    from fedsilo.simulations.sweep import run_sweep, status_messages, sweep_lead_metric
+    from fedsilo.simulations.sweep_store import SweepStore
 
     tasks = spec.tasks()
     where = f"Ray cluster {spec.ray_address}" if spec.ray_address else f"{spec.engine} engine"
@@ -328,7 +328,7 @@ def _run_sweep_cli(spec: Any, out_dir: Path, workers: int, tracker: Any = None) 
         write_tables(tables, out_dir)
         write_report(tables, out_dir, title=f"fedsilo sweep: {spec.dataset}", notes=notes)
         if tracker is not None:
-            from simulations.sweep import summary_table
+            from fedsilo.simulations.sweep import summary_table
 
             tracker.summary(summary_table(tables["results"]), sweep_lead_metric(tables["results"]))
             console.print(f"TensorBoard event files: {tracker.log_dir} (tensorboard --logdir {tracker.log_dir})")
@@ -404,5 +404,5 @@ def main() -> None:  # pragma: no cover - console-script entry point
     app()
 
 
-if __name__ == "__main__":  # pragma: no cover - python -m simulations.cli
+if __name__ == "__main__":  # pragma: no cover - python -m fedsilo.simulations.cli
     main()

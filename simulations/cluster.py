@@ -3,7 +3,7 @@
 ``fedsilo-simulate sweep --ray-address HOST:PORT`` connects to a cluster started
 with ``ray start`` (``ray.init(address=...)``) and submits one Ray task per
 federation, declaring what it needs (``task_resources``). A task runs
-``simulations.sweep.run_task`` in a scratch directory on whichever node Ray
+``fedsilo.simulations.sweep.run_task`` in a scratch directory on whichever node Ray
 chose, and sends back its tidy rows, the node it ran on and its run directory
 (packed), so the nodes need no shared filesystem: only fedsilo installed (the
 same version) in the Python that ``ray start`` ran under. Ray is imported only
@@ -24,16 +24,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from common.errors import FedsiloError
-from runtime.processes import QUIET
-from simulations.sweep_spec import SweepSpec, Task
-from simulations.sweep_store import TaskRecord
+from fedsilo.common.errors import FedsiloError
+from fedsilo.runtime.processes import QUIET
+from fedsilo.simulations.sweep_spec import SweepSpec, Task
+from fedsilo.simulations.sweep_store import TaskRecord
 
 
 def task_resources(spec: SweepSpec) -> dict[str, float]:
     """What one federation needs from the cluster: one CPU (the in-process engine is one process).
 
-    No GPU: fedsilo's models train on the CPU (``common.training`` places nothing on
+    No GPU: fedsilo's models train on the CPU (``fedsilo.common.training`` places nothing on
     an accelerator), so asking for one would only idle it.
     """
     return {"num_cpus": 1, "num_gpus": 0}
@@ -59,7 +59,7 @@ def run_remote(spec: SweepSpec, task: Task) -> tuple[TaskRecord, bytes]:
     """The body of one Ray task: run the federation in scratch space; its record and packed run directory."""
     import ray
 
-    from simulations.sweep import run_recorded
+    from fedsilo.simulations.sweep import run_recorded
 
     with tempfile.TemporaryDirectory(prefix="fedsilo-task-") as scratch:
         record = run_recorded(spec, task, scratch)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol
 
-from common.errors import ConfigError
-from common.registry import Registry
-from common.settings import RunSettings
-from server.coordinator import RoundCallback
+from fedsilo.common.errors import ConfigError
+from fedsilo.common.registry import Registry
+from fedsilo.common.settings import RunSettings
+from fedsilo.server.coordinator import RoundCallback
 
 
 class Engine(Protocol):
@@ -49,7 +49,7 @@ def run_engine(
 ) -> dict[str, Any]:
     """Run one federation on ``engine``; return its ``report.json`` content.
 
-    ``ray_address``: Flower's engine runs on that existing Ray cluster (``simulations.runner``).
+    ``ray_address``: Flower's engine runs on that existing Ray cluster (``fedsilo.simulations.runner``).
     """
     return ENGINES.get(engine)(
         settings, institutions=institutions, on_round=on_round, verbose=verbose, ray_address=ray_address
@@ -61,7 +61,7 @@ def flower_engine(
     settings: RunSettings, *, institutions: int, on_round: RoundCallback | None, verbose: bool, ray_address: str
 ) -> dict[str, Any]:
     """Flower's simulation engine (Ray), on this machine or on the cluster at ``ray_address``."""
-    from simulations.runner import run_federation
+    from fedsilo.simulations.runner import run_federation
 
     return run_federation(
         settings, institutions=institutions, on_round=on_round, verbose=verbose, ray_address=ray_address
@@ -72,13 +72,13 @@ def flower_engine(
 def inprocess_engine(
     settings: RunSettings, *, institutions: int, on_round: RoundCallback | None, verbose: bool, ray_address: str
 ) -> dict[str, Any]:
-    """The in-process engine (``simulations.inprocess``): the same federation, no Ray, in this process."""
+    """The in-process engine (``fedsilo.simulations.inprocess``): the same federation, no Ray, in this process."""
     if ray_address:
         raise ConfigError(
             "a Ray address runs Flower's simulation engine on a cluster; the inprocess engine runs in this "
             "process. Use --engine flower, or leave out --ray-address"
         )
-    from simulations.inprocess import run_inprocess
+    from fedsilo.simulations.inprocess import run_inprocess
 
     logger = logging.getLogger("flwr")
     saved = logger.level

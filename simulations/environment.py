@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from runtime.processes import QUIET
+from fedsilo.runtime.processes import QUIET
 
 
 @contextmanager

@@ -4,19 +4,19 @@ A fast path for one machine, not a second framework. Each round calls the code
 the Flower engine runs, in the order Flower runs it:
 
 - every institution is built as ``InstitutionData.from_node_config`` builds it
-  from its simulation ``partition-id`` (``simulations.baselines.federation_members``,
+  from its simulation ``partition-id`` (``fedsilo.simulations.baselines.federation_members``,
   which loads the data once), and trains and evaluates through
-  ``client.institution.fit_round`` / ``evaluate_round`` (what the ClientApp calls),
+  ``fedsilo.client.institution.fit_round`` / ``evaluate_round`` (what the ClientApp calls),
   so splits, policies, refusals, ledgers and epsilon are the same;
-- each reply goes to the run's ``server.coordinator.Coordinator``, built by
-  ``server.server_app.open_run`` as the Flower engine builds it: the same
-  bookkeeping, aggregation (``common.aggregation``) and run directory
+- each reply goes to the run's ``fedsilo.server.coordinator.Coordinator``, built by
+  ``fedsilo.server.server_app.open_run`` as the Flower engine builds it: the same
+  bookkeeping, aggregation (``fedsilo.common.aggregation``) and run directory
   (metrics.csv, checkpoints, model.pt, report.json); the round's config and
   sample sizes are the strategy's (FedAvg's);
 - with secure aggregation, each update goes through SecAgg+'s weighting, clipping
   and seeded stochastic quantization, and the sum through its dequantization
-  (``server.aggregation``, Flower's own functions, the masks left out because
-  they cancel), after the same halt guard (``common.aggregation.may_unmask``) and
+  (``fedsilo.server.aggregation``, Flower's own functions, the masks left out because
+  they cancel), after the same halt guard (``fedsilo.common.aggregation.may_unmask``) and
   with the same clipping warning as ``GuardedSecAggPlusWorkflow``.
 
 The one difference: with ``fraction-fit`` or ``fraction-evaluate`` below 1,
@@ -37,15 +37,15 @@ from typing import Any, TypeVar
 import torch
 from flwr.common import log
 
-from client.institution import evaluate_round, fit_round
-from client.mods import quantization_seed, seeded_global_numpy
-from common.aggregation import Contribution, Weights, may_unmask
-from common.settings import RunSettings, SecAggSettings
-from server.aggregation import clipping_warning, secaggplus_client_vector, secaggplus_unmasked_aggregate
-from server.coordinator import Coordinator, EvaluateReply, FitReply, RoundCallback
-from server.server_app import open_run
-from simulations.baselines import federation_members
-from simulations.runner import simulated
+from fedsilo.client.institution import evaluate_round, fit_round
+from fedsilo.client.mods import quantization_seed, seeded_global_numpy
+from fedsilo.common.aggregation import Contribution, Weights, may_unmask
+from fedsilo.common.settings import RunSettings, SecAggSettings
+from fedsilo.server.aggregation import clipping_warning, secaggplus_client_vector, secaggplus_unmasked_aggregate
+from fedsilo.server.coordinator import Coordinator, EvaluateReply, FitReply, RoundCallback
+from fedsilo.server.server_app import open_run
+from fedsilo.simulations.baselines import federation_members
+from fedsilo.simulations.runner import simulated
 
 T = TypeVar("T")
 
@@ -117,7 +117,7 @@ def run_inprocess(
     """Simulate ``institutions`` institutions in this process; return the run's ``report.json`` content.
 
     ``settings.out_dir`` must be set: the run directory is written there, as the
-    Flower engine (``simulations.runner.run_federation``) writes it.
+    Flower engine (``fedsilo.simulations.runner.run_federation``) writes it.
     """
     settings = simulated(settings, institutions)
     sampler = random.Random(settings.seed)

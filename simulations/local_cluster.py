@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from runtime.processes import QUIET, executable, free_port
+from fedsilo.runtime.processes import QUIET, executable, free_port
 
 HOST = "127.0.0.1"
 

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from client.policy import PrivacyPolicy
-from client.simulated_data import simulated_name, simulated_partition
-from common.datasets import load_dataset
-from common.errors import ConfigError
-from common.metrics import lead_metric
-from common.models import check_model_fits
-from common.registry import DATASETS, TABLE_SUFFIXES
-from common.settings import RunSettings
-from simulations.engines import check_engine
+from fedsilo.client.policy import PrivacyPolicy
+from fedsilo.client.simulated_data import simulated_name, simulated_partition
+from fedsilo.common.datasets import load_dataset
+from fedsilo.common.errors import ConfigError
+from fedsilo.common.metrics import lead_metric
+from fedsilo.common.models import check_model_fits
+from fedsilo.common.registry import DATASETS, TABLE_SUFFIXES
+from fedsilo.common.settings import RunSettings
+from fedsilo.simulations.engines import check_engine
 
 # Institutions a simulation has when not told: 4 hospitals, 3 banks, ...
 DEFAULT_INSTITUTIONS = {"breast-cancer": 4, "german-credit": 3, "digits": 4}
@@ -68,7 +68,7 @@ class Checked:
 def check_simulation(settings: RunSettings, institutions: int) -> Checked:
     """Fail before Flower starts if the dataset, the model, the partition or the policies cannot work.
 
-    Returns the metric to lead with (``common.metrics.lead_metric``) and the dataset's
+    Returns the metric to lead with (``fedsilo.common.metrics.lead_metric``) and the dataset's
     majority-class rate (the accuracy of always guessing the commonest class).
     """
     if settings.out_dir and (Path(settings.out_dir) / "report.json").exists():

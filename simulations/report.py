@@ -1,6 +1,6 @@
 """A sweep's outputs: tidy tables (CSV and Parquet), plots, and one self-contained report.html.
 
-Everything leads with the sweep's lead metric (``simulations.sweep.sweep_lead_metric``:
+Everything leads with the sweep's lead metric (``fedsilo.simulations.sweep.sweep_lead_metric``:
 ROC AUC for two classes; for more, accuracy, or balanced accuracy when one class
 dominates), and every plot draws what a model that ignores its inputs would score
 on it (for accuracy: the majority-class rate), so no score can flatter. Plots
@@ -27,8 +27,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from common.metrics import LABELS as METRIC_LABELS
-from simulations.sweep import (
+from fedsilo.common.metrics import LABELS as METRIC_LABELS
+from fedsilo.simulations.sweep import (
     METHODS,
     STATUS_UNTRAINED,
     counted,

@@ -1,7 +1,7 @@
 """Run a fedsilo federation in Flower's simulation engine (Ray backend), in process.
 
 This is what ``flwr run`` does for a local simulation (``flwr.simulation.app``
-calls the same ``_run_simulation``, see ``runtime.flower.internals``), minus the SuperLink round trip: the run
+calls the same ``_run_simulation``, see ``fedsilo.runtime.flower.internals``), minus the SuperLink round trip: the run
 config is handed to the ServerApp's context directly, and the ServerApp runs in
 this process so a caller can follow the rounds.
 """
@@ -15,9 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from common.settings import RunSettings
-from server.coordinator import RoundCallback
-from simulations.environment import contained_flower
+from fedsilo.common.settings import RunSettings
+from fedsilo.server.coordinator import RoundCallback
+from fedsilo.simulations.environment import contained_flower
 
 
 def simulated(settings: RunSettings, institutions: int) -> RunSettings:
@@ -58,9 +58,9 @@ def run_federation(
         from flwr.app import Context, RecordDict
         from flwr.common import EventType
 
-        from client.client_app import app as default_client_app
-        from runtime.flower.internals import run_simulation_in_process
-        from server.server_app import build_server_app
+        from fedsilo.client.client_app import app as default_client_app
+        from fedsilo.runtime.flower.internals import run_simulation_in_process
+        from fedsilo.server.server_app import build_server_app
 
         logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.WARNING)
         context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=settings.to_config())

@@ -2,14 +2,14 @@
 
 One task is a setup at one privacy level with one seed. It runs the federation
 on the chosen engine (its run directory under ``runs/``), trains the baselines
-on the same records (``simulations.baselines``; the non-private ``reference``
+on the same records (``fedsilo.simulations.baselines``; the non-private ``reference``
 once per setup and seed, in the no-DP task), and scores every model on the
-same held-out records (``common.metrics``), with the loss-threshold membership
-attack (``common.audit``) on members (the institutions' training records)
+same held-out records (``fedsilo.common.metrics``), with the loss-threshold membership
+attack (``fedsilo.common.audit``) on members (the institutions' training records)
 against non-members (their held-out records). Tasks are independent, so the
 in-process engine spreads them over worker processes, or a Ray cluster runs
-them (``simulations.cluster``); each finished task is stored as it arrives
-(``simulations.sweep_store``), so an interrupted sweep resumes where it stopped.
+them (``fedsilo.simulations.cluster``); each finished task is stored as it arrives
+(``fedsilo.simulations.sweep_store``), so an interrupted sweep resumes where it stopped.
 
 Refusals are part of the result: every row carries its federation's
 institution-rounds trained and refused, and its ``status``: ``ok``,
@@ -38,18 +38,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from client.institution import InstitutionData
-from client.simulated_data import simulated_partition
-from common.audit import loss_threshold_auc
-from common.datasets import load_dataset
-from common.metrics import PROBABILITY_FLOOR, classification_metrics, lead_metric
-from common.models import build_model, set_weights
-from common.training import predict_proba
-from simulations.baselines import alone, federation_members, pooled, records_digest, reference
-from simulations.engines import run_engine
-from simulations.plan import check_secagg_quorum
-from simulations.sweep_spec import SweepSpec, Task
-from simulations.sweep_store import SweepStore, TaskRecord
+from fedsilo.client.institution import InstitutionData
+from fedsilo.client.simulated_data import simulated_partition
+from fedsilo.common.audit import loss_threshold_auc
+from fedsilo.common.datasets import load_dataset
+from fedsilo.common.metrics import PROBABILITY_FLOOR, classification_metrics, lead_metric
+from fedsilo.common.models import build_model, set_weights
+from fedsilo.common.training import predict_proba
+from fedsilo.simulations.baselines import alone, federation_members, pooled, records_digest, reference
+from fedsilo.simulations.engines import run_engine
+from fedsilo.simulations.plan import check_secagg_quorum
+from fedsilo.simulations.sweep_spec import SweepSpec, Task
+from fedsilo.simulations.sweep_store import SweepStore, TaskRecord
 
 METHODS = ("federated", "pooled", "alone", "reference")
 SCORES = ("auc", "average_precision", "balanced_accuracy", "accuracy")
@@ -89,7 +89,7 @@ def assess(predictors: list[Predict], members: list[InstitutionData]) -> tuple[d
     """Metrics on the union of the held-out records, each scored by its institution's model.
 
     ``predictors[i]`` gives institution ``i``'s model's class probabilities. Returns the
-    overall metrics (``common.metrics.classification_metrics``, the mean training loss
+    overall metrics (``fedsilo.common.metrics.classification_metrics``, the mean training loss
     on the union of the training records, the attack AUC and the digest of the records
     scored) and each institution's metrics on its own held-out records.
     """
@@ -303,9 +303,9 @@ def run_sweep(
     """Run every task not finished yet; return the tidy tables of all finished ones, and the failures.
 
     Tasks run locally (``jobs`` processes for the in-process engine) or, when
-    ``spec.ray_address`` is set, as Ray tasks on that cluster (``simulations.cluster``).
+    ``spec.ray_address`` is set, as Ray tasks on that cluster (``fedsilo.simulations.cluster``).
     Each finished task is stored under ``out_dir/tasks`` as it arrives
-    (``simulations.sweep_store``), so a sweep started again with the same ``out_dir``
+    (``fedsilo.simulations.sweep_store``), so a sweep started again with the same ``out_dir``
     reruns only the tasks that had not finished. A task that raises is stored under
     ``out_dir/failures`` and does not stop the others. ``on_done`` is called once per
     task run now, finished or failed; ``on_record`` with each task finished now and its
@@ -335,7 +335,7 @@ def run_sweep(
             on_done(task)
 
     if spec.ray_address:
-        from simulations.cluster import run_on_ray
+        from fedsilo.simulations.cluster import run_on_ray
 
         run_on_ray(spec, todo, Path(out_dir), arrived, failed)
     else:
@@ -359,7 +359,7 @@ SUMMARY_KEYS += ["noise_multiplier", "method"]
 
 
 def sweep_lead_metric(results: pd.DataFrame) -> str:
-    """The score a sweep's tables and plots lead with (``common.metrics.lead_metric``)."""
+    """The score a sweep's tables and plots lead with (``fedsilo.common.metrics.lead_metric``)."""
     return lead_metric(int(results["num_classes"].iloc[0]), float(results["majority_rate"].mean()))
 
 

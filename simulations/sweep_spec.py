@@ -32,11 +32,11 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from common.errors import ConfigError
-from common.registry import DATASETS, PARTITIONERS, TABLE_SUFFIXES
-from common.settings import PrivacySettings, RunSettings, check_keys
-from common.tomlfile import read_toml
-from simulations.engines import ENGINES
+from fedsilo.common.errors import ConfigError
+from fedsilo.common.registry import DATASETS, PARTITIONERS, TABLE_SUFFIXES
+from fedsilo.common.settings import PrivacySettings, RunSettings, check_keys
+from fedsilo.common.tomlfile import read_toml
+from fedsilo.simulations.engines import ENGINES
 
 AXES = ("epsilons", "noise-multipliers", "institutions", "partitions", "secure-aggregation", "local-epochs", "seeds")
 SCALARS = ("dataset", "schema", "rounds", "delta", "engine", "ray-address")

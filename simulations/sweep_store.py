@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from common.errors import ConfigError
-from simulations.sweep_spec import SweepSpec, Task
+from fedsilo.common.errors import ConfigError
+from fedsilo.simulations.sweep_spec import SweepSpec, Task
 
 SPEC_FILE = "sweep.json"
 FORMAT = 1

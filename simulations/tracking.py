@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from common.errors import ConfigError
+from fedsilo.common.errors import ConfigError
 
 EXTRA = "tracking"
 ROUND_SKIP = ("round",)  # the step, not a scalar

@@ -17,7 +17,7 @@ from typing import Any
 from flwr.clientapp.typing import ClientAppCallable
 
 # SecAgg+'s protocol: the record and key names, and the arithmetic of its masked sums
-# (the in-process engine and server.aggregation reproduce the workflow's numbers).
+# (the in-process engine and fedsilo.server.aggregation reproduce the workflow's numbers).
 from flwr.common.secure_aggregation.ndarrays_arithmetic import (
     factor_combine,
     factor_extract,

@@ -10,7 +10,7 @@ The child runs exactly what ``flwr-clientapp`` runs (``run_clientapp``), with th
 task's token; other task types go through Flower's subprocess launcher.
 
 The forkserver is a clean single-threaded process (no torch: training happens in
-the institution's warm trainer, see ``client.trainer``), so forking it is safe.
+the institution's warm trainer, see ``fedsilo.client.trainer``), so forking it is safe.
 Flower is imported inside functions: this module is imported again wherever a task
 is unpickled, and only ``main``'s process needs Flower's SuperExec.
 """
@@ -21,7 +21,7 @@ import multiprocessing
 from typing import Any
 
 # What every ClientApp process needs; imported once, in the forkserver.
-PRELOAD = ["client.client_app", "flwr.supernode.runtime.run_clientapp"]
+PRELOAD = ["fedsilo.client.client_app", "flwr.supernode.runtime.run_clientapp"]
 
 
 def run_task(address: str, token: str, insecure: bool, root_certificates: str | None, parent_pid: int | None) -> None:

@@ -8,13 +8,13 @@ with the same command-line options (``flwr/supernode/start_client_internal.py``)
   chooses the FAB. Flower's answer, ``--trusted-entities``, accepts only FABs
   signed through Flower Hub, which a private federation does not use. So this
   SuperNode accepts a FAB only if it carries no code at all (``pyproject.toml``
-  and Flower's manifest, nothing else) and names ``client.client_app:app`` as
+  and Flower's manifest, nothing else) and names ``fedsilo.client.client_app:app`` as
   its ClientApp: the code that touches the records is then the institution's
   own installed fedsilo. Any other FAB gets Flower's own refusal (an
   ``INVALID_FAB`` error reply), through Flower's FAB-verification hook.
 - **Warm ClientApp processes.** The SuperNode starts ``flower-superexec``, which
   starts a fresh ``flwr-clientapp`` process for every message; here it starts
-  ``runtime.flower.superexec`` instead (Flower's SuperExec, forking each ClientApp from
+  ``fedsilo.runtime.flower.superexec`` instead (Flower's SuperExec, forking each ClientApp from
   a process that has Flower and fedsilo's ClientApp imported).
 - **Polling.** The SuperNode sleeps a fixed 3 s whenever it finds no message
   waiting, and a SecAgg+ round sends every institution five messages one after
@@ -23,7 +23,7 @@ with the same command-line options (``flwr/supernode/start_client_internal.py``)
   on its own state (for the ClientApp's reply, for a reply's contents) are capped
   at 0.05 s: they cost no request.
 
-``python -m runtime.flower.supernode`` (what an institution's ``fedsilo-client start`` runs)
+``python -m fedsilo.runtime.flower.supernode`` (what an institution's ``fedsilo-client start`` runs)
 calls ``main``. Flower is imported inside functions: the process that runs ``main``
 imports it once anyway, and tests and tools can read ``fab_problem`` without it.
 """
@@ -43,12 +43,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from runtime.flower.polling import cap_polling, poll_seconds
+from fedsilo.runtime.flower.polling import cap_polling, poll_seconds
 
 DEFAULT_POLL_S = 0.5
 LOCAL_POLL_S = 0.05
-CLIENT_APP = "client.client_app:app"
-SUPEREXEC = "runtime.flower.superexec"
+CLIENT_APP = "fedsilo.client.client_app:app"
+SUPEREXEC = "fedsilo.runtime.flower.superexec"
 FAB_FILES = frozenset({"pyproject.toml", ".info/CONTENT"})
 _PINNED = {"fedsilo": "only FABs without code that name fedsilo's installed ClientApp"}
 
@@ -70,7 +70,7 @@ def fab_problem(content: bytes) -> str | None:
 
 
 class _SuperExecLauncher:
-    """The ``subprocess`` module, except that ``flower-superexec`` becomes ``runtime.flower.superexec``."""
+    """The ``subprocess`` module, except that ``flower-superexec`` becomes ``fedsilo.runtime.flower.superexec``."""
 
     def Popen(self, args: list[str], *rest: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
         if args and args[0] == "flower-superexec":

@@ -6,7 +6,7 @@ on free ports, and reports seconds per round from the run's ``metrics.csv``.
 A benchmark, not a test: it prints figures and writes JSON; it never fails on
 a time.
 
-    python -m simulations.benchmarks.deployment_latency --rounds 3 --out bench/deployment.json
+    python -m fedsilo.simulations.benchmarks.deployment_latency --rounds 3 --out bench/deployment.json
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from common.datasets import load_builtin
-from runtime.processes import executable, free_port
-from server.processes import healthy
-from simulations.benchmarks import emit, machine, seconds_per_round
+from fedsilo.common.datasets import load_builtin
+from fedsilo.runtime.processes import executable, free_port
+from fedsilo.server.processes import healthy
+from fedsilo.simulations.benchmarks import emit, machine, seconds_per_round
 
 # ServerApp log lines that open and close each of a round's five message exchanges.
 MARKERS = (

@@ -15,8 +15,8 @@ instead, which need no package: the time of an epoch does not depend on what the
 pixels show (same shapes, same operations), so the figures are the same kind
 (``make bench-quick`` uses it so that it runs on a fresh clone).
 
-    python -m simulations.benchmarks.dp_overhead --images 60000 --out bench/dp_overhead.json
-    python -m simulations.benchmarks.dp_overhead --cnn-images synthetic --images 5000
+    python -m fedsilo.simulations.benchmarks.dp_overhead --images 60000 --out bench/dp_overhead.json
+    python -m fedsilo.simulations.benchmarks.dp_overhead --cnn-images synthetic --images 5000
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.datasets import load_builtin
-from common.errors import ConfigError
-from common.images import load_fashion_mnist
-from common.models import SmallCNN, build_model
-from common.settings import TrainSettings
-from simulations.benchmarks import emit, machine
+from fedsilo.common.datasets import load_builtin
+from fedsilo.common.errors import ConfigError
+from fedsilo.common.images import load_fashion_mnist
+from fedsilo.common.models import SmallCNN, build_model
+from fedsilo.common.settings import TrainSettings
+from fedsilo.simulations.benchmarks import emit, machine
 
 MODES = ("hooks", "functorch", "ew", "ghost")
 CNN_IMAGES = ("fashion-mnist", "synthetic")

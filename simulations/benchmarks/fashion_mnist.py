@@ -12,7 +12,7 @@ records back for the federation's own per-round metrics.
 
 A benchmark: it prints figures and writes JSON; it never fails on an accuracy or a time.
 
-    python -m simulations.benchmarks.fashion_mnist --out bench/fashion_mnist.json
+    python -m fedsilo.simulations.benchmarks.fashion_mnist --out bench/fashion_mnist.json
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from typing import Any
 
 import torch
 
-from common.datasets import builtin_schema_path, fashion_mnist
-from common.models import build_model
-from common.schema import Schema
-from common.settings import RunSettings
-from common.training import evaluate
-from simulations.benchmarks import emit, machine
-from simulations.inprocess import run_inprocess
+from fedsilo.common.datasets import builtin_schema_path, fashion_mnist
+from fedsilo.common.models import build_model
+from fedsilo.common.schema import Schema
+from fedsilo.common.settings import RunSettings
+from fedsilo.common.training import evaluate
+from fedsilo.simulations.benchmarks import emit, machine
+from fedsilo.simulations.inprocess import run_inprocess
 
 LITERATURE = "Papernot et al. (AAAI 2021), central DP-SGD, eps < 3: 86.1% tanh, 81.9% ReLU"
 

@@ -17,7 +17,8 @@ parameter against SecAgg+'s clipping range (parameters beyond
 ``clipping_range / ratio`` are clipped). A benchmark: it prints figures and
 writes JSON; it never fails on a time.
 
-    python -m simulations.benchmarks.institution_size --sizes 10000,100000,1000000 --out bench/institution_size.json
+    python -m fedsilo.simulations.benchmarks.institution_size --sizes 10000,100000,1000000 \
+        --out bench/institution_size.json
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from simulations.benchmarks import emit, machine
+from fedsilo.simulations.benchmarks import emit, machine
 
 PHASES = ("load_encode", "fingerprint", "split", "plan_account", "dp_train", "secagg_vector")
 
@@ -51,15 +52,15 @@ def measure_one(path: Path, seed: int) -> None:
     """Time one institution's round on the table at ``path``; print one JSON line per step."""
     import torch
 
-    from client.institution import records_fingerprint, split_holdout
-    from client.mods import seeded_global_numpy
-    from common.accounting import DPSGDEvent, epsilon_spent
-    from common.datasets import builtin_schema_path, read_table
-    from common.models import build_model, get_weights
-    from common.schema import Schema
-    from common.settings import RunSettings
-    from common.training import plan_round, train_round
-    from server.aggregation import secaggplus_client_vector
+    from fedsilo.client.institution import records_fingerprint, split_holdout
+    from fedsilo.client.mods import seeded_global_numpy
+    from fedsilo.common.accounting import DPSGDEvent, epsilon_spent
+    from fedsilo.common.datasets import builtin_schema_path, read_table
+    from fedsilo.common.models import build_model, get_weights
+    from fedsilo.common.schema import Schema
+    from fedsilo.common.settings import RunSettings
+    from fedsilo.common.training import plan_round, train_round
+    from fedsilo.server.aggregation import secaggplus_client_vector
 
     torch.set_num_threads(1)
     settings = RunSettings()
@@ -119,7 +120,7 @@ def measure_one(path: Path, seed: int) -> None:
 
 def write_table(records: int, path: Path, seed: int) -> None:
     """A CSV of ``records`` German credit rows drawn with replacement."""
-    from common.datasets import DATA_DIR, read_table
+    from fedsilo.common.datasets import DATA_DIR, read_table
 
     frame = read_table(DATA_DIR / "german_credit.csv")
     rows = np.random.default_rng(seed).integers(0, len(frame), records)
@@ -133,7 +134,7 @@ def run_size(records: int, folder: Path, seed: int, max_seconds: float | None) -
     ``ru_maxrss`` starts from its parent's resident size, which must stay small.
     """
     path = folder / f"german_credit_{records}.csv"
-    command = [sys.executable, "-m", "simulations.benchmarks.institution_size", "--seed", str(seed)]
+    command = [sys.executable, "-m", "fedsilo.simulations.benchmarks.institution_size", "--seed", str(seed)]
     subprocess.run([*command, "--write", str(path), "--sizes", str(records)], check=True)
     command += ["--one", str(path)]
     result: dict[str, Any] = {"records": records, "csv_mb": path.stat().st_size / 2**20}
@@ -184,7 +185,7 @@ def main() -> None:
     if args.write is not None:
         write_table(int(args.sizes), args.write, args.seed)
         return
-    from common.settings import RunSettings
+    from fedsilo.common.settings import RunSettings
 
     defaults = RunSettings()
     started = time.perf_counter()

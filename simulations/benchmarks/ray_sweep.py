@@ -7,7 +7,7 @@ On one machine the ratio is Ray's overhead; on real hardware the cluster's side
 scales with its nodes. Also timed: starting the cluster, importing Ray and joining
 it as a driver. A benchmark: it never fails on a time.
 
-    python -m simulations.benchmarks.ray_sweep --out bench/ray_sweep.json
+    python -m fedsilo.simulations.benchmarks.ray_sweep --out bench/ray_sweep.json
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any
 
 import pandas as pd
 
-from simulations.benchmarks import emit, machine
-from simulations.local_cluster import LocalCluster
+from fedsilo.simulations.benchmarks import emit, machine
+from fedsilo.simulations.local_cluster import LocalCluster
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,7 +32,10 @@ def timed_sweep(argv: list[str], out: Path, env: dict[str, str] | None = None) -
     """Wall time of one ``fedsilo-simulate sweep`` (start-up included); fails if the sweep does."""
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", *argv, "--out", str(out)], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "fedsilo.simulations.cli", *argv, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     wall = time.monotonic() - started
     if done.returncode != 0:

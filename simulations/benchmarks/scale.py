@@ -11,7 +11,8 @@ resident set sizes of this process and every process under it, Ray's included,
 summed, and the proportional set sizes summed, which count a shared page once). A
 benchmark: it prints figures and writes JSON; it never fails on a time.
 
-    python -m simulations.benchmarks.scale --institutions 1000 --fraction-fit 0.1 --num-shares 21 --out bench/scale.json
+    python -m fedsilo.simulations.benchmarks.scale --institutions 1000 --fraction-fit 0.1 --num-shares 21 \
+        --out bench/scale.json
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from common.settings import RunSettings
-from simulations.benchmarks import emit, machine, seconds_per_round
-from simulations.runner import run_federation
+from fedsilo.common.settings import RunSettings
+from fedsilo.simulations.benchmarks import emit, machine, seconds_per_round
+from fedsilo.simulations.runner import run_federation
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

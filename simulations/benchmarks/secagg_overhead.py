@@ -5,7 +5,7 @@ side for each federation size. Seconds per round come from the run's
 ``metrics.csv`` (the engine's start-up is left out). A benchmark: it prints
 figures and writes JSON; it never fails on a time.
 
-    python -m simulations.benchmarks.secagg_overhead --sizes 5,10,50,100 --out bench/secagg.json
+    python -m fedsilo.simulations.benchmarks.secagg_overhead --sizes 5,10,50,100 --out bench/secagg.json
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from common.settings import RunSettings
-from simulations.benchmarks import emit, machine, seconds_per_round
-from simulations.runner import run_federation
+from fedsilo.common.settings import RunSettings
+from fedsilo.simulations.benchmarks import emit, machine, seconds_per_round
+from fedsilo.simulations.runner import run_federation
 
 
 def measure(size: int, rounds: int, dataset: str, num_shares: float, scratch: Path) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Runs ``fedsilo-simulate sweep`` as a user would (in-process engine) and reports
 its wall time, start-up included. A benchmark: it never fails on a time.
 
-    python -m simulations.benchmarks.sweep_time --out bench/sweep.json
+    python -m fedsilo.simulations.benchmarks.sweep_time --out bench/sweep.json
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from simulations.benchmarks import emit, machine
+from fedsilo.simulations.benchmarks import emit, machine
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Turn the benchmarks' JSON files into one Markdown table, each figure beside its target.
 
-python -m simulations.benchmarks.table bench > bench/RESULTS.md
+python -m fedsilo.simulations.benchmarks.table bench > bench/RESULTS.md
 """
 
 from __future__ import annotations

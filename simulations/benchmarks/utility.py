@@ -11,8 +11,9 @@ learning rate 0.2, RDP accountant), then with each change added in turn, so
 what each change contributed can be read off. A benchmark: it prints figures
 and checks targets, but never fails on them.
 
-    python -m simulations.benchmarks.utility --out bench/utility.json
-    python -m simulations.benchmarks.utility --datasets german-credit --seeds 0 --epsilons 1 --out bench/utility.json
+    python -m fedsilo.simulations.benchmarks.utility --out bench/utility.json
+    python -m fedsilo.simulations.benchmarks.utility --datasets german-credit --seeds 0 --epsilons 1 \
+        --out bench/utility.json
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from typing import Any
 
 import pandas as pd
 
-from simulations.benchmarks import emit, machine
-from simulations.sweep import run_sweep
-from simulations.sweep_spec import SweepSpec
+from fedsilo.simulations.benchmarks import emit, machine
+from fedsilo.simulations.sweep import run_sweep
+from fedsilo.simulations.sweep_spec import SweepSpec
 
 DATASETS = {"breast-cancer": 4, "german-credit": 3, "digits": 4}
 BINARY = {"breast-cancer": True, "german-credit": True, "digits": False}

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from client.cli import app
+from fedsilo.client.cli import app
 
 RUNNER = CliRunner()
 SCHEMA = """

@@ -1,7 +1,7 @@
 """The ClientApp's one parse of a message: a deployed institution takes no path from the coordinator."""
 
-from client.client_app import institution_settings
-from common.settings import RunSettings
+from fedsilo.client.client_app import institution_settings
+from fedsilo.common.settings import RunSettings
 
 
 def test_a_deployed_institution_takes_no_path_from_the_message_and_a_simulated_one_does() -> None:

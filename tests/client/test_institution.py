@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.institution import InstitutionData, fit_round
-from client.policy import PrivacyPolicy
-from common.ledger import PrivacyLedger
-from common.models import build_model, get_weights
-from common.settings import RunSettings
+from fedsilo.client.institution import InstitutionData, fit_round
+from fedsilo.client.policy import PrivacyPolicy
+from fedsilo.common.ledger import PrivacyLedger
+from fedsilo.common.models import build_model, get_weights
+from fedsilo.common.settings import RunSettings
 
 SETTINGS = RunSettings.from_config({"num-server-rounds": 3, "target-epsilon": 2.0})
 

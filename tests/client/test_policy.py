@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from client.cli import app
-from client.institution import InstitutionData, deployed_policy, evaluate_round, fit_round
-from client.policy import PrivacyPolicy
-from common.errors import ConfigError
-from common.ledger import PrivacyLedger
-from common.models import build_model, get_weights
-from common.settings import RunSettings
-from common.training import RoundPlan, plan_round
+from fedsilo.client.cli import app
+from fedsilo.client.institution import InstitutionData, deployed_policy, evaluate_round, fit_round
+from fedsilo.client.policy import PrivacyPolicy
+from fedsilo.common.errors import ConfigError
+from fedsilo.common.ledger import PrivacyLedger
+from fedsilo.common.models import build_model, get_weights
+from fedsilo.common.settings import RunSettings
+from fedsilo.common.training import RoundPlan, plan_round
 
 SETTINGS = RunSettings.from_config({"num-server-rounds": 3, "target-epsilon": 2.0})
 POLICY = """\

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 
-from client.client_app import InstitutionClient
-from client.institution import InstitutionData, fit_round
-from client.processes import node_config
-from client.simulated_data import SimulatedTables
-from client.trainer import SOCKET_KEY, Trainer, TrainerError, TrainerUnavailable, call
-from common.datasets import builtin_schema_path, load_builtin
-from common.ledger import PrivacyLedger
-from common.models import build_model, get_weights
-from common.settings import RunSettings
+from fedsilo.client.client_app import InstitutionClient
+from fedsilo.client.institution import InstitutionData, fit_round
+from fedsilo.client.processes import node_config
+from fedsilo.client.simulated_data import SimulatedTables
+from fedsilo.client.trainer import SOCKET_KEY, Trainer, TrainerError, TrainerUnavailable, call
+from fedsilo.common.datasets import builtin_schema_path, load_builtin
+from fedsilo.common.ledger import PrivacyLedger
+from fedsilo.common.models import build_model, get_weights
+from fedsilo.common.settings import RunSettings
 
 SETTINGS = RunSettings.from_config({"num-server-rounds": 2, "target-epsilon": 2.0, "secure-aggregation": False})
 CONFIG = {**SETTINGS.to_config(), "server-round": 1, "run-name": "r"}

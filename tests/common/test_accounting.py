@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
 
-from common.accounting import (
+from fedsilo.common.accounting import (
     ALPHAS,
     PLD_MAX_EPSILON,
     PLD_VALUE_DISCRETIZATION_INTERVAL,
@@ -20,7 +20,7 @@ from common.accounting import (
     calibrate_noise,
     epsilon_spent,
 )
-from common.errors import ConfigError
+from fedsilo.common.errors import ConfigError
 
 
 def pld_reference(events: list[DPSGDEvent], *, delta: float, interval: float) -> float:

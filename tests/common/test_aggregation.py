@@ -11,8 +11,8 @@ from flwr.server.strategy.aggregate import aggregate_inplace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.aggregation import Contribution, WeightedMean, aggregation_for, may_unmask
-from common.settings import SecAggSettings
+from fedsilo.common.aggregation import Contribution, WeightedMean, aggregation_for, may_unmask
+from fedsilo.common.settings import SecAggSettings
 
 
 def contributions(draw: st.DrawFn) -> list[Contribution]:

@@ -6,11 +6,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import roc_auc_score
 
-from common.audit import loss_threshold_auc, record_losses
-from common.datasets import load_builtin
-from common.models import build_model
-from common.settings import PrivacySettings, TrainSettings
-from common.training import plan_round, train_round
+from fedsilo.common.audit import loss_threshold_auc, record_losses
+from fedsilo.common.datasets import load_builtin
+from fedsilo.common.models import build_model
+from fedsilo.common.settings import PrivacySettings, TrainSettings
+from fedsilo.common.training import plan_round, train_round
 
 losses = st.lists(st.floats(0, 10, allow_nan=False).map(lambda v: round(v, 1)), min_size=1, max_size=40)
 

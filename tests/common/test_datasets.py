@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import datasets
-from common.datasets import DATA_DIR, builtin_schema_path, load_builtin, load_dataset
-from common.errors import ConfigError, FedsiloError
+from fedsilo.common import datasets
+from fedsilo.common.datasets import DATA_DIR, builtin_schema_path, load_builtin, load_dataset
+from fedsilo.common.errors import ConfigError, FedsiloError
 
 
 def test_digits_are_64_pixels_in_ten_classes_scaled_by_the_schema() -> None:

@@ -8,9 +8,9 @@ import pytest
 from dp_accounting import dp_event
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 
-from common.accounting import DPSGDEvent, epsilon_spent
-from common.errors import LedgerError
-from common.ledger import LedgerEntry, PrivacyLedger
+from fedsilo.common.accounting import DPSGDEvent, epsilon_spent
+from fedsilo.common.errors import LedgerError
+from fedsilo.common.ledger import LedgerEntry, PrivacyLedger
 
 
 def entry(round_: int, run: str = "run-a") -> LedgerEntry:

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, balanced_accuracy_score, log_loss, roc_auc_score
 from torch import nn
 
-from common.metrics import MODEL_METRICS, REFERENCE_METRICS, classification_metrics, lead_metric
-from common.training import evaluate
+from fedsilo.common.metrics import MODEL_METRICS, REFERENCE_METRICS, classification_metrics, lead_metric
+from fedsilo.common.training import evaluate
 
 
 def test_predicting_the_majority_class_for_everyone_scores_the_majority_rate_and_nothing_else() -> None:

@@ -6,9 +6,9 @@ import torch
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from common.datasets import builtin_schema_path
-from common.errors import ConfigError
-from common.models import (
+from fedsilo.common.datasets import builtin_schema_path
+from fedsilo.common.errors import ConfigError
+from fedsilo.common.models import (
     LinearModel,
     SmallCNN,
     TabularMLP,
@@ -18,10 +18,10 @@ from common.models import (
     model_spec,
     set_weights,
 )
-from common.registry import ACTIVATIONS
-from common.schema import Schema
-from common.settings import TrainSettings
-from common.training import RoundPlan, train_round
+from fedsilo.common.registry import ACTIVATIONS
+from fedsilo.common.schema import Schema
+from fedsilo.common.settings import TrainSettings
+from fedsilo.common.training import RoundPlan, train_round
 
 FASHION = Schema.load(builtin_schema_path("fashion-mnist"))
 BREAST_CANCER = Schema.load(builtin_schema_path("breast-cancer"))

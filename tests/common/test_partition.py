@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.errors import ConfigError
-from common.partition import partition
+from fedsilo.common.errors import ConfigError
+from fedsilo.common.partition import partition
 
 LABELS = np.array([0] * 60 + [1] * 40)
 FRAME = pd.DataFrame({"region": ["north"] * 50 + ["south"] * 30 + ["east"] * 20})

@@ -10,13 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from common.datasets import BuiltinDataset, TabularDataset, builtin_schema_path, load_builtin, load_dataset
-from common.errors import ConfigError
-from common.models import ModelKind, build_model, model_spec
-from common.partition import partition
-from common.registry import ACTIVATIONS, DATASETS, MODELS, PARTITIONERS, Registry
-from common.schema import Schema
-from common.settings import DataSettings, RunSettings, TrainSettings
+from fedsilo.common.datasets import BuiltinDataset, TabularDataset, builtin_schema_path, load_builtin, load_dataset
+from fedsilo.common.errors import ConfigError
+from fedsilo.common.models import ModelKind, build_model, model_spec
+from fedsilo.common.partition import partition
+from fedsilo.common.registry import ACTIVATIONS, DATASETS, MODELS, PARTITIONERS, Registry
+from fedsilo.common.schema import Schema
+from fedsilo.common.settings import DataSettings, RunSettings, TrainSettings
 
 BREAST_CANCER = Schema.load(builtin_schema_path("breast-cancer"))
 
@@ -103,7 +103,7 @@ def test_settings_validate_against_the_registries() -> None:
 
 def test_reading_the_settings_imports_neither_torch_nor_pandas() -> None:
     code = (
-        "import sys; from common.settings import RunSettings; "
+        "import sys; from fedsilo.common.settings import RunSettings; "
         "RunSettings.from_config({'model': 'cnn', 'activation': 'tanh', 'partition': 'dirichlet:0.5'}); "
         "print(sorted(m for m in ('torch', 'pandas', 'numpy') if m in sys.modules))"
     )

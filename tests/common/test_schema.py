@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.datasets import load_builtin
-from common.errors import DataError, SchemaError
-from common.schema import Schema
+from fedsilo.common.datasets import load_builtin
+from fedsilo.common.errors import DataError, SchemaError
+from fedsilo.common.schema import Schema
 
 SCHEMA = {
     "label": {"column": "Class", "classes": ["good", "bad"]},

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import ConfigError
-from common.settings import LOCAL_KEYS, SIMULATED_KEYS, Proposal, RunSettings, coerce
+from fedsilo.common.errors import ConfigError
+from fedsilo.common.settings import LOCAL_KEYS, SIMULATED_KEYS, Proposal, RunSettings, coerce
 
 ROOT = Path(__file__).resolve().parents[2]
 

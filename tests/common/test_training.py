@@ -10,10 +10,10 @@ import torch
 from opacus import PrivacyEngine
 from torch import nn
 
-from common.models import build_model, get_weights
-from common.schema import NumericFeature, Schema
-from common.settings import GRAD_SAMPLE_MODES, RunSettings, TrainSettings
-from common.training import (
+from fedsilo.common.models import build_model, get_weights
+from fedsilo.common.schema import NumericFeature, Schema
+from fedsilo.common.settings import GRAD_SAMPLE_MODES, RunSettings, TrainSettings
+from fedsilo.common.training import (
     AUTO_MAX_TRAVEL,
     AUTO_NOISE_IN_WEIGHTS,
     RoundPlan,
@@ -117,7 +117,7 @@ def test_recipe_batch_follows_the_record_count_only() -> None:
 def test_recipe_defaults_use_no_private_statistic(monkeypatch: pytest.MonkeyPatch) -> None:
     # Two real tables with the same record count and schema but different records (German credit's
     # first and last 300 rows, different default rates): the same plan and the same learning rate.
-    from common.datasets import load_builtin
+    from fedsilo.common.datasets import load_builtin
 
     dataset = load_builtin("german-credit")
     inputs, labels = dataset.schema.transform(dataset.frame)

@@ -1,4 +1,4 @@
-"""Tripwires: each fails when a Flower upgrade moves or changes what ``runtime.flower`` patches, copies or imports.
+"""Tripwires: each fails when a Flower upgrade moves or changes what ``runtime/flower`` patches, copies or imports.
 
 A failure here means: read the named Flower module of the new version, adapt the
 fedsilo module named in the message (or drop its patch if Flower now does the
@@ -18,12 +18,12 @@ import flwr.superlink.grid.http_grid as http_grid
 import flwr.supernode.start_client_internal as supernode_internal
 import pytest
 
-from runtime.flower import internals
-from runtime.flower.polling import CappedSleep
-from runtime.flower.workflow import FLOWER_CALL_SHA256
+from fedsilo.runtime.flower import internals
+from fedsilo.runtime.flower.polling import CappedSleep
+from fedsilo.runtime.flower.workflow import FLOWER_CALL_SHA256
 
 ROOT = Path(__file__).resolve().parents[2]
-# Flower's public modules; anything deeper is private and comes through runtime.flower.internals.
+# Flower's public modules; anything deeper is private and comes through fedsilo.runtime.flower.internals.
 PUBLIC = {
     "flwr.app",
     "flwr.client",
@@ -170,7 +170,7 @@ def test_only_runtime_flower_imports_flowers_private_modules() -> None:
                 else:
                     continue
                 found += [f"{where}:{node.lineno} {m}" for m in modules if m.startswith("flwr.") and m not in PUBLIC]
-    assert not found, "import from Flower's public modules or runtime.flower.internals: " + ", ".join(found)
+    assert not found, "import from Flower's public modules or fedsilo.runtime.flower.internals: " + ", ".join(found)
 
 
 @pytest.mark.parametrize("name", internals.__all__)

@@ -10,8 +10,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from common.errors import ConfigError
-from runtime.keys import fingerprint, issue_server_certificates, load_node_public_key, new_node_keys
+from fedsilo.common.errors import ConfigError
+from fedsilo.runtime.keys import fingerprint, issue_server_certificates, load_node_public_key, new_node_keys
 from tests.runtime.certificates import certificate_hosts
 
 

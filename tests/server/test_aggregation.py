@@ -2,8 +2,8 @@
 
 The institutions hold German credit rows resampled with replacement (the bank
 table the federation's schema encodes), from 10 to 1,000,000 records; they train
-with ``client.institution.fit_round`` and their updates go through SecAgg+'s
-weighting, clipping, quantization and unmasking (``server.aggregation``, Flower's
+with ``fedsilo.client.institution.fit_round`` and their updates go through SecAgg+'s
+weighting, clipping, quantization and unmasking (``fedsilo.server.aggregation``, Flower's
 own functions in ``secaggplus_mod``'s and ``SecAggPlusWorkflow``'s order).
 """
 
@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 import torch
 
-from client.institution import InstitutionData, fit_round, records_fingerprint, split_holdout
-from client.mods import seeded_global_numpy
-from client.policy import PrivacyPolicy
-from common.datasets import DATA_DIR, builtin_schema_path, read_table
-from common.ledger import PrivacyLedger
-from common.models import build_model, get_weights
-from common.schema import Schema
-from common.settings import RunSettings, SecAggSettings
-from server.aggregation import (
+from fedsilo.client.institution import InstitutionData, fit_round, records_fingerprint, split_holdout
+from fedsilo.client.mods import seeded_global_numpy
+from fedsilo.client.policy import PrivacyPolicy
+from fedsilo.common.datasets import DATA_DIR, builtin_schema_path, read_table
+from fedsilo.common.ledger import PrivacyLedger
+from fedsilo.common.models import build_model, get_weights
+from fedsilo.common.schema import Schema
+from fedsilo.common.settings import RunSettings, SecAggSettings
+from fedsilo.server.aggregation import (
     CLIPPING_MARGIN,
     clipping_warning,
     secaggplus_client_vector,

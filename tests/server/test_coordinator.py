@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from common.aggregation import aggregation_for
-from common.datasets import builtin_schema_path
-from common.settings import RunSettings
-from server.coordinator import Coordinator, EvaluateReply, FitReply
-from server.run_directory import RunDirectory
+from fedsilo.common.aggregation import aggregation_for
+from fedsilo.common.datasets import builtin_schema_path
+from fedsilo.common.settings import RunSettings
+from fedsilo.server.coordinator import Coordinator, EvaluateReply, FitReply
+from fedsilo.server.run_directory import RunDirectory
 
 TRAINED = {"noise-multiplier": 1.1, "sample-rate": 0.1, "steps": 10, "epsilon": 0.5, "delta": 1e-5}
 

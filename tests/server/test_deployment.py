@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 import torch
 
-from common.datasets import load_builtin
-from common.ledger import PrivacyLedger
-from runtime.keys import issue_server_certificates
-from runtime.processes import executable, flower_env, free_port
-from server.processes import healthy
+from fedsilo.common.datasets import load_builtin
+from fedsilo.common.ledger import PrivacyLedger
+from fedsilo.runtime.keys import issue_server_certificates
+from fedsilo.runtime.processes import executable, flower_env, free_port
+from fedsilo.server.processes import healthy
 
 pytestmark = pytest.mark.deployment
 BANKS = ("bank-1", "bank-2", "bank-3")
@@ -320,8 +320,8 @@ def query(message: Message, context: Context) -> Message:
 
 
 def test_an_app_that_brings_its_own_code_is_refused_by_every_institution(deployment: dict[str, Any]) -> None:
-    from server.federation import Federation
-    from server.processes import flwr
+    from fedsilo.server.federation import Federation
+    from fedsilo.server.processes import flwr
 
     root, fed = deployment["root"], Federation(deployment["fed"])
     app = root / "evil-app"
@@ -329,8 +329,8 @@ def test_an_app_that_brings_its_own_code_is_refused_by_every_institution(deploym
     (app / "evil_server.py").write_text(EVIL_SERVER)
     (app / "evil_client.py").write_text(EVIL_CLIENT)
     pyproject = (fed.write_app() / "pyproject.toml").read_text()
-    pyproject = pyproject.replace('"client.client_app:app"', '"evil_client:app"')
-    pyproject = pyproject.replace('"server.server_app:app"', '"evil_server:app"')
+    pyproject = pyproject.replace('"fedsilo.client.client_app:app"', '"evil_client:app"')
+    pyproject = pyproject.replace('"fedsilo.server.server_app:app"', '"evil_server:app"')
     (app / "pyproject.toml").write_text(
         pyproject.split("[tool.flwr.app.config]")[0] + '[tool.flwr.app.config]\nout = ""\nmarker = ""\n'
     )
@@ -346,8 +346,8 @@ def test_an_app_that_brings_its_own_code_is_refused_by_every_institution(deploym
 
 
 def test_ctrl_c_on_run_stops_the_flower_run_and_one_run_drives_at_a_time(deployment: dict[str, Any]) -> None:
-    from server.federation import Federation
-    from server.processes import active_runs
+    from fedsilo.server.federation import Federation
+    from fedsilo.server.processes import active_runs
 
     fed, server, procs = deployment["fed"], deployment["server"], deployment["procs"]
     federation = Federation(fed)

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from common.errors import ConfigError
-from common.settings import PrivacySettings, Proposal, RunSettings
-from runtime.keys import new_node_keys
-from server.cli import app
-from server.federation import Federation
+from fedsilo.common.errors import ConfigError
+from fedsilo.common.settings import PrivacySettings, Proposal, RunSettings
+from fedsilo.runtime.keys import new_node_keys
+from fedsilo.server.cli import app
+from fedsilo.server.federation import Federation
 from tests.runtime.certificates import certificate_hosts
 
 RUNNER = CliRunner()
@@ -37,7 +37,7 @@ def test_init_writes_certificates_schema_and_settings(tmp_path: Path) -> None:
 def test_the_app_carries_the_federations_settings(tmp_path: Path) -> None:
     fed = Federation.init(tmp_path / "fed", proposal=Proposal(rounds=5, privacy=PrivacySettings(target_epsilon=1.0)))
     config = tomllib.loads(fed.write_app().joinpath("pyproject.toml").read_text())["tool"]["flwr"]
-    assert config["app"]["components"]["clientapp"] == "client.client_app:app"
+    assert config["app"]["components"]["clientapp"] == "fedsilo.client.client_app:app"
     assert RunSettings.from_config(config["app"]["config"]) == fed.settings()
     assert fed.settings().rounds == 5 and fed.settings().privacy.target_epsilon == 1.0
 
@@ -87,14 +87,14 @@ def test_admit_stores_the_key_itself_and_a_withdrawal_rewrites_the_registry(tmp_
 
 
 def test_a_failed_init_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import server.federation
+    import fedsilo.server.federation
 
     def failing(directory: Path, hosts: tuple[str, ...]) -> None:
         directory.mkdir(parents=True)
         (directory / "ca.key").write_text("half-written")
         raise ConfigError("the disk is full")
 
-    monkeypatch.setattr(server.federation, "issue_server_certificates", failing)
+    monkeypatch.setattr(fedsilo.server.federation, "issue_server_certificates", failing)
     with pytest.raises(ConfigError, match="disk is full"):
         Federation.init(tmp_path / "fed")
     assert list(tmp_path.iterdir()) == []  # no DIR, no scratch folder

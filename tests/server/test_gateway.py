@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.gateway import allowed
+from fedsilo.server.gateway import allowed
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
 from datetime import datetime
 from pathlib import Path
 
-from server.run_naming import new_run_dir
+from fedsilo.server.run_naming import new_run_dir
 
 NOW = datetime(2026, 1, 2, 3, 4, 5)
 

@@ -18,7 +18,7 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.secure_aggregation import GuardedSecAggPlusWorkflow, ThresholdShares
+from fedsilo.server.secure_aggregation import GuardedSecAggPlusWorkflow, ThresholdShares
 
 
 class FakeGrid:

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from flwr.common import parameters_to_ndarrays
 
-from common.settings import RunSettings
-from server.server_app import build_server_app
-from server.strategy import FedsiloStrategy
-from simulations.runner import run_federation
+from fedsilo.common.settings import RunSettings
+from fedsilo.server.server_app import build_server_app
+from fedsilo.server.strategy import FedsiloStrategy
+from fedsilo.simulations.runner import run_federation
 
 INSTITUTIONS = 3
 ROUNDS = 3

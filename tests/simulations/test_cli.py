@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from simulations.cli import app
+from fedsilo.simulations.cli import app
 
 RUNNER = CliRunner()
 
@@ -57,7 +57,7 @@ def test_a_bad_policy_file_exits_2_before_flower_starts(tmp_path: Path, text: st
 
 
 def test_a_csv_table_with_its_schema_runs_as_a_federation(tmp_path: Path) -> None:
-    from common.datasets import DATA_DIR
+    from fedsilo.common.datasets import DATA_DIR
 
     out = tmp_path / "run"
     args = ["run", "--dataset", str(DATA_DIR / "german_credit.csv"), "--schema"]

@@ -14,13 +14,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from common.errors import ConfigError
-from runtime.processes import free_port
-from simulations.cli import app
-from simulations.cluster import pack, unpack
-from simulations.local_cluster import LocalCluster
-from simulations.runner import ray_init_args
-from simulations.sweep_spec import parse_sweep
+from fedsilo.common.errors import ConfigError
+from fedsilo.runtime.processes import free_port
+from fedsilo.simulations.cli import app
+from fedsilo.simulations.cluster import pack, unpack
+from fedsilo.simulations.local_cluster import LocalCluster
+from fedsilo.simulations.runner import ray_init_args
+from fedsilo.simulations.sweep_spec import parse_sweep
 
 RUNNER = CliRunner()
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,7 +78,16 @@ def test_a_sweep_on_a_two_node_cluster_runs_on_both_nodes_and_equals_the_local_r
 def test_flower_simulation_joins_the_cluster(cluster: LocalCluster, tmp_path: Path) -> None:
     # Execute: a Flower simulation, in its own process, pointed at the cluster
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "simulations.cli", "run", "--engine", "flower", "--ray-address", cluster.address]
+    argv = [
+        sys.executable,
+        "-m",
+        "fedsilo.simulations.cli",
+        "run",
+        "--engine",
+        "flower",
+        "--ray-address",
+        cluster.address,
+    ]
     argv += ["--dataset", "breast-cancer", "--institutions", "3", "--rounds", "2", "--out", str(out)]
     process = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cluster.env, cwd=ROOT
@@ -138,8 +147,8 @@ def test_a_sweep_file_names_its_cluster_and_a_bad_address_is_refused() -> None:
 
 def test_a_local_sweep_never_imports_ray(tmp_path: Path) -> None:
     code = (
-        "import sys; from pathlib import Path; from simulations.sweep import run_sweep; "
-        "from simulations.sweep_spec import SweepSpec; "
+        "import sys; from pathlib import Path; from fedsilo.simulations.sweep import run_sweep; "
+        "from fedsilo.simulations.sweep_spec import SweepSpec; "
         f"run_sweep(SweepSpec(rounds=1, epsilons=(2.0,), institutions=(3,), seeds=(0,)), Path({str(tmp_path)!r}), "
         "jobs=1); print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
     )

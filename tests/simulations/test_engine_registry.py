@@ -4,9 +4,9 @@ from typing import Any
 
 import pytest
 
-from common.errors import ConfigError
-from common.settings import RunSettings
-from simulations.engines import ENGINES, check_engine, run_engine
+from fedsilo.common.errors import ConfigError
+from fedsilo.common.settings import RunSettings
+from fedsilo.simulations.engines import ENGINES, check_engine, run_engine
 
 
 def test_an_unknown_engine_is_refused_listing_the_registered_ones() -> None:

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from common.settings import RunSettings
-from simulations.inprocess import run_inprocess
+from fedsilo.common.settings import RunSettings
+from fedsilo.simulations.inprocess import run_inprocess
 from tests.simulations.conftest import INSTITUTIONS, POLICY, ROUNDS
 
 pytestmark = pytest.mark.simulation

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.accounting import DPSGDEvent, epsilon_spent
-from common.datasets import load_builtin
-from common.ledger import PrivacyLedger
+from fedsilo.common.accounting import DPSGDEvent, epsilon_spent
+from fedsilo.common.datasets import load_builtin
+from fedsilo.common.ledger import PrivacyLedger
 from tests.simulations.conftest import INSTITUTIONS, ROUNDS
 
 pytestmark = pytest.mark.simulation

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from common import datasets
-from common.errors import ConfigError
-from common.models import SmallCNN, build_model
-from common.schema import Schema
-from common.settings import RunSettings
-from common.training import evaluate
-from simulations.baselines import federation_members
-from simulations.inprocess import run_inprocess
+from fedsilo.common import datasets
+from fedsilo.common.errors import ConfigError
+from fedsilo.common.models import SmallCNN, build_model
+from fedsilo.common.schema import Schema
+from fedsilo.common.settings import RunSettings
+from fedsilo.common.training import evaluate
+from fedsilo.simulations.baselines import federation_members
+from fedsilo.simulations.inprocess import run_inprocess
 
 
 def write_idx(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import torch
 
-from client.institution import InstitutionData
-from common.settings import RunSettings
-from simulations.inprocess import run_inprocess
-from simulations.runner import run_federation
+from fedsilo.client.institution import InstitutionData
+from fedsilo.common.settings import RunSettings
+from fedsilo.simulations.inprocess import run_inprocess
+from fedsilo.simulations.runner import run_federation
 
 pytestmark = pytest.mark.simulation
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from common.ledger import PrivacyLedger
-from common.settings import RunSettings
-from simulations.runner import run_federation
+from fedsilo.common.ledger import PrivacyLedger
+from fedsilo.common.settings import RunSettings
+from fedsilo.simulations.runner import run_federation
 
 pytestmark = pytest.mark.simulation
 

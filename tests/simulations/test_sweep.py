@@ -13,15 +13,15 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from typer.testing import CliRunner
 
-from client.institution import InstitutionData, records_fingerprint
-from common.datasets import DATA_DIR
-from common.errors import ConfigError
-from common.metrics import classification_metrics
-from common.settings import RunSettings
-from simulations.baselines import federation_members, records_digest, train_centrally
-from simulations.cli import app
-from simulations.sweep import check_sweep, run_task
-from simulations.sweep_spec import NO_DP, PrivacyLevel, SweepSpec, Task, load_sweep_file, parse_sweep
+from fedsilo.client.institution import InstitutionData, records_fingerprint
+from fedsilo.common.datasets import DATA_DIR
+from fedsilo.common.errors import ConfigError
+from fedsilo.common.metrics import classification_metrics
+from fedsilo.common.settings import RunSettings
+from fedsilo.simulations.baselines import federation_members, records_digest, train_centrally
+from fedsilo.simulations.cli import app
+from fedsilo.simulations.sweep import check_sweep, run_task
+from fedsilo.simulations.sweep_spec import NO_DP, PrivacyLevel, SweepSpec, Task, load_sweep_file, parse_sweep
 
 RUNNER = CliRunner()
 

@@ -15,12 +15,12 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-import simulations.sweep
-from common.errors import ConfigError
-from simulations.cli import app
-from simulations.sweep import run_sweep
-from simulations.sweep_spec import SweepSpec
-from simulations.sweep_store import SweepStore, write_json_atomically
+import fedsilo.simulations.sweep
+from fedsilo.common.errors import ConfigError
+from fedsilo.simulations.cli import app
+from fedsilo.simulations.sweep import run_sweep
+from fedsilo.simulations.sweep_spec import SweepSpec
+from fedsilo.simulations.sweep_store import SweepStore, write_json_atomically
 
 RUNNER = CliRunner()
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,7 +49,7 @@ def test_a_killed_sweep_resumes_to_the_tables_of_an_uninterrupted_one(tmp_path: 
     done = RUNNER.invoke(app, [*SWEEP, "--out", str(whole)])
     assert done.exit_code == 0, done.output
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    argv = [sys.executable, "-m", "simulations.cli", *SWEEP, "--out", str(resumed)]
+    argv = [sys.executable, "-m", "fedsilo.simulations.cli", *SWEEP, "--out", str(resumed)]
     with open(tmp_path / "killed.log", "wb") as log:
         process = subprocess.Popen(
             argv,
@@ -110,14 +110,14 @@ def test_a_failed_task_is_reported_with_its_error_and_the_others_are_kept(
 ) -> None:
     # Prepare: the no-DP federation fails
     spec = SweepSpec(rounds=2, epsilons=(2.0, float("inf")), institutions=(3,), seeds=(0,))
-    real = simulations.sweep.run_task
+    real = fedsilo.simulations.sweep.run_task
 
     def flaky(spec: SweepSpec, task: Any, out_dir: str) -> Any:
         if not task.level.private:
             raise RuntimeError("the node ran out of memory")
         return real(spec, task, out_dir)
 
-    monkeypatch.setattr(simulations.sweep, "run_task", flaky)
+    monkeypatch.setattr(fedsilo.simulations.sweep, "run_task", flaky)
     # Execute
     tables = run_sweep(spec, tmp_path, jobs=1)
     # Assert: the failure is stored with its error; the other task's rows are kept
@@ -128,7 +128,7 @@ def test_a_failed_task_is_reported_with_its_error_and_the_others_are_kept(
     assert set(tables["results"]["level"]) == {"eps=2"}
     assert len(list((tmp_path / "tasks").glob("*.json"))) == 1
     # Rerun: only the failed task runs again, and its failure is forgotten once it succeeds
-    monkeypatch.setattr(simulations.sweep, "run_task", real)
+    monkeypatch.setattr(fedsilo.simulations.sweep, "run_task", real)
     ran: list[str] = []
     tables = run_sweep(spec, tmp_path, jobs=1, on_done=lambda task: ran.append(task.run_id))
     assert ran == ["n=3_iid_secagg_E=2_inf_seed=0"]
@@ -139,14 +139,14 @@ def test_a_failed_task_is_reported_with_its_error_and_the_others_are_kept(
 def test_the_cli_names_a_failed_federation_writes_failures_csv_and_exits_1(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = simulations.sweep.run_task
+    real = fedsilo.simulations.sweep.run_task
 
     def flaky(spec: SweepSpec, task: Any, out_dir: str) -> Any:
         if task.level.private:
             raise RuntimeError("lost node 10.0.0.7")
         return real(spec, task, out_dir)
 
-    monkeypatch.setattr(simulations.sweep, "run_task", flaky)
+    monkeypatch.setattr(fedsilo.simulations.sweep, "run_task", flaky)
     out = tmp_path / "out"
     argv = [*SWEEP[:5], "--seeds", "0", "--rounds", "2", "--institutions", "3", "--jobs", "1"]
     result = RUNNER.invoke(app, [*argv, "--out", str(out)])

@@ -11,9 +11,9 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from typer.testing import CliRunner
 
-from common.errors import ConfigError
-from simulations.cli import app
-from simulations.tracking import RunTracker
+from fedsilo.common.errors import ConfigError
+from fedsilo.simulations.cli import app
+from fedsilo.simulations.tracking import RunTracker
 
 RUNNER = CliRunner()
 

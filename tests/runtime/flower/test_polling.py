@@ -5,7 +5,7 @@ import time
 import flwr.superlink.grid.http_grid as http_grid
 import pytest
 
-from runtime.flower.polling import CappedSleep, cap_grid_polling, poll_seconds
+from fedsilo.runtime.flower.polling import CappedSleep, cap_grid_polling, poll_seconds
 
 
 def test_the_serverapps_reply_poll_is_capped_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,9 +11,9 @@ from pathlib import Path
 import flwr.supernode.start_client_internal as internal
 import pytest
 
-from runtime.flower.polling import cap_polling
-from runtime.flower.supernode import CLIENT_APP, fab_problem, pin_client_app, warm_clientapps
-from server.federation import Federation
+from fedsilo.runtime.flower.polling import cap_polling
+from fedsilo.runtime.flower.supernode import CLIENT_APP, fab_problem, pin_client_app, warm_clientapps
+from fedsilo.server.federation import Federation
 
 
 def test_short_waits_have_their_own_cap() -> None:
@@ -81,7 +81,8 @@ def test_the_supernode_starts_fedsilos_superexec_which_is_flowers_own_with_a_war
     module.__file__ = internal.__file__
     module.subprocess = subprocess  # type: ignore[attr-defined]
     warm_clientapps(module)
-    # What the SuperNode runs as `flower-superexec ...`: Flower's SuperExec command line, via runtime.flower.superexec.
+    # What the SuperNode runs as `flower-superexec ...`: Flower's SuperExec command line,
+    # via fedsilo.runtime.flower.superexec.
     launched = module.subprocess.Popen(  # type: ignore[attr-defined]
         ["flower-superexec", "--help"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
@@ -93,9 +94,9 @@ def test_the_supernode_starts_fedsilos_superexec_which_is_flowers_own_with_a_war
 
 
 def test_the_institutions_supernode_command_runs_flowers_supernode() -> None:
-    # `fedsilo-client start` runs `python -m runtime.flower.supernode ...` (client/processes.py).
+    # `fedsilo-client start` runs `python -m fedsilo.runtime.flower.supernode ...` (client/processes.py).
     shown = subprocess.run(
-        [sys.executable, "-m", "runtime.flower.supernode", "--help"],
+        [sys.executable, "-m", "fedsilo.runtime.flower.supernode", "--help"],
         capture_output=True,
         text=True,
         timeout=120,
