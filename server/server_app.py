@@ -18,6 +18,7 @@ from fedsilo.common.datasets import builtin_schema_path
 from fedsilo.common.models import build_model, get_weights, model_spec
 from fedsilo.common.schema import Schema
 from fedsilo.common.settings import RunSettings
+from fedsilo.runtime.flower.internals import InMemoryGrid
 from fedsilo.runtime.flower.polling import cap_grid_polling
 from fedsilo.runtime.flower.workflow import ResumableWorkflow
 from fedsilo.server.coordinator import Coordinator, RoundCallback
@@ -34,6 +35,19 @@ def resolve_run_dir(settings: RunSettings) -> Path:
     if settings.out_dir:
         return Path(settings.out_dir).resolve()
     return new_run_dir(Path("runs"), dataset=settings.data.dataset).resolve()
+
+
+def simulation_state(settings: RunSettings) -> RunSettings:
+    """A simulation's settings with the run directory fixed and the simulated institutions' state in it.
+
+    The researcher plays every institution, so they keep their ledgers under the run
+    directory (``<run>/state``) unless ``state-root`` says where; a deployment never
+    gets here, and its institutions choose their own state directories.
+    """
+    if settings.state_root:
+        return settings
+    run_dir = resolve_run_dir(settings)
+    return replace(settings, out_dir=str(run_dir), state_root=str(run_dir / "state"))
 
 
 def open_run(
@@ -68,6 +82,8 @@ def build_server_app(
         settings = RunSettings.from_config(context.run_config)
         if settings.resume_from:  # the stopped run's own settings, whatever the run config says
             settings = RunDirectory.saved_settings(Path(settings.resume_from).resolve())
+        if isinstance(grid, InMemoryGrid):  # Flower's simulation engine (also `flwr run .`)
+            settings = simulation_state(settings)
         random.seed(settings.seed)  # Flower samples clients with the global generator
         settings, coordinator, strategy = open_run(settings, on_round, strategy_cls)
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=settings.rounds), strategy=strategy)

@@ -17,6 +17,7 @@ from typing import Any
 
 from fedsilo.common.settings import RunSettings
 from fedsilo.server.coordinator import RoundCallback
+from fedsilo.server.server_app import simulation_state
 from fedsilo.simulations.environment import contained_flower
 
 
@@ -30,8 +31,7 @@ def simulated(settings: RunSettings, institutions: int) -> RunSettings:
     """
     if not settings.out_dir:
         raise ValueError("settings.out_dir must name the run directory")
-    state_root = settings.state_root or str(Path(settings.out_dir).resolve() / "state")
-    return replace(settings, min_institutions=institutions, state_root=state_root)
+    return replace(simulation_state(settings), min_institutions=institutions)
 
 
 def run_federation(

@@ -36,6 +36,9 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 
+# The grid of Flower's simulation engine (the ServerApp tells a simulation from a deployment by it).
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
 # The SecAgg+ workflow stages that fedsilo's workflow overrides (name: Flower's parameters).
 SECAGGPLUS_STAGES = {
     "setup_stage": ("self", "grid", "context", "state"),
@@ -76,6 +79,7 @@ __all__ = [
     "WORKFLOW_STATE_FIELDS",
     "ClientAppCallable",
     "ClientProxy",
+    "InMemoryGrid",
     "SecAggKey",
     "WorkflowKey",
     "WorkflowState",
