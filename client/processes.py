@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fedsilo.client.trainer import SOCKET_KEY, socket_dir, wait_ready
 from fedsilo.common.errors import FedsiloError
-from fedsilo.runtime.processes import flower_env, stop_process
+from fedsilo.runtime.processes import child_env, flower_env, stop_process
 
 ACTIVATION_ATTEMPTS = 12  # a SuperNode refused at start is retried for about two minutes
 ACTIVATION_WINDOW_S = 30.0
@@ -104,7 +104,7 @@ def run_institution(node: Node, say: Callable[[str], None]) -> None:
     socket_path = private / "trainer.sock"
     config = node.config
     trainer = (
-        subprocess.Popen(trainer_argv(socket_path=socket_path, config=config), cwd=node.state_dir)
+        subprocess.Popen(trainer_argv(socket_path=socket_path, config=config), cwd=node.state_dir, env=child_env())
         if node.warm_trainer
         else None
     )

@@ -28,13 +28,30 @@ QUIET = {
 # environment wins, for measuring.)
 DEPLOYMENT = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 
+# Flower's internal switches. With FLWR_INTERNAL_GRPC_FLEET_API or FLWR_INTERNAL_GRPC_CONTROL_API
+# set to 1, flower-superlink also serves gRPC Fleet and Control APIs on 0.0.0.0:9092 and :9093
+# (flwr/superlink/cli/flower_superlink.py), the Control API unauthenticated and beside the gateway.
+# No process fedsilo starts sees any variable with this prefix, whatever the caller's environment.
+INTERNAL_PREFIX = "FLWR_INTERNAL_"
+
+
+def child_env() -> dict[str, str]:
+    """This process's environment without Flower's internal switches: what every child fedsilo starts gets."""
+    return {key: value for key, value in os.environ.items() if not key.upper().startswith(INTERNAL_PREFIX)}
+
+
+def scrub_environment() -> None:
+    """Remove Flower's internal switches from this process's own environment (for Flower run in-process)."""
+    for key in [key for key in os.environ if key.upper().startswith(INTERNAL_PREFIX)]:
+        del os.environ[key]
+
 
 def flower_env(home: Path) -> dict[str, str]:
-    """This process's environment, FLWR_HOME at ``home``, Flower's network chatter off, its executables first."""
+    """This process's environment, FLWR_HOME at ``home``, Flower's network chatter and internal switches off."""
     home.mkdir(parents=True, exist_ok=True)
     # Flower's processes start more of Flower's executables by name: find this environment's first.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return {**DEPLOYMENT, **os.environ, **QUIET, "FLWR_HOME": str(home.resolve()), "PATH": path}
+    return {**DEPLOYMENT, **child_env(), **QUIET, "FLWR_HOME": str(home.resolve()), "PATH": path}
 
 
 def executable(name: str) -> str:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import multiprocessing
 from typing import Any
 
+from fedsilo.runtime.processes import scrub_environment
+
 # What every ClientApp process needs; imported once, in the forkserver.
 PRELOAD = ["fedsilo.client.client_app", "flwr.supernode.runtime.run_clientapp"]
 
@@ -78,6 +80,7 @@ def _nothing() -> None:
 
 def main() -> None:
     """``flower-superexec`` with the forking ClientApp launcher."""
+    scrub_environment()  # Flower's internal switches, should this process have been started with them
     import flwr.supercore.superexec.run_superexec as superexec
     from flwr.supercore.cli.flower_superexec import flower_superexec
 

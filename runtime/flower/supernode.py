@@ -44,6 +44,7 @@ from types import ModuleType
 from typing import Any
 
 from fedsilo.runtime.flower.polling import cap_polling, poll_seconds
+from fedsilo.runtime.processes import scrub_environment
 
 DEFAULT_POLL_S = 0.5
 LOCAL_POLL_S = 0.05
@@ -124,6 +125,7 @@ def pin_client_app(module: ModuleType) -> None:
 
 def main() -> None:
     """``flower-supernode`` with capped polling, running only fedsilo's ClientApp."""
+    scrub_environment()  # Flower's internal switches, should this process have been started with them
     import flwr.supernode.start_client_internal as internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
