@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fedsilo.client.trainer import SOCKET_KEY, socket_dir, wait_ready
 from fedsilo.common.errors import FedsiloError
-from fedsilo.runtime.processes import flower_env, stop_process
+from fedsilo.runtime.processes import child_env, die_with_parent, flower_env, stop_process
 
 ACTIVATION_ATTEMPTS = 12  # a SuperNode refused at start is retried for about two minutes
 ACTIVATION_WINDOW_S = 30.0
@@ -103,8 +103,15 @@ def run_institution(node: Node, say: Callable[[str], None]) -> None:
     private = socket_dir()
     socket_path = private / "trainer.sock"
     config = node.config
+    # Every child is killed when this process ends, even by SIGKILL (the SuperNode's own
+    # children watch it in turn): no part of the institution goes on after it stopped.
     trainer = (
-        subprocess.Popen(trainer_argv(socket_path=socket_path, config=config), cwd=node.state_dir)
+        subprocess.Popen(
+            trainer_argv(socket_path=socket_path, config=config),
+            cwd=node.state_dir,
+            env=child_env(),
+            preexec_fn=die_with_parent(),
+        )
         if node.warm_trainer
         else None
     )
@@ -131,7 +138,9 @@ def _run_supernode(argv: list[str], node: Node, say: Callable[[str], None]) -> N
     code = 0
     for attempt in range(attempts):
         started = time.monotonic()
-        process = subprocess.Popen(argv, env=flower_env(node.state_dir / "flwr"), cwd=node.state_dir)
+        process = subprocess.Popen(
+            argv, env=flower_env(node.state_dir / "flwr"), cwd=node.state_dir, preexec_fn=die_with_parent()
+        )
         try:
             code = process.wait()
         except KeyboardInterrupt:

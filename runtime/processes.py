@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +31,67 @@ QUIET = {
 # environment wins, for measuring.)
 DEPLOYMENT = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 
+# Flower's internal switches. With FLWR_INTERNAL_GRPC_FLEET_API or FLWR_INTERNAL_GRPC_CONTROL_API
+# set to 1, flower-superlink also serves gRPC Fleet and Control APIs on 0.0.0.0:9092 and :9093
+# (flwr/superlink/cli/flower_superlink.py), the Control API unauthenticated and beside the gateway.
+# No process fedsilo starts sees any variable with this prefix, whatever the caller's environment.
+INTERNAL_PREFIX = "FLWR_INTERNAL_"
+
+
+def child_env() -> dict[str, str]:
+    """This process's environment without Flower's internal switches: what every child fedsilo starts gets."""
+    return {key: value for key, value in os.environ.items() if not key.upper().startswith(INTERNAL_PREFIX)}
+
+
+def scrub_environment() -> None:
+    """Remove Flower's internal switches from this process's own environment (for Flower run in-process)."""
+    for key in [key for key in os.environ if key.upper().startswith(INTERNAL_PREFIX)]:
+        del os.environ[key]
+
 
 def flower_env(home: Path) -> dict[str, str]:
-    """This process's environment, FLWR_HOME at ``home``, Flower's network chatter off, its executables first."""
+    """This process's environment, FLWR_HOME at ``home``, Flower's network chatter and internal switches off."""
     home.mkdir(parents=True, exist_ok=True)
     # Flower's processes start more of Flower's executables by name: find this environment's first.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return {**DEPLOYMENT, **os.environ, **QUIET, "FLWR_HOME": str(home.resolve()), "PATH": path}
+    return {**DEPLOYMENT, **child_env(), **QUIET, "FLWR_HOME": str(home.resolve()), "PATH": path}
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def bind_to_parent(parent: int) -> None:
+    """Have this process killed (SIGKILL) when its parent ends, however it ends (Linux; elsewhere nothing).
+
+    ``parent`` is the pid the caller expects as its parent: if it has already ended (this
+    process now belongs to init or a subreaper), this process ends at once.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` for ``subprocess``: the child is killed when this process ends, whatever the signal.
+
+    Call it in the thread that starts the child, and keep that thread alive as long as the
+    child (Linux sends the signal when the thread that forked the child ends): fedsilo's CLIs
+    start their children from the main thread. None (nothing to do) where Linux's
+    ``PR_SET_PDEATHSIG`` does not exist.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    parent = os.getpid()
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+
+    def arm() -> None:
+        if prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return arm
 
 
 def executable(name: str) -> str:

@@ -28,7 +28,7 @@ from types import FrameType
 from typing import Any
 
 from fedsilo.common.errors import ConfigError, FedsiloError
-from fedsilo.runtime.processes import executable, flower_env, free_port, stop_process
+from fedsilo.runtime.processes import die_with_parent, executable, flower_env, free_port, stop_process
 from fedsilo.server.federation import Federation, Institution
 
 
@@ -111,6 +111,7 @@ def start_superlink(
             env=flower_env(fed.flwr_home),
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent(),  # killed with `fedsilo-server start`, however it ends
         )
     )
     try:  # whatever goes wrong from here on, no process outlives this call
@@ -132,6 +133,7 @@ def start_superlink(
             env=flower_env(fed.flwr_home),
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent(),  # killed with `fedsilo-server start`, however it ends
         )
         _wait_healthy(running, public, ca, timeout, log.name)
     except BaseException:
@@ -193,6 +195,7 @@ def flwr(fed: Federation, *args: str, timeout: float = 120.0) -> subprocess.Comp
         text=True,
         timeout=timeout,
         check=False,
+        preexec_fn=die_with_parent(),
     )
 
 
@@ -367,7 +370,13 @@ def drive_run(fed: Federation, *, verbose: bool, say: Callable[[str], None], war
     argv = [executable("flwr"), "run", str(fed.app_dir), "fedsilo", "--stream"]
     run_id = None
     with subprocess.Popen(
-        argv, cwd=fed.root, env=flower_env(fed.flwr_home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        argv,
+        cwd=fed.root,
+        env=flower_env(fed.flwr_home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=die_with_parent(),
     ) as flower:
         assert flower.stdout is not None
         try:

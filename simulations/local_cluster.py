@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fedsilo.runtime.processes import QUIET, executable, free_port
+from fedsilo.runtime.processes import QUIET, child_env, executable, free_port
 
 HOST = "127.0.0.1"
 
@@ -51,7 +51,7 @@ class LocalCluster:
         self.workers, self.cpus = workers, cpus
         path = [str(code)] if code else []
         pythonpath = os.pathsep.join([*path, os.environ.get("PYTHONPATH", "")]).strip(os.pathsep)
-        self.env = {**os.environ, **QUIET, "RAY_TMPDIR": str(self.temp / "ray"), "PYTHONPATH": pythonpath}
+        self.env = {**child_env(), **QUIET, "RAY_TMPDIR": str(self.temp / "ray"), "PYTHONPATH": pythonpath}
         self.processes: list[subprocess.Popen[bytes]] = []
 
     def _start(self, name: str, argv: list[str]) -> None:

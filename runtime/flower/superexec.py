@@ -18,7 +18,11 @@ is unpickled, and only ``main``'s process needs Flower's SuperExec.
 from __future__ import annotations
 
 import multiprocessing
+import os
+import sys
 from typing import Any
+
+from fedsilo.runtime.processes import bind_to_parent, scrub_environment
 
 # What every ClientApp process needs; imported once, in the forkserver.
 PRELOAD = ["fedsilo.client.client_app", "flwr.supernode.runtime.run_clientapp"]
@@ -26,6 +30,7 @@ PRELOAD = ["fedsilo.client.client_app", "flwr.supernode.runtime.run_clientapp"]
 
 def run_task(address: str, token: str, insecure: bool, root_certificates: str | None, parent_pid: int | None) -> None:
     """One ClientApp task, as ``flwr-clientapp --token TOKEN`` would run it."""
+    bind_to_parent(os.getppid())  # killed with the forkserver (which ends with this SuperExec)
     from flwr.supercore.tls import validate_and_resolve_root_certificates
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
@@ -78,6 +83,11 @@ def _nothing() -> None:
 
 def main() -> None:
     """``flower-superexec`` with the forking ClientApp launcher."""
+    # Killed when the SuperNode that started it ends, however it ends (Flower's own watch of
+    # --parent-pid only polls, and only if the SuperNode's pid is not reused).
+    if "--parent-pid" in sys.argv[1:-1]:
+        bind_to_parent(int(sys.argv[sys.argv.index("--parent-pid") + 1]))
+    scrub_environment()  # Flower's internal switches, should this process have been started with them
     import flwr.supercore.superexec.run_superexec as superexec
     from flwr.supercore.cli.flower_superexec import flower_superexec
 

@@ -12,6 +12,11 @@ with the same command-line options (``flwr/supernode/start_client_internal.py``)
   its ClientApp: the code that touches the records is then the institution's
   own installed fedsilo. Any other FAB gets Flower's own refusal (an
   ``INVALID_FAB`` error reply), through Flower's FAB-verification hook.
+  Every field of the FAB that Flower turns into a path (it installs the bundle
+  in ``FLWR_HOME/apps/<publisher>.<name>.<version>.<hash>``, from the FAB's
+  ``tool.flwr.app.publisher``, ``project.name`` and ``project.version``:
+  ``flwr/cli/install.py``) must be one plain path segment: a version
+  ``1/../../../escaped``, or a publisher ``/tmp/x``, is refused the same way.
 - **Warm ClientApp processes.** The SuperNode starts ``flower-superexec``, which
   starts a fresh ``flwr-clientapp`` process for every message; here it starts
   ``fedsilo.runtime.flower.superexec`` instead (Flower's SuperExec, forking each ClientApp from
@@ -33,6 +38,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -44,6 +50,7 @@ from types import ModuleType
 from typing import Any
 
 from fedsilo.runtime.flower.polling import cap_polling, poll_seconds
+from fedsilo.runtime.processes import scrub_environment
 
 DEFAULT_POLL_S = 0.5
 LOCAL_POLL_S = 0.05
@@ -53,8 +60,18 @@ FAB_FILES = frozenset({"pyproject.toml", ".info/CONTENT"})
 _PINNED = {"fedsilo": "only FABs without code that name fedsilo's installed ClientApp"}
 
 
+# A FAB field that becomes part of a directory name: one segment, no "..", no separator.
+PATH_FIELD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
+# The FAB's fields Flower joins into its install directory (flwr.common.config.get_metadata_from_config).
+PATH_FIELDS = (("tool", "flwr", "app", "publisher"), ("project", "name"), ("project", "version"))
+
+
 def fab_problem(content: bytes) -> str | None:
-    """Why this SuperNode refuses a FAB, or None if it is fedsilo's (no code, fedsilo's ClientApp)."""
+    """Why this SuperNode refuses a FAB, or None if it is fedsilo's (no code, fedsilo's ClientApp).
+
+    Besides naming fedsilo's ClientApp, every field Flower turns into a path must
+    be one plain directory-name segment (``path_field_problems``).
+    """
     try:
         with zipfile.ZipFile(io.BytesIO(content)) as fab:
             names = set(fab.namelist())
@@ -66,7 +83,29 @@ def fab_problem(content: bytes) -> str | None:
     named = config.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {}).get("clientapp")
     if named != CLIENT_APP:
         return f"the app bundle names the ClientApp {named!r}, not {CLIENT_APP!r}"
-    return None
+    return path_field_problems(config)
+
+
+def path_field_problems(config: dict[str, Any]) -> str | None:
+    """The FAB fields (of its ``pyproject.toml``, as ``config``) that cannot name a directory, said; None if all can.
+
+    Flower installs a FAB in ``FLWR_HOME/apps/<publisher>.<name>.<version>.<hash>``
+    without checking these fields: a ``/`` or ``..`` in one of them, or an absolute
+    publisher, puts the bundle's files anywhere the SuperNode's user can write.
+    """
+    bad = []
+    for keys in PATH_FIELDS:
+        value: Any = config
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if not isinstance(value, str) or PATH_FIELD.fullmatch(value) is None or ".." in value:
+            bad.append(f"{'.'.join(keys)} {value!r}")
+    if not bad:
+        return None
+    return (
+        f"the app bundle's {', '.join(bad)} cannot name a directory: Flower installs the app under "
+        "FLWR_HOME/apps/<publisher>.<name>.<version>.<hash>; use letters, digits and . _ + - (no '..')"
+    )
 
 
 class _SuperExecLauncher:
@@ -124,6 +163,7 @@ def pin_client_app(module: ModuleType) -> None:
 
 def main() -> None:
     """``flower-supernode`` with capped polling, running only fedsilo's ClientApp."""
+    scrub_environment()  # Flower's internal switches, should this process have been started with them
     import flwr.supernode.start_client_internal as internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 

@@ -80,6 +80,21 @@ def test_flowers_fab_verification_hook_is_still_where_the_pin_expects_it() -> No
     assert {"content", "verifications"} <= {field.name for field in dataclasses.fields(Fab)}
 
 
+def test_flower_still_installs_a_fab_under_a_path_made_of_the_fields_fab_problem_checks() -> None:
+    # runtime/flower/supernode.py's PATH_FIELDS: what Flower joins into FLWR_HOME/apps/<...>.
+    import flwr.cli.install as install
+    from flwr.common.config import get_metadata_from_config
+
+    from fedsilo.runtime.flower.supernode import PATH_FIELDS
+
+    config = {"tool": {"flwr": {"app": {"publisher": "P"}}}, "project": {"name": "N", "version": "V"}}
+    assert get_metadata_from_config(config) == ("P/N", "V")
+    assert {keys[-1] for keys in PATH_FIELDS} == {"publisher", "name", "version"}
+    text = source(install)
+    assert "fab_id, version = get_metadata_from_config(config)" in text
+    assert 'f"{publisher}.{project_name}.{version}.{fab_hash[:FAB_HASH_TRUNCATION]}"' in text
+
+
 # runtime/flower/supernode.py: the warm-ClientApps launcher
 
 

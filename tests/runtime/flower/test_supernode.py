@@ -1,5 +1,6 @@
 """The SuperNode entry point caps Flower's 3 s poll and runs only fedsilo's ClientApp (Flower's side: the tripwires)."""
 
+import hashlib
 import io
 import subprocess
 import sys
@@ -7,6 +8,8 @@ import time
 import types
 import zipfile
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import flwr.supernode.start_client_internal as internal
 import pytest
@@ -103,3 +106,108 @@ def test_the_institutions_supernode_command_runs_flowers_supernode() -> None:
         check=False,
     )
     assert shown.returncode == 0 and "--superlink" in shown.stdout
+
+
+# Issue 13, attack 8: an app bundle whose fields Flower turns into a path leave FLWR_HOME/apps.
+
+
+def installable_fab(pyproject: str) -> bytes:
+    """A FAB as Flower builds it: pyproject.toml and the .info/CONTENT manifest of its hashes."""
+    digest = hashlib.sha256(pyproject.encode()).hexdigest()
+    return fab({"pyproject.toml": pyproject, ".info/CONTENT": f"pyproject.toml,{digest},{len(pyproject)}\n"})
+
+
+ESCAPE = ('version = "1.0.0"', 'version = "1/../../../escaped"')
+ESCAPES = [
+    ESCAPE,
+    ('version = "1.0.0"', 'version = ".."'),
+    ('name = "fedsilo-federation"', 'name = "../../escaped"'),
+    ('publisher = "fedsilo"', 'publisher = "/tmp/escaped"'),
+    ('publisher = "fedsilo"', "publisher = 7"),
+]
+
+
+@pytest.mark.parametrize("field,escape", ESCAPES)
+def test_a_fab_whose_fields_leave_the_apps_directory_is_refused(tmp_path: Path, field: str, escape: str) -> None:
+    pyproject = fedsilo_pyproject(tmp_path)
+    assert field in pyproject
+    problem = fab_problem(installable_fab(pyproject.replace(field, escape)))
+    assert problem is not None and "cannot name a directory" in problem
+
+
+def test_flower_would_write_such_a_fab_outside_its_apps_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flwr.cli.install import install_from_fab
+
+    # The attack, against Flower itself: what fab_problem stands in front of.
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home" / "flwr"))
+    pyproject = fedsilo_pyproject(tmp_path).replace(*ESCAPE)
+    installed = install_from_fab(installable_fab(pyproject), skip_prompt=True)
+    assert installed.resolve().parent == tmp_path / "home"  # FLWR_HOME/apps/fedsilo.fedsilo-federation.1/../../..
+    assert (installed / "pyproject.toml").is_file()
+
+
+def pinned_pull(monkeypatch: pytest.MonkeyPatch, content: bytes) -> list[Any]:
+    """One message of a run of ``content`` through Flower's own SuperNode loop, pinned; the error replies it made."""
+    from dataclasses import replace
+
+    from flwr.app import Message, RecordDict
+    from flwr.app.metadata import Metadata
+    from flwr.supercore.fab import Fab
+    from flwr.supercore.run import Run
+
+    fab_hash = hashlib.sha256(content).hexdigest()
+    # The run names the bundle by the bundle's own fields, as `flwr run` does.
+    publisher, name, version = "fedsilo", "fedsilo-federation", "1.0.0"
+    text = zipfile.ZipFile(io.BytesIO(content)).read("pyproject.toml").decode()
+    if ESCAPE[1] in text:
+        version = "1/../../../escaped"
+    run = replace(Run.create_empty(7), fab_id=f"{publisher}/{name}", fab_version=version, fab_hash=fab_hash)
+    monkeypatch.setattr(internal, "_pull_and_store_message", internal._pull_and_store_message)
+    monkeypatch.setattr(internal, "_verify_fab", internal._verify_fab)
+    replies: list[Any] = []
+    monkeypatch.setattr(internal, "_insert_message", lambda msg, state, store: replies.append(msg))
+    pin_client_app(internal)
+    metadata = Metadata(
+        run_id=run.run_id,
+        message_id="m1",
+        src_node_id=0,
+        dst_node_id=5,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
+    message = Message(metadata=metadata, content=RecordDict())
+    state = mock.MagicMock()
+    state.get_run.return_value = None
+    internal._pull_and_store_message(
+        state=state,
+        object_store=mock.MagicMock(),
+        node_config={},
+        receive=lambda: (message, mock.MagicMock()),
+        get_run=lambda run_id: run,
+        get_fab=lambda fab_hash, run_id: Fab(hashlib.sha256(content).hexdigest(), content, {}),
+        pull_object=mock.MagicMock(),
+        confirm_message_received=mock.MagicMock(),
+        trusted_entities=None,
+    )
+    return [reply for reply in replies if reply.has_error()]
+
+
+def test_the_pinned_supernode_refuses_a_fab_whose_version_leaves_the_apps_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flwr.common.constant import ErrorCode
+
+    # Prepare: fedsilo's own bundle, its version turned into a path out of FLWR_HOME/apps.
+    pyproject = fedsilo_pyproject(tmp_path)
+    escaping = installable_fab(pyproject.replace(*ESCAPE))
+    # Execute: a message of a run of that bundle reaches Flower's SuperNode loop, pinned.
+    refused = pinned_pull(monkeypatch, escaping)
+    # Assert: Flower's own refusal goes back, and no task is made for a ClientApp to install the bundle.
+    assert [reply.error.code for reply in refused] == [ErrorCode.INVALID_FAB]
+    monkeypatch.undo()
+    assert pinned_pull(monkeypatch, installable_fab(pyproject)) == []  # the honest bundle passes
