@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from sklearn.model_selection import train_test_split
 from torch import nn
 
@@ -35,6 +36,17 @@ from fedsilo.common.settings import PrivacySettings, RunSettings
 from fedsilo.common.training import evaluate, plan_round, train_round
 
 Weights = list[np.ndarray]
+
+# Incoming global weights must be finite and no larger than this in magnitude, and every
+# parameter stays inside it while the institution trains (projected SGD). Trained models sit
+# far below it (under SecAgg+ every weight stays inside secagg-clipping-range, 8 by default).
+# A crafted model near float32's maximum would make the per-record gradient of chosen records
+# overflow, and Opacus's clipping would turn the whole update into NaN that no noise hides.
+MAX_ABS_WEIGHT = 1e3
+# With every weight at MAX_ABS_WEIGHT and inputs in [0, 1] (what a schema encodes), the
+# worst-case per-record squared gradient norm (``worst_case_gradient``) must stay below this,
+# far under float32's maximum (3.4e38): Opacus sums squares, ghost clipping products of them.
+MAX_WORST_CASE_GRADIENT = 1e30
 
 
 @dataclass(frozen=True)
@@ -149,6 +161,70 @@ def split_holdout(
     return parts[0], parts[1], parts[2], parts[3]
 
 
+def worst_case_gradient(settings: RunSettings, schema: Schema, bound: float = MAX_ABS_WEIGHT) -> float:
+    """An upper bound on any record's squared gradient norm (and squared logit), weights within ``bound``.
+
+    The run's model is built in float64 with ReLU (``|tanh z| <= |z|`` and its slope is at most
+    1, so ReLU bounds tanh) and every parameter at ``+bound``; on an all-ones input (the schema
+    encodes every input into [0, 1]) every activation is then as large as any input and any
+    weights within the bound can make it, and the gradient of the sum of the logits bounds every
+    back-propagated value (the loss's gradient in each logit lies in [-1, 1]). A max-pooling layer
+    can route up to four windows' gradients to one input: a factor of 16 in the square each.
+    """
+    model = build_model(replace(settings.train, activation="relu"), schema, seed=0).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(bound)
+    logits = model(torch.ones(1, schema.num_inputs, dtype=torch.float64))
+    logits.sum().backward()
+    squared = sum(float((p.grad**2).sum()) for p in model.parameters() if p.grad is not None)
+    pools = sum(isinstance(m, nn.MaxPool2d) for m in model.modules())
+    return max(squared, float(logits.detach().max()) ** 2) * 16.0**pools
+
+
+def weight_bound(settings: RunSettings, *, secure_aggregation: bool) -> float:
+    """How large a parameter may be, received or while training: ``MAX_ABS_WEIGHT``, under SecAgg+ at most its range.
+
+    SecAgg+ clips every masked value to ``secagg-clipping-range``, so a model aggregated under it
+    never leaves that range, and training projects onto it so that nothing is clipped silently.
+    """
+    return min(settings.secagg.clipping_range, MAX_ABS_WEIGHT) if secure_aggregation else MAX_ABS_WEIGHT
+
+
+def weights_problem(
+    weights: Sequence[np.ndarray], settings: RunSettings, schema: Schema, *, bound: float
+) -> str | None:
+    """Why these incoming weights must not be trained or evaluated on (None: they may).
+
+    Every value must be finite and within ``bound`` (``weight_bound``), and the run's model
+    with weights within ``bound`` must keep every record's gradient far from float32's
+    overflow (``worst_case_gradient``). Checked before any record is touched: the answer
+    depends on the weights and the run's model only, never on the records, so a refusal
+    cannot reveal whether a record is present.
+    """
+    for i, w in enumerate(weights):
+        array = np.asarray(w)
+        if not np.issubdtype(array.dtype, np.number):
+            return f"weight tensor {i} is not numeric (dtype {array.dtype})"
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            return f"weight tensor {i} has {bad} non-finite values (NaN or infinite)"
+        largest = float(np.abs(array).max()) if array.size else 0.0
+        if largest > bound:
+            return (
+                f"weight tensor {i} has a value of magnitude {largest:.3g}, above the {bound:g} "
+                "an institution accepts (a crafted model can make chosen records' gradients overflow)"
+            )
+    worst = worst_case_gradient(settings, schema, bound)
+    if not worst <= MAX_WORST_CASE_GRADIENT:
+        return (
+            f"model {settings.train.model!r} (hidden layers {settings.train.hidden_layers!r}) could make a record's "
+            f"squared gradient norm reach {worst:.3g} with weights within {bound:g}, above the "
+            f"{MAX_WORST_CASE_GRADIENT:g} that keeps float32 from overflowing; use a smaller model"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class FitOutcome:
     """What an institution releases after a round: the update and clear-text metrics."""
@@ -203,7 +279,12 @@ def fit_round(
         base: dict[str, bool | int | float | str] = {"institution": data.name, "delta": delta}
         reason = None
         violations = policy.violations(settings, plan, secure_aggregation=secure)
-        if violations:
+        bound = weight_bound(settings, secure_aggregation=secure)
+        if (problem := weights_problem(weights, settings, data.schema, bound=bound)) is not None:
+            reason = f"{data.name} refused round {server_round}: the received global model is unsafe: {problem}"
+            # Nothing non-finite goes back: under SecAgg+ even a zero weight times NaN is NaN.
+            weights = [np.zeros(np.shape(w), dtype=np.float32) for w in weights]
+        elif violations:
             reason = (
                 f"{data.name} refused round {server_round}: the proposed training breaks its privacy policy: "
                 + "; ".join(violations)
@@ -230,8 +311,9 @@ def fit_round(
             train=settings.train,
             max_grad_norm=privacy.max_grad_norm,
             seed=seed,
-            # SecAgg+ clips each masked value to its clipping range: keep the weights inside it.
-            weight_bound=settings.secagg.clipping_range if secure else None,
+            # Weights stay where no record's gradient can overflow (MAX_ABS_WEIGHT) and, under
+            # SecAgg+, inside the clipping range that SecAgg+ would otherwise clip silently.
+            weight_bound=bound,
         )
         ledger.append(entry)  # before the update leaves: a released update is spent privacy
         metrics = {
@@ -262,6 +344,9 @@ def evaluate_round(
     """
     if not data.policy.share_eval_metrics:
         return 0.0, 0, {"institution": data.name, "withheld": True}
+    bound = weight_bound(settings, secure_aggregation=settings.secagg.enabled)
+    if (problem := weights_problem(weights, settings, data.schema, bound=bound)) is not None:
+        return 0.0, 0, {"institution": data.name, "refused": f"{data.name} refused to evaluate: {problem}"}
     model = _model_with(data, settings, weights)
     metrics = evaluate(model, data.test_x, data.test_y)
     loss = metrics.pop("loss")
