@@ -142,7 +142,7 @@ def start(
     ] = True,
 ) -> None:
     """Check the data, then run this institution's SuperNode until interrupted."""
-    from fedsilo.client.institution import deployed_policy  # imports torch: not for the other commands
+    from fedsilo.client.policy import deployed_policy
 
     with exit_on_error(console, note="the SuperNode was not started"):
         for path, what in ((ca, "--ca"), (key, "--key")):

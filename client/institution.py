@@ -23,7 +23,7 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from fedsilo.client.policy import PrivacyPolicy
+from fedsilo.client.policy import PrivacyPolicy, deployed_policy
 from fedsilo.client.simulated_data import SimulatedTables
 from fedsilo.common.accounting import epsilon_spent
 from fedsilo.common.aggregation import aggregation_for
@@ -32,7 +32,7 @@ from fedsilo.common.errors import ConfigError
 from fedsilo.common.ledger import LedgerEntry, PrivacyLedger
 from fedsilo.common.models import build_model, get_weights, set_weights
 from fedsilo.common.schema import Schema
-from fedsilo.common.settings import PrivacySettings, RunSettings
+from fedsilo.common.settings import RunSettings
 from fedsilo.common.training import evaluate, plan_round, train_round
 
 Weights = list[np.ndarray]
@@ -106,30 +106,6 @@ class InstitutionData:
         train_x, test_x, train_y, test_y = split_holdout(inputs, labels, settings)
         fingerprint = records_fingerprint(inputs, labels)
         return cls(name, schema, train_x, train_y, test_x, test_y, state_dir, fingerprint, reproducible, policy)
-
-
-DEPLOYED_DEFAULTS = {"share-eval-metrics": False, "require-secure-aggregation": True}
-
-
-def deployed_policy(node_config: Mapping[str, Any]) -> PrivacyPolicy:
-    """A deployed institution's policy: its own lifetime budget, and its own delta.
-
-    Without a delta of its own, the institution would account at the delta the
-    coordinator proposes, and a larger delta makes the same training look cheaper:
-    so a policy without ``delta`` accounts at fedsilo's default (1e-5) and refuses
-    any larger proposal. Unless the policy says otherwise, a deployed institution
-    also refuses rounds without SecAgg+ and keeps its evaluation metrics (computed
-    on held-out records, outside the DP guarantee) to itself.
-    """
-    policy = PrivacyPolicy.from_node_config(node_config, defaults=DEPLOYED_DEFAULTS)
-    if policy.max_epsilon is None:
-        raise ConfigError(
-            f"{policy.source}: a deployed institution must set max-epsilon (its lifetime budget) "
-            "in its policy; the coordinator cannot choose it"
-        )
-    if policy.delta is None:
-        policy = replace(policy, delta=PrivacySettings().delta)
-    return policy
 
 
 def records_fingerprint(inputs: np.ndarray, labels: np.ndarray) -> str:

@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from fedsilo.client.cli import app
-from fedsilo.client.institution import InstitutionData, deployed_policy, evaluate_round, fit_round
-from fedsilo.client.policy import PrivacyPolicy
+from fedsilo.client.institution import InstitutionData, evaluate_round, fit_round
+from fedsilo.client.policy import PrivacyPolicy, deployed_policy
 from fedsilo.common.errors import ConfigError
 from fedsilo.common.ledger import PrivacyLedger, composed_epsilon
 from fedsilo.common.models import build_model, get_weights
@@ -250,3 +250,14 @@ def test_budget_shows_every_ledger_composed_as_enforced(tmp_path: Path) -> None:
     assert summary["remaining"] == pytest.approx(5.0 - composed)
     text = CliRunner().invoke(app, ["budget", "--state-dir", str(tmp_path)]).output
     assert f"epsilon {composed:.3f}" in text and "every ledger composed" in text
+
+
+def test_a_deployed_institution_requires_a_majority_secagg_threshold_of_at_least_two() -> None:
+    policy = deployed_policy({"max-epsilon": 3.0})
+    assert (policy.min_secagg_threshold, policy.min_secagg_threshold_fraction) == (2, 0.51)
+    assert policy.secagg_violations(sample=3, shares=3, threshold=2) == []
+    assert "min-secagg-threshold 2" in policy.secagg_violations(sample=3, shares=3, threshold=1)[0]
+    assert "fraction 0.51" in policy.secagg_violations(sample=5, shares=5, threshold=2)[0]
+    assert deployed_policy({"max-epsilon": 3.0, "min-secagg-threshold": 3}).min_secagg_threshold == 3
+    with pytest.raises(ConfigError, match="'min-secagg-threshold-fraction' must be in"):
+        deployed_policy({"max-epsilon": 3.0, "min-secagg-threshold-fraction": 1.5})
