@@ -9,9 +9,13 @@ and records the round in the ledger before the update leaves.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import hmac
 import math
+import os
 import secrets
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -103,7 +107,9 @@ class InstitutionData:
             )
         if "state-dir" in node_config:
             state_dir = Path(str(node_config["state-dir"]))
-        train_x, test_x, train_y, test_y = split_holdout(inputs, labels, settings)
+        # Deployed: the institution's secret key. Simulations keep the seeded split (split_holdout).
+        key = holdout_key(state_dir) if "data-path" in node_config else None
+        train_x, test_x, train_y, test_y = split_holdout(inputs, labels, settings, key=key)
         fingerprint = records_fingerprint(inputs, labels)
         return cls(name, schema, train_x, train_y, test_x, test_y, state_dir, fingerprint, reproducible, policy)
 
@@ -119,13 +125,40 @@ def records_fingerprint(inputs: np.ndarray, labels: np.ndarray) -> str:
     return hashlib.sha256(f"{rows.shape}".encode() + b"".join(row_digests)).hexdigest()[:24]
 
 
+HOLDOUT_KEY_FILE = "holdout.key"  # a deployed institution's secret split key, in its state directory
+
+
 def split_holdout(
+    inputs: np.ndarray, labels: np.ndarray, settings: RunSettings, *, key: bytes | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """An institution's own train / held-out split: each record by a keyed hash of itself.
+
+    A record is held out when ``HMAC-SHA256(key, record)``, read as a number in [0, 1),
+    falls below ``test-fraction``: whether it is held out depends on the record and the
+    key alone, never on the table's size or order, so adding or removing one record moves
+    no other record between training and held-out (two neighbouring datasets differ by one
+    training record at most). ``InstitutionData.from_node_config`` passes a deployed
+    institution's secret (``holdout_key``), which the coordinator cannot steer. Identical
+    records fall on the same side. When every record would be held out, all train (the
+    held-out set is then empty and evaluation reports nothing).
+
+    Without ``key``: the seeded, stratified split (scikit-learn) that simulations, their
+    baselines and sweeps still use, so that every engine agrees; it moves many records
+    when one is added, so no deployed institution uses it.
+    Returns ``train_x, test_x, train_y, test_y``.
+    """
+    if key is None:
+        return _seeded_split(inputs, labels, settings)
+    held = holdout_mask(inputs, labels, fraction=settings.data.test_fraction, key=key)
+    if held.all():
+        held[:] = False
+    return inputs[~held], inputs[held], labels[~held], labels[held]
+
+
+def _seeded_split(
     inputs: np.ndarray, labels: np.ndarray, settings: RunSettings
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """An institution's own train / held-out split, stratified where possible, seeded.
-
-    Stratifying needs two records of every class and room for every class on both sides.
-    """
+    """The simulations' split: seeded, stratified where every class has two records and room on both sides."""
     present = np.bincount(labels)
     present = present[present > 0]
     held_out = math.ceil(settings.data.test_fraction * len(labels))  # as scikit-learn counts it
@@ -135,6 +168,38 @@ def split_holdout(
         inputs, labels, test_size=settings.data.test_fraction, random_state=settings.seed, stratify=stratify
     )
     return parts[0], parts[1], parts[2], parts[3]
+
+
+def holdout_mask(inputs: np.ndarray, labels: np.ndarray, *, fraction: float, key: bytes) -> np.ndarray:
+    """True for each record held out: its keyed hash (HMAC-SHA256 of the encoded row and label) below ``fraction``."""
+    rows = np.ascontiguousarray(np.concatenate([inputs.astype(np.float64), labels[:, None].astype(np.float64)], axis=1))
+    draws = [int.from_bytes(hmac.new(key, row.tobytes(), hashlib.sha256).digest()[:8], "big") for row in rows]
+    return np.asarray(draws, dtype=np.float64).reshape(-1) / 2.0**64 < fraction
+
+
+def holdout_key(state_dir: Path) -> bytes:
+    """A deployed institution's secret split key: ``STATE_DIR/holdout.key``, made once (mode 0600).
+
+    The coordinator cannot steer which records are held out: the key never leaves the institution.
+    """
+    path = Path(state_dir) / HOLDOUT_KEY_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".holdout-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(secrets.token_bytes(32))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o600)
+            with contextlib.suppress(FileExistsError):  # another process's key, made first, wins
+                os.link(tmp, path)  # atomic: the key appears whole or not at all
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    key = path.read_bytes()
+    if len(key) < 16:
+        raise ConfigError(f"{path}: the held-out split key is damaged ({len(key)} bytes); restore it from a backup")
+    return key
 
 
 def worst_case_gradient(settings: RunSettings, schema: Schema, bound: float = MAX_ABS_WEIGHT) -> float:

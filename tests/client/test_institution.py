@@ -13,6 +13,7 @@ from fedsilo.client.institution import (
     InstitutionData,
     evaluate_round,
     fit_round,
+    split_holdout,
     weights_problem,
     worst_case_gradient,
 )
@@ -195,3 +196,52 @@ def test_a_model_too_deep_to_bound_is_refused_and_the_shipped_models_are_not() -
     assert worst_case_gradient(deep, schema) > MAX_WORST_CASE_GRADIENT
     assert "use a smaller model" in str(weights_problem([], deep, schema, bound=MAX_ABS_WEIGHT))
     assert weights_problem([], deep, schema, bound=deep.secagg.clipping_range) is None
+
+
+def sides(inputs: np.ndarray, labels: np.ndarray, settings: RunSettings, key: bytes) -> dict[bytes, bool]:
+    """Each record (as bytes) and whether it is held out."""
+    train_x, test_x, train_y, test_y = split_holdout(inputs, labels, settings, key=key)
+    out = {np.append(x, y).tobytes(): False for x, y in zip(train_x, train_y, strict=True)}
+    return {**out, **{np.append(x, y).tobytes(): True for x, y in zip(test_x, test_y, strict=True)}}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_adding_one_record_moves_no_other_record_between_train_and_held_out(seed: int) -> None:
+    # Prepare: 500 distinct records, and the same table with one more record inserted in the middle
+    rng = np.random.default_rng(seed)
+    inputs, labels = rng.random((500, 6)).astype(np.float32), rng.integers(0, 2, 500)
+    extra = rng.random((1, 6)).astype(np.float32)
+    grown_x, grown_y = np.insert(inputs, 250, extra, axis=0), np.insert(labels, 250, 1)
+    settings = RunSettings.from_config({"seed": seed})
+    key = rng.bytes(32)
+
+    # Execute
+    before, after = sides(inputs, labels, settings, key), sides(grown_x, grown_y, settings, key)
+
+    # Assert: every record stays on its side; only the new one is new; about test-fraction is held out
+    assert len(before) == 500 and len(after) == 501
+    assert {k: after[k] for k in before} == before
+    assert 0.12 < np.mean(list(before.values())) < 0.28
+
+
+def test_the_split_key_is_the_institutions_secret_when_deployed_and_the_seed_in_simulations(tmp_path: Path) -> None:
+    from fedsilo.common.datasets import DATA_DIR
+
+    node = {
+        "data-path": str(DATA_DIR / "german_credit.csv"),
+        "schema-path": str(DATA_DIR / "german_credit.schema.toml"),
+        "state-dir": str(tmp_path / "bank"),
+        "max-epsilon": 3.0,
+    }
+    first = InstitutionData.from_node_config(node, SETTINGS)
+    key_file = tmp_path / "bank" / "holdout.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    again = InstitutionData.from_node_config(node, SETTINGS.with_overrides({"seed": 7}))  # the coordinator's seed
+    assert np.array_equal(first.test_x, again.test_x)  # moves nothing
+    other = InstitutionData.from_node_config({**node, "state-dir": str(tmp_path / "other")}, SETTINGS)
+    assert not np.array_equal(first.test_x, other.test_x)  # another institution's secret, another split
+    # Simulations: the seed decides, so every engine and every baseline splits alike
+    simulated = institution(tmp_path / "sim")
+    assert np.array_equal(simulated.test_x, institution(tmp_path / "sim2").test_x)
+    reseeded = institution(tmp_path / "sim3", RunSettings.from_config({"num-server-rounds": 3, "seed": 7}))
+    assert not np.array_equal(simulated.test_x, reseeded.test_x)
