@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedsilo.client.budget import budget_rows
+from fedsilo.client.budget import budget_summary
 from fedsilo.client.check import check_table
 from fedsilo.client.processes import Node, node_config, run_institution
 from fedsilo.common.cli import exit_on_error
@@ -71,16 +71,21 @@ def budget(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Show, per dataset, each run's rounds and epsilon, the total spent and what remains of the budget."""
+    """Show the epsilon spent over every ledger composed (what the budget is checked against), and per run.
+
+    The budget covers every dataset's ledger in the state directory together, so the
+    total and what remains are of the composition; each dataset's own figure is shown
+    beside it, marked as alone.
+    """
     with exit_on_error(console):
-        rows = budget_rows(state_dir, policy)
+        summary = budget_summary(state_dir, policy)
     if as_json:
-        typer.echo(json.dumps(rows, indent=2, default=str))
+        typer.echo(json.dumps(summary, indent=2, default=str))
         return
     table = Table(title=f"Privacy spent ({state_dir})")
-    for column in ("dataset", "run", "rounds", "epsilon of the run", "epsilon after it"):
+    for column in ("dataset", "run", "rounds", "epsilon of the run", "dataset's epsilon after it (alone)"):
         table.add_column(column)
-    for row in rows:
+    for row in summary["datasets"]:
         for run in row["runs"]:
             table.add_row(
                 row["dataset"],
@@ -90,13 +95,17 @@ def budget(
                 f"{run['epsilon_after']:.3f}",
             )
     console.print(table)
-    for row in rows:
-        left = (
-            f"{row['remaining']:.3f} of max-epsilon {row['max_epsilon']:g} remains"
-            if row["max_epsilon"] is not None
-            else "remaining: unknown (pass --policy)"
-        )
-        console.print(f"dataset {row['dataset']}: epsilon {row['epsilon']:.3f} spent at delta {row['delta']:g}; {left}")
+    for row in summary["datasets"]:
+        console.print(f"dataset {row['dataset']} alone: epsilon {row['epsilon']:.3f} at delta {summary['delta']:g}")
+    left = (
+        f"{summary['remaining']:.3f} of max-epsilon {summary['max_epsilon']:g} remains"
+        if summary["max_epsilon"] is not None
+        else "remaining: unknown (pass --policy)"
+    )
+    console.print(
+        f"spent: epsilon {summary['epsilon']:.3f} at delta {summary['delta']:g}, every ledger composed "
+        f"({len(summary['datasets'])} dataset(s)), as the budget is enforced; {left}"
+    )
 
 
 @app.command()
@@ -133,7 +142,7 @@ def start(
     ] = True,
 ) -> None:
     """Check the data, then run this institution's SuperNode until interrupted."""
-    from fedsilo.client.institution import deployed_policy  # imports torch: not for the other commands
+    from fedsilo.client.policy import deployed_policy
 
     with exit_on_error(console, note="the SuperNode was not started"):
         for path, what in ((ca, "--ca"), (key, "--key")):

@@ -9,9 +9,13 @@ and records the round in the ledger before the update leaves.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import hmac
 import math
+import os
 import secrets
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -19,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from fedsilo.client.policy import PrivacyPolicy
+from fedsilo.client.policy import PrivacyPolicy, deployed_policy
 from fedsilo.client.simulated_data import SimulatedTables
 from fedsilo.common.accounting import epsilon_spent
 from fedsilo.common.aggregation import aggregation_for
@@ -31,10 +36,21 @@ from fedsilo.common.errors import ConfigError
 from fedsilo.common.ledger import LedgerEntry, PrivacyLedger
 from fedsilo.common.models import build_model, get_weights, set_weights
 from fedsilo.common.schema import Schema
-from fedsilo.common.settings import PrivacySettings, RunSettings
+from fedsilo.common.settings import RunSettings
 from fedsilo.common.training import evaluate, plan_round, train_round
 
 Weights = list[np.ndarray]
+
+# Incoming global weights must be finite and no larger than this in magnitude, and every
+# parameter stays inside it while the institution trains (projected SGD). Trained models sit
+# far below it (under SecAgg+ every weight stays inside secagg-clipping-range, 8 by default).
+# A crafted model near float32's maximum would make the per-record gradient of chosen records
+# overflow, and Opacus's clipping would turn the whole update into NaN that no noise hides.
+MAX_ABS_WEIGHT = 1e3
+# With every weight at MAX_ABS_WEIGHT and inputs in [0, 1] (what a schema encodes), the
+# worst-case per-record squared gradient norm (``worst_case_gradient``) must stay below this,
+# far under float32's maximum (3.4e38): Opacus sums squares, ghost clipping products of them.
+MAX_WORST_CASE_GRADIENT = 1e30
 
 
 @dataclass(frozen=True)
@@ -91,33 +107,11 @@ class InstitutionData:
             )
         if "state-dir" in node_config:
             state_dir = Path(str(node_config["state-dir"]))
-        train_x, test_x, train_y, test_y = split_holdout(inputs, labels, settings)
+        # Deployed: the institution's secret key. Simulations keep the seeded split (split_holdout).
+        key = holdout_key(state_dir) if "data-path" in node_config else None
+        train_x, test_x, train_y, test_y = split_holdout(inputs, labels, settings, key=key)
         fingerprint = records_fingerprint(inputs, labels)
         return cls(name, schema, train_x, train_y, test_x, test_y, state_dir, fingerprint, reproducible, policy)
-
-
-DEPLOYED_DEFAULTS = {"share-eval-metrics": False, "require-secure-aggregation": True}
-
-
-def deployed_policy(node_config: Mapping[str, Any]) -> PrivacyPolicy:
-    """A deployed institution's policy: its own lifetime budget, and its own delta.
-
-    Without a delta of its own, the institution would account at the delta the
-    coordinator proposes, and a larger delta makes the same training look cheaper:
-    so a policy without ``delta`` accounts at fedsilo's default (1e-5) and refuses
-    any larger proposal. Unless the policy says otherwise, a deployed institution
-    also refuses rounds without SecAgg+ and keeps its evaluation metrics (computed
-    on held-out records, outside the DP guarantee) to itself.
-    """
-    policy = PrivacyPolicy.from_node_config(node_config, defaults=DEPLOYED_DEFAULTS)
-    if policy.max_epsilon is None:
-        raise ConfigError(
-            f"{policy.source}: a deployed institution must set max-epsilon (its lifetime budget) "
-            "in its policy; the coordinator cannot choose it"
-        )
-    if policy.delta is None:
-        policy = replace(policy, delta=PrivacySettings().delta)
-    return policy
 
 
 def records_fingerprint(inputs: np.ndarray, labels: np.ndarray) -> str:
@@ -131,13 +125,40 @@ def records_fingerprint(inputs: np.ndarray, labels: np.ndarray) -> str:
     return hashlib.sha256(f"{rows.shape}".encode() + b"".join(row_digests)).hexdigest()[:24]
 
 
+HOLDOUT_KEY_FILE = "holdout.key"  # a deployed institution's secret split key, in its state directory
+
+
 def split_holdout(
+    inputs: np.ndarray, labels: np.ndarray, settings: RunSettings, *, key: bytes | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """An institution's own train / held-out split: each record by a keyed hash of itself.
+
+    A record is held out when ``HMAC-SHA256(key, record)``, read as a number in [0, 1),
+    falls below ``test-fraction``: whether it is held out depends on the record and the
+    key alone, never on the table's size or order, so adding or removing one record moves
+    no other record between training and held-out (two neighbouring datasets differ by one
+    training record at most). ``InstitutionData.from_node_config`` passes a deployed
+    institution's secret (``holdout_key``), which the coordinator cannot steer. Identical
+    records fall on the same side. When every record would be held out, all train (the
+    held-out set is then empty and evaluation reports nothing).
+
+    Without ``key``: the seeded, stratified split (scikit-learn) that simulations, their
+    baselines and sweeps still use, so that every engine agrees; it moves many records
+    when one is added, so no deployed institution uses it.
+    Returns ``train_x, test_x, train_y, test_y``.
+    """
+    if key is None:
+        return _seeded_split(inputs, labels, settings)
+    held = holdout_mask(inputs, labels, fraction=settings.data.test_fraction, key=key)
+    if held.all():
+        held[:] = False
+    return inputs[~held], inputs[held], labels[~held], labels[held]
+
+
+def _seeded_split(
     inputs: np.ndarray, labels: np.ndarray, settings: RunSettings
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """An institution's own train / held-out split, stratified where possible, seeded.
-
-    Stratifying needs two records of every class and room for every class on both sides.
-    """
+    """The simulations' split: seeded, stratified where every class has two records and room on both sides."""
     present = np.bincount(labels)
     present = present[present > 0]
     held_out = math.ceil(settings.data.test_fraction * len(labels))  # as scikit-learn counts it
@@ -147,6 +168,102 @@ def split_holdout(
         inputs, labels, test_size=settings.data.test_fraction, random_state=settings.seed, stratify=stratify
     )
     return parts[0], parts[1], parts[2], parts[3]
+
+
+def holdout_mask(inputs: np.ndarray, labels: np.ndarray, *, fraction: float, key: bytes) -> np.ndarray:
+    """True for each record held out: its keyed hash (HMAC-SHA256 of the encoded row and label) below ``fraction``."""
+    rows = np.ascontiguousarray(np.concatenate([inputs.astype(np.float64), labels[:, None].astype(np.float64)], axis=1))
+    draws = [int.from_bytes(hmac.new(key, row.tobytes(), hashlib.sha256).digest()[:8], "big") for row in rows]
+    return np.asarray(draws, dtype=np.float64).reshape(-1) / 2.0**64 < fraction
+
+
+def holdout_key(state_dir: Path) -> bytes:
+    """A deployed institution's secret split key: ``STATE_DIR/holdout.key``, made once (mode 0600).
+
+    The coordinator cannot steer which records are held out: the key never leaves the institution.
+    """
+    path = Path(state_dir) / HOLDOUT_KEY_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".holdout-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(secrets.token_bytes(32))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o600)
+            with contextlib.suppress(FileExistsError):  # another process's key, made first, wins
+                os.link(tmp, path)  # atomic: the key appears whole or not at all
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    key = path.read_bytes()
+    if len(key) < 16:
+        raise ConfigError(f"{path}: the held-out split key is damaged ({len(key)} bytes); restore it from a backup")
+    return key
+
+
+def worst_case_gradient(settings: RunSettings, schema: Schema, bound: float = MAX_ABS_WEIGHT) -> float:
+    """An upper bound on any record's squared gradient norm (and squared logit), weights within ``bound``.
+
+    The run's model is built in float64 with ReLU (``|tanh z| <= |z|`` and its slope is at most
+    1, so ReLU bounds tanh) and every parameter at ``+bound``; on an all-ones input (the schema
+    encodes every input into [0, 1]) every activation is then as large as any input and any
+    weights within the bound can make it, and the gradient of the sum of the logits bounds every
+    back-propagated value (the loss's gradient in each logit lies in [-1, 1]). A max-pooling layer
+    can route up to four windows' gradients to one input: a factor of 16 in the square each.
+    """
+    model = build_model(replace(settings.train, activation="relu"), schema, seed=0).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(bound)
+    logits = model(torch.ones(1, schema.num_inputs, dtype=torch.float64))
+    logits.sum().backward()
+    squared = sum(float((p.grad**2).sum()) for p in model.parameters() if p.grad is not None)
+    pools = sum(isinstance(m, nn.MaxPool2d) for m in model.modules())
+    return max(squared, float(logits.detach().max()) ** 2) * 16.0**pools
+
+
+def weight_bound(settings: RunSettings, *, secure_aggregation: bool) -> float:
+    """How large a parameter may be, received or while training: ``MAX_ABS_WEIGHT``, under SecAgg+ at most its range.
+
+    SecAgg+ clips every masked value to ``secagg-clipping-range``, so a model aggregated under it
+    never leaves that range, and training projects onto it so that nothing is clipped silently.
+    """
+    return min(settings.secagg.clipping_range, MAX_ABS_WEIGHT) if secure_aggregation else MAX_ABS_WEIGHT
+
+
+def weights_problem(
+    weights: Sequence[np.ndarray], settings: RunSettings, schema: Schema, *, bound: float
+) -> str | None:
+    """Why these incoming weights must not be trained or evaluated on (None: they may).
+
+    Every value must be finite and within ``bound`` (``weight_bound``), and the run's model
+    with weights within ``bound`` must keep every record's gradient far from float32's
+    overflow (``worst_case_gradient``). Checked before any record is touched: the answer
+    depends on the weights and the run's model only, never on the records, so a refusal
+    cannot reveal whether a record is present.
+    """
+    for i, w in enumerate(weights):
+        array = np.asarray(w)
+        if not np.issubdtype(array.dtype, np.number):
+            return f"weight tensor {i} is not numeric (dtype {array.dtype})"
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            return f"weight tensor {i} has {bad} non-finite values (NaN or infinite)"
+        largest = float(np.abs(array).max()) if array.size else 0.0
+        if largest > bound:
+            return (
+                f"weight tensor {i} has a value of magnitude {largest:.3g}, above the {bound:g} "
+                "an institution accepts (a crafted model can make chosen records' gradients overflow)"
+            )
+    worst = worst_case_gradient(settings, schema, bound)
+    if not worst <= MAX_WORST_CASE_GRADIENT:
+        return (
+            f"model {settings.train.model!r} (hidden layers {settings.train.hidden_layers!r}) could make a record's "
+            f"squared gradient norm reach {worst:.3g} with weights within {bound:g}, above the "
+            f"{MAX_WORST_CASE_GRADIENT:g} that keeps float32 from overflowing; use a smaller model"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -203,7 +320,12 @@ def fit_round(
         base: dict[str, bool | int | float | str] = {"institution": data.name, "delta": delta}
         reason = None
         violations = policy.violations(settings, plan, secure_aggregation=secure)
-        if violations:
+        bound = weight_bound(settings, secure_aggregation=secure)
+        if (problem := weights_problem(weights, settings, data.schema, bound=bound)) is not None:
+            reason = f"{data.name} refused round {server_round}: the received global model is unsafe: {problem}"
+            # Nothing non-finite goes back: under SecAgg+ even a zero weight times NaN is NaN.
+            weights = [np.zeros(np.shape(w), dtype=np.float32) for w in weights]
+        elif violations:
             reason = (
                 f"{data.name} refused round {server_round}: the proposed training breaks its privacy policy: "
                 + "; ".join(violations)
@@ -230,8 +352,9 @@ def fit_round(
             train=settings.train,
             max_grad_norm=privacy.max_grad_norm,
             seed=seed,
-            # SecAgg+ clips each masked value to its clipping range: keep the weights inside it.
-            weight_bound=settings.secagg.clipping_range if secure else None,
+            # Weights stay where no record's gradient can overflow (MAX_ABS_WEIGHT) and, under
+            # SecAgg+, inside the clipping range that SecAgg+ would otherwise clip silently.
+            weight_bound=bound,
         )
         ledger.append(entry)  # before the update leaves: a released update is spent privacy
         metrics = {
@@ -262,6 +385,9 @@ def evaluate_round(
     """
     if not data.policy.share_eval_metrics:
         return 0.0, 0, {"institution": data.name, "withheld": True}
+    bound = weight_bound(settings, secure_aggregation=settings.secagg.enabled)
+    if (problem := weights_problem(weights, settings, data.schema, bound=bound)) is not None:
+        return 0.0, 0, {"institution": data.name, "refused": f"{data.name} refused to evaluate: {problem}"}
     model = _model_with(data, settings, weights)
     metrics = evaluate(model, data.test_x, data.test_y)
     loss = metrics.pop("loss")

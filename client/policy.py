@@ -14,9 +14,24 @@ A policy file::
     max-local-epochs = 5         # refuse more local epochs per round
     share-eval-metrics = true    # false: evaluation rounds report nothing (deployed default)
     require-secure-aggregation = true  # refuse rounds whose update would leave unmasked (deployed default)
+    min-secagg-threshold = 2     # refuse a SecAgg+ reconstruction threshold below this count (deployed default 2)
+    min-secagg-threshold-fraction = 0.51  # ... or below this fraction of the shares (deployed default 0.51)
 
     [institutions.hospital-2]    # simulations only: overrides for one institution
     max-epsilon = 1.0
+
+What the SecAgg+ keys protect (``fedsilo.client.mods.check_secagg_stage`` checks every
+stage): SecAgg+ (Bell et al., CCS 2020) hides an update only if the coordinator
+cannot rebuild its masks. Each institution splits its mask seed and its key into
+one share per neighbour, any ``threshold`` of which rebuild the secret; at
+unmasking each neighbour hands over one kind of share per node. A threshold of a
+strict majority of the shares (``min-secagg-threshold-fraction = 0.51``) means no
+coordinator can collect enough of both kinds for one node; a threshold of at
+least 2 (``min-secagg-threshold``) means the institution's own share is never
+enough. Whatever the policy, the institution also refuses a neighbour list
+without another institution or without itself, shares from nodes outside its
+neighbours, a node listed both active and dropped, a node listed twice, and a
+second unmasking for one setup.
 """
 
 from __future__ import annotations
@@ -25,12 +40,14 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedsilo.common.errors import ConfigError
-from fedsilo.common.settings import Proposal, coerce
+from fedsilo.common.settings import PrivacySettings, Proposal, coerce
 from fedsilo.common.tomlfile import read_toml
-from fedsilo.common.training import RoundPlan
+
+if TYPE_CHECKING:  # the SecAgg+ mod reads policies without importing torch
+    from fedsilo.common.training import RoundPlan
 
 KEYS = {
     "max-epsilon": "max_epsilon",
@@ -40,6 +57,15 @@ KEYS = {
     "max-local-epochs": "max_local_epochs",
     "share-eval-metrics": "share_eval_metrics",
     "require-secure-aggregation": "require_secure_aggregation",
+    "min-secagg-threshold": "min_secagg_threshold",
+    "min-secagg-threshold-fraction": "min_secagg_threshold_fraction",
+}
+# A deployed institution's defaults where its policy is silent (``deployed_policy``).
+DEPLOYED_DEFAULTS = {
+    "share-eval-metrics": False,
+    "require-secure-aggregation": True,
+    "min-secagg-threshold": 2,
+    "min-secagg-threshold-fraction": 0.51,
 }
 
 
@@ -54,6 +80,8 @@ class PrivacyPolicy:
     max_local_epochs: int | None = None
     share_eval_metrics: bool = True
     require_secure_aggregation: bool = False
+    min_secagg_threshold: int = 1  # deployed default 2: its own share never rebuilds its secret
+    min_secagg_threshold_fraction: float = 0.0  # deployed default 0.51: a strict majority of the shares
     source: str = "policy"
 
     def __post_init__(self) -> None:
@@ -70,6 +98,10 @@ class PrivacyPolicy:
             raise bad("max-grad-norm", self.max_grad_norm, "a finite number > 0")
         if self.max_local_epochs is not None and self.max_local_epochs < 1:
             raise bad("max-local-epochs", self.max_local_epochs, "an integer >= 1")
+        if self.min_secagg_threshold < 1:
+            raise bad("min-secagg-threshold", self.min_secagg_threshold, "an integer >= 1")
+        if not 0 <= self.min_secagg_threshold_fraction <= 1:
+            raise bad("min-secagg-threshold-fraction", self.min_secagg_threshold_fraction, "in [0, 1]")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str) -> PrivacyPolicy:
@@ -133,6 +165,22 @@ class PrivacyPolicy:
         merged = {key: getattr(base, attr) for key, attr in KEYS.items() if getattr(base, attr) is not None}
         return cls.from_mapping({**merged, **inline}, "node config")
 
+    def secagg_violations(self, *, sample: int, shares: int, threshold: int) -> list[str]:
+        """What in a SecAgg+ setup (sampled nodes, shares per node, threshold) breaks this policy."""
+        out = []
+        if threshold < self.min_secagg_threshold:
+            out.append(
+                f"reconstruction threshold {threshold} is below the policy's min-secagg-threshold "
+                f"{self.min_secagg_threshold}"
+            )
+        given = min(shares, sample)
+        if threshold < self.min_secagg_threshold_fraction * given:
+            out.append(
+                f"reconstruction threshold {threshold} of {given} shares is below the policy's "
+                f"min-secagg-threshold-fraction {self.min_secagg_threshold_fraction:g}"
+            )
+        return out
+
     def to_mapping(self) -> dict[str, Any]:
         """The policy's keys (those with a limit), for reports and ``budget``."""
         return {key: getattr(self, attr) for key, attr in KEYS.items() if getattr(self, attr) is not None}
@@ -169,3 +217,25 @@ class PrivacyPolicy:
                 f"max-local-epochs {self.max_local_epochs}"
             )
         return out
+
+
+def deployed_policy(node_config: Mapping[str, Any]) -> PrivacyPolicy:
+    """A deployed institution's policy: its own lifetime budget, and its own delta.
+
+    Without a delta of its own, the institution would account at the delta the
+    coordinator proposes, and a larger delta makes the same training look cheaper:
+    so a policy without ``delta`` accounts at fedsilo's default (1e-5) and refuses
+    any larger proposal. Unless the policy says otherwise, a deployed institution
+    also refuses rounds without SecAgg+, SecAgg+ thresholds below a strict majority
+    of the shares (and below 2), and keeps its evaluation metrics (computed on
+    held-out records, outside the DP guarantee) to itself (``DEPLOYED_DEFAULTS``).
+    """
+    policy = PrivacyPolicy.from_node_config(node_config, defaults=DEPLOYED_DEFAULTS)
+    if policy.max_epsilon is None:
+        raise ConfigError(
+            f"{policy.source}: a deployed institution must set max-epsilon (its lifetime budget) "
+            "in its policy; the coordinator cannot choose it"
+        )
+    if policy.delta is None:
+        policy = replace(policy, delta=PrivacySettings().delta)
+    return policy

@@ -27,6 +27,7 @@ from fedsilo.common.accounting import ACCOUNTANT_OF_RECORD, DPSGDEvent, epsilon_
 from fedsilo.common.errors import LedgerError
 
 LEDGER_VERSION = 1
+BUDGET_LOCK = ".budget.lock"  # one lock over every ledger of a state directory
 
 
 @dataclass(frozen=True)
@@ -77,12 +78,15 @@ class PrivacyLedger:
     @classmethod
     @contextmanager
     def locked(cls, state_dir: Path, fingerprint: str) -> Iterator[PrivacyLedger]:
-        """The ledger, read under an exclusive lock held until the block ends.
+        """The ledger, read under the state directory's exclusive budget lock, held until the block ends.
 
-        A round checks the budget, trains and records inside one such block, so two
-        runs on the same records cannot both pass the check and overspend.
+        One lock covers every ledger in the state directory (``BUDGET_LOCK``), because
+        the budget composes them all: a round checks the budget, trains and records
+        inside one such block, so two rounds on the same institution's records (two
+        SuperNodes sharing a state directory, or two datasets of one institution)
+        cannot both pass the check and together overspend.
         """
-        lock_path = Path(state_dir) / "ledgers" / f"{fingerprint}.lock"
+        lock_path = Path(state_dir) / "ledgers" / BUDGET_LOCK
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         with open(lock_path, "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -93,9 +97,15 @@ class PrivacyLedger:
 
     @classmethod
     def others(cls, state_dir: Path, fingerprint: str) -> list[PrivacyLedger]:
-        """Every other dataset's ledger in the same state directory (read, not locked)."""
+        """Every other dataset's ledger in the same state directory (consistent inside ``locked``)."""
         paths = sorted((Path(state_dir) / "ledgers").glob("*.json"))
         return [cls.for_dataset(state_dir, p.stem) for p in paths if p.stem != fingerprint]
+
+    @classmethod
+    def all(cls, state_dir: Path) -> list[PrivacyLedger]:
+        """Every dataset's ledger in a state directory, in fingerprint order."""
+        paths = sorted((Path(state_dir) / "ledgers").glob("*.json"))
+        return [cls.for_dataset(state_dir, p.stem) for p in paths]
 
     def epsilon(self, *, delta: float) -> float:
         """Epsilon spent on this dataset over every recorded round, by the accountant of record."""
@@ -125,3 +135,9 @@ class PrivacyLedger:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def composed_epsilon(ledgers: list[PrivacyLedger], *, delta: float) -> float:
+    """Epsilon of every round in ``ledgers`` composed: what an institution's budget is checked against."""
+    events = [e.event() for ledger in ledgers for e in ledger.entries]
+    return epsilon_spent(events, delta=delta, accountant=ACCOUNTANT_OF_RECORD)

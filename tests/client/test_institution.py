@@ -7,11 +7,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedsilo.client.institution import InstitutionData, fit_round
+from fedsilo.client.institution import (
+    MAX_ABS_WEIGHT,
+    MAX_WORST_CASE_GRADIENT,
+    InstitutionData,
+    evaluate_round,
+    fit_round,
+    split_holdout,
+    weights_problem,
+    worst_case_gradient,
+)
 from fedsilo.client.policy import PrivacyPolicy
 from fedsilo.common.ledger import PrivacyLedger
-from fedsilo.common.models import build_model, get_weights
+from fedsilo.common.models import build_model, get_weights, set_weights
 from fedsilo.common.settings import RunSettings
+from fedsilo.common.training import plan_round, train_round
 
 SETTINGS = RunSettings.from_config({"num-server-rounds": 3, "target-epsilon": 2.0})
 
@@ -116,3 +126,122 @@ def test_an_update_under_secagg_stays_inside_its_clipping_range(tmp_path: Path) 
     plain = fit_round(data, initial(data), loud, server_round=1, run_id="b", secure_aggregation=False)
     assert max(float(np.abs(w).max()) for w in masked.weights) <= 2.0
     assert max(float(np.abs(w).max()) for w in plain.weights) > 2.0
+
+
+def crafted_overflow_model(data: InstitutionData, target: int) -> list[np.ndarray]:
+    """A linear model whose first logit overflows float32 for record ``target`` only.
+
+    Every input weight of class 0 is ``F``: the logit is ``F * sum(x)``, finite for every
+    record whose inputs sum below the threshold and infinite (then NaN in the loss) above it.
+    """
+    sums = data.train_x.astype(np.float64).sum(axis=1)
+    top, second = np.sort(sums)[-1], np.sort(sums)[-2]
+    assert sums[target] == top and top > second > 1.0
+    scale = float(np.finfo(np.float32).max) / ((top + second) / 2)
+    weight = np.zeros((2, data.train_x.shape[1]), dtype=np.float32)
+    weight[0] = scale
+    return [weight, np.zeros(2, dtype=np.float32)]
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_a_crafted_model_cannot_turn_a_chosen_records_update_non_finite(tmp_path: Path, mode: str) -> None:
+    # Prepare: the target is the record with the largest inputs; every record is sampled each step
+    settings = SETTINGS.with_overrides({"batch-size": 100000, "grad-sample-mode": mode})
+    data = institution(tmp_path)
+    target = int(np.argmax(data.train_x.astype(np.float64).sum(axis=1)))
+    without = replace(data, train_x=np.delete(data.train_x, target, axis=0), train_y=np.delete(data.train_y, target))
+    crafted = crafted_overflow_model(data, target)
+    plan = plan_round(num_examples=len(data.train_y), train=settings.train, privacy=settings.privacy, planned_rounds=3)
+
+    # The attack works against the trainer itself: the update is non-finite only with the target
+    def update_is_finite(d: InstitutionData) -> bool:
+        model = build_model(settings.train, d.schema, seed=0)
+        set_weights(model, crafted)
+        train_round(model, d.train_x, d.train_y, plan=plan, train=settings.train, max_grad_norm=1.0, seed=1)
+        return all(np.isfinite(w).all() for w in get_weights(model))
+
+    assert not update_is_finite(data) and update_is_finite(without)
+
+    # Execute: the crafted model reaches the institution's round, with and without the target
+    present = fit_round(data, crafted, settings, server_round=1, run_id="a", secure_aggregation=False)
+    absent = fit_round(without, crafted, settings, server_round=1, run_id="a", secure_aggregation=False)
+
+    # Assert: refused before training either way, the same reason, nothing spent, nothing non-finite out
+    for out in (present, absent):
+        assert out.num_examples == 0 and "received global model is unsafe" in str(out.metrics["refused"])
+        assert all(np.isfinite(w).all() and not w.any() for w in out.weights)
+    assert present.metrics == absent.metrics
+    assert not (tmp_path / "ledgers").exists() or not list((tmp_path / "ledgers").glob("*.json"))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, 2e3])
+def test_non_finite_or_huge_weights_are_refused_in_fit_and_evaluate(tmp_path: Path, value: float) -> None:
+    data = replace(institution(tmp_path), policy=PrivacyPolicy(share_eval_metrics=True))
+    weights = initial(data)
+    weights[0] = weights[0].copy()
+    weights[0].flat[0] = value
+    out = fit_round(data, weights, SETTINGS, server_round=1, run_id="a")
+    loss, count, metrics = evaluate_round(data, weights, SETTINGS)
+    assert out.num_examples == 0 and "unsafe" in str(out.metrics["refused"])
+    assert all(np.isfinite(w).all() for w in out.weights)
+    assert count == 0 and loss == 0.0 and "refused to evaluate" in str(metrics["refused"])
+    assert not (tmp_path / "ledgers").exists() or not list((tmp_path / "ledgers").glob("*.json"))
+
+
+def test_a_model_too_deep_to_bound_is_refused_and_the_shipped_models_are_not() -> None:
+    schema = institution(Path("unused")).schema
+    for config in ({}, {"model": "mlp"}, {"model": "mlp", "hidden-layers": "64,64"}):
+        assert worst_case_gradient(RunSettings.from_config(config), schema) <= MAX_WORST_CASE_GRADIENT
+    deep = RunSettings.from_config({"model": "mlp", "hidden-layers": "256,256,256"})
+    assert worst_case_gradient(deep, schema) > MAX_WORST_CASE_GRADIENT
+    assert "use a smaller model" in str(weights_problem([], deep, schema, bound=MAX_ABS_WEIGHT))
+    assert weights_problem([], deep, schema, bound=deep.secagg.clipping_range) is None
+
+
+def sides(inputs: np.ndarray, labels: np.ndarray, settings: RunSettings, key: bytes) -> dict[bytes, bool]:
+    """Each record (as bytes) and whether it is held out."""
+    train_x, test_x, train_y, test_y = split_holdout(inputs, labels, settings, key=key)
+    out = {np.append(x, y).tobytes(): False for x, y in zip(train_x, train_y, strict=True)}
+    return {**out, **{np.append(x, y).tobytes(): True for x, y in zip(test_x, test_y, strict=True)}}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_adding_one_record_moves_no_other_record_between_train_and_held_out(seed: int) -> None:
+    # Prepare: 500 distinct records, and the same table with one more record inserted in the middle
+    rng = np.random.default_rng(seed)
+    inputs, labels = rng.random((500, 6)).astype(np.float32), rng.integers(0, 2, 500)
+    extra = rng.random((1, 6)).astype(np.float32)
+    grown_x, grown_y = np.insert(inputs, 250, extra, axis=0), np.insert(labels, 250, 1)
+    settings = RunSettings.from_config({"seed": seed})
+    key = rng.bytes(32)
+
+    # Execute
+    before, after = sides(inputs, labels, settings, key), sides(grown_x, grown_y, settings, key)
+
+    # Assert: every record stays on its side; only the new one is new; about test-fraction is held out
+    assert len(before) == 500 and len(after) == 501
+    assert {k: after[k] for k in before} == before
+    assert 0.12 < np.mean(list(before.values())) < 0.28
+
+
+def test_the_split_key_is_the_institutions_secret_when_deployed_and_the_seed_in_simulations(tmp_path: Path) -> None:
+    from fedsilo.common.datasets import DATA_DIR
+
+    node = {
+        "data-path": str(DATA_DIR / "german_credit.csv"),
+        "schema-path": str(DATA_DIR / "german_credit.schema.toml"),
+        "state-dir": str(tmp_path / "bank"),
+        "max-epsilon": 3.0,
+    }
+    first = InstitutionData.from_node_config(node, SETTINGS)
+    key_file = tmp_path / "bank" / "holdout.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    again = InstitutionData.from_node_config(node, SETTINGS.with_overrides({"seed": 7}))  # the coordinator's seed
+    assert np.array_equal(first.test_x, again.test_x)  # moves nothing
+    other = InstitutionData.from_node_config({**node, "state-dir": str(tmp_path / "other")}, SETTINGS)
+    assert not np.array_equal(first.test_x, other.test_x)  # another institution's secret, another split
+    # Simulations: the seed decides, so every engine and every baseline splits alike
+    simulated = institution(tmp_path / "sim")
+    assert np.array_equal(simulated.test_x, institution(tmp_path / "sim2").test_x)
+    reseeded = institution(tmp_path / "sim3", RunSettings.from_config({"num-server-rounds": 3, "seed": 7}))
+    assert not np.array_equal(simulated.test_x, reseeded.test_x)

@@ -1,18 +1,20 @@
 """The institution's privacy policy: loaded strictly, enforced before training, never clamped."""
 
 import json
+import threading
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from fedsilo.client.cli import app
-from fedsilo.client.institution import InstitutionData, deployed_policy, evaluate_round, fit_round
-from fedsilo.client.policy import PrivacyPolicy
+from fedsilo.client.institution import InstitutionData, evaluate_round, fit_round
+from fedsilo.client.policy import PrivacyPolicy, deployed_policy
 from fedsilo.common.errors import ConfigError
-from fedsilo.common.ledger import PrivacyLedger
+from fedsilo.common.ledger import PrivacyLedger, composed_epsilon
 from fedsilo.common.models import build_model, get_weights
 from fedsilo.common.settings import RunSettings
 from fedsilo.common.training import RoundPlan, plan_round
@@ -195,15 +197,67 @@ def test_budget_shows_each_run_the_total_and_what_remains(tmp_path: Path) -> Non
     (tmp_path / "policy.toml").write_text("max-epsilon = 5.0\n")
     result = CliRunner().invoke(app, ["budget", "--state-dir", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output
-    (row,) = json.loads(result.output)
+    summary = json.loads(result.output)
+    (row,) = summary["datasets"]
     ledger = PrivacyLedger.for_dataset(tmp_path, data.fingerprint)
     assert row["dataset"] == data.fingerprint
     assert [(r["run_id"], r["rounds"]) for r in row["runs"]] == [("run-a", 2), ("run-b", 1)]
     assert row["runs"][-1]["epsilon_after"] == pytest.approx(ledger.epsilon(delta=1e-5))
     assert row["runs"][0]["epsilon"] < row["runs"][-1]["epsilon_after"]
     assert row["epsilon"] == pytest.approx(ledger.epsilon(delta=1e-5))
-    assert row["remaining"] == pytest.approx(5.0 - row["epsilon"])
+    assert summary["epsilon"] == pytest.approx(row["epsilon"])  # one dataset: the composition is its own
+    assert summary["remaining"] == pytest.approx(5.0 - row["epsilon"])
     text = CliRunner().invoke(app, ["budget", "--state-dir", str(tmp_path)])
     assert text.exit_code == 0 and "run-b" in text.output and "of max-epsilon 5 remains" in text.output
     missing = CliRunner().invoke(app, ["budget", "--state-dir", str(tmp_path / "elsewhere")])
     assert missing.exit_code == 2 and "no privacy ledger" in missing.output
+
+
+def test_two_rounds_racing_on_one_state_directory_cannot_overspend(tmp_path: Path) -> None:
+    # Prepare: two datasets of one institution (the same records re-encoded: another fingerprint)
+    # in one state directory, as two SuperNodes sharing it would run them; one round costs 1.18.
+    data = institution(tmp_path, PrivacyPolicy(max_epsilon=1.4))
+    other = replace(data, fingerprint="0" * 24)
+    start = threading.Barrier(2)
+    outcomes: dict[str, Any] = {}
+
+    def round_of(d: InstitutionData) -> None:
+        start.wait()
+        outcomes[d.fingerprint] = fit_round(d, initial(d), SETTINGS, server_round=1, run_id=d.fingerprint)
+
+    # Execute: both rounds start together
+    threads = [threading.Thread(target=round_of, args=(d,)) for d in (data, other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    # Assert: one trained, the other saw its entry and refused; the budget holds over both ledgers
+    trained = [o for o in outcomes.values() if o.num_examples > 0]
+    assert len(outcomes) == 2 and len(trained) == 1
+    assert composed_epsilon(PrivacyLedger.all(tmp_path), delta=1e-5) <= 1.4
+
+
+def test_budget_shows_every_ledger_composed_as_enforced(tmp_path: Path) -> None:
+    data = institution(tmp_path, PrivacyPolicy(max_epsilon=5.0))
+    for d in (data, replace(data, fingerprint="0" * 24)):
+        fit_round(d, initial(d), SETTINGS, server_round=1, run_id="a")
+    (tmp_path / "policy.toml").write_text("max-epsilon = 5.0\n")
+    summary = json.loads(CliRunner().invoke(app, ["budget", "--state-dir", str(tmp_path), "--json"]).output)
+    composed = composed_epsilon(PrivacyLedger.all(tmp_path), delta=1e-5)
+    assert len(summary["datasets"]) == 2 and all(row["epsilon"] < composed for row in summary["datasets"])
+    assert summary["epsilon"] == pytest.approx(composed)
+    assert summary["remaining"] == pytest.approx(5.0 - composed)
+    text = CliRunner().invoke(app, ["budget", "--state-dir", str(tmp_path)]).output
+    assert f"epsilon {composed:.3f}" in text and "every ledger composed" in text
+
+
+def test_a_deployed_institution_requires_a_majority_secagg_threshold_of_at_least_two() -> None:
+    policy = deployed_policy({"max-epsilon": 3.0})
+    assert (policy.min_secagg_threshold, policy.min_secagg_threshold_fraction) == (2, 0.51)
+    assert policy.secagg_violations(sample=3, shares=3, threshold=2) == []
+    assert "min-secagg-threshold 2" in policy.secagg_violations(sample=3, shares=3, threshold=1)[0]
+    assert "fraction 0.51" in policy.secagg_violations(sample=5, shares=5, threshold=2)[0]
+    assert deployed_policy({"max-epsilon": 3.0, "min-secagg-threshold": 3}).min_secagg_threshold == 3
+    with pytest.raises(ConfigError, match="'min-secagg-threshold-fraction' must be in"):
+        deployed_policy({"max-epsilon": 3.0, "min-secagg-threshold-fraction": 1.5})

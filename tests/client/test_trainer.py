@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 from collections.abc import Iterator
@@ -69,8 +70,11 @@ def test_the_trainer_gives_the_update_the_clientapp_would_and_records_it(
     trainer: dict[str, Any], tmp_path: Path
 ) -> None:
     answer, weights = call(trainer["socket"], "fit", fit_header(), initial())
-    # The same round in this process, with a copy of the institution's files.
-    here = InstitutionData.from_node_config(institution_files(tmp_path / "copy"), SETTINGS)
+    # The same round in this process, with a copy of the institution's files (its split key too).
+    files = institution_files(tmp_path / "copy")
+    (tmp_path / "copy" / "state").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(trainer["root"] / "state" / "holdout.key", tmp_path / "copy" / "state" / "holdout.key")
+    here = InstitutionData.from_node_config(files, SETTINGS)
     expected = fit_round(here, initial(), SETTINGS, server_round=1, run_id="r", secure_aggregation=False)
     assert answer["num-examples"] == expected.num_examples > 0
     assert answer["metrics"]["epsilon"] == pytest.approx(expected.metrics["epsilon"])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,21 @@ def test_a_ledger_written_before_the_accountant_was_recorded_still_reads(tmp_pat
     assert reopened.entries == ledger.entries
     assert reopened.epsilon(delta=1e-5) == epsilon_spent([DPSGDEvent(1.5, 0.2, 20)], delta=1e-5)
     assert "accountant" in json.loads(reopened.append(entry(3)).path.read_text())
+
+
+def test_one_lock_covers_every_ledger_of_a_state_directory(tmp_path: Path) -> None:
+    # Prepare: one dataset's round holds the lock
+    acquired = threading.Event()
+
+    def other_dataset() -> None:
+        with PrivacyLedger.locked(tmp_path, "b" * 24):
+            acquired.set()
+
+    with PrivacyLedger.locked(tmp_path, "a" * 24):
+        # Execute: another dataset's round in the same state directory asks for its lock
+        thread = threading.Thread(target=other_dataset)
+        thread.start()
+        # Assert: it waits while the budget is being checked and spent
+        assert not acquired.wait(0.5)
+    thread.join(5)
+    assert acquired.is_set()
