@@ -103,6 +103,11 @@ class TrainSettings:
         return tuple(int(p) for p in self.hidden_layers.split(",") if p.strip())
 
 
+def dp_enabled(*, target_epsilon: float, noise_multiplier: float) -> bool:
+    """Whether training is DP-SGD: a fixed noise multiplier, or a finite target epsilon (inf: no DP)."""
+    return noise_multiplier > 0 or math.isfinite(target_epsilon)
+
+
 @dataclass(frozen=True)
 class PrivacySettings:
     """DP-SGD settings proposed for a run.
@@ -134,7 +139,7 @@ class PrivacySettings:
     @property
     def enabled(self) -> bool:
         """Whether local training uses DP-SGD at all."""
-        return self.noise_multiplier > 0 or math.isfinite(self.target_epsilon)
+        return dp_enabled(target_epsilon=self.target_epsilon, noise_multiplier=self.noise_multiplier)
 
     @property
     def budget(self) -> float:
@@ -448,4 +453,5 @@ __all__ = [
     "TrainSettings",
     "check_keys",
     "coerce",
+    "dp_enabled",
 ]

@@ -34,7 +34,7 @@ from typing import Any
 
 from fedsilo.common.errors import ConfigError
 from fedsilo.common.registry import DATASETS, PARTITIONERS, TABLE_SUFFIXES
-from fedsilo.common.settings import PrivacySettings, RunSettings, check_keys
+from fedsilo.common.settings import PrivacySettings, RunSettings, check_keys, dp_enabled
 from fedsilo.common.tomlfile import read_toml
 from fedsilo.simulations.engines import ENGINES
 
@@ -59,7 +59,7 @@ class PrivacyLevel:
 
     @property
     def private(self) -> bool:
-        return self.noise_multiplier > 0 or math.isfinite(self.target_epsilon)
+        return dp_enabled(target_epsilon=self.target_epsilon, noise_multiplier=self.noise_multiplier)
 
     @property
     def label(self) -> str:
