@@ -20,6 +20,7 @@ from flwr.common import log
 
 from fedsilo.common.aggregation import AggregationQuery, Contribution, Weights
 from fedsilo.common.metrics import LABELS, MODEL_METRICS
+from fedsilo.server.replies import evaluate_problems, fit_problems, vector_problems
 from fedsilo.server.run_directory import RunDirectory
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -74,23 +75,43 @@ class Coordinator:
         self.started = time.monotonic()
         self._counts: dict[int, tuple[int, int]] = {}  # round -> (trained, refused or failed)
 
-    def book_fit(self, server_round: int, replies: Sequence[FitReply], failures: Sequence[object]) -> list[FitReply]:
-        """Record every fit reply (trained or refused) and failure; return all replies in a fixed order.
+    def book_fit(
+        self, server_round: int, replies: Sequence[FitReply], failures: Sequence[object], *, updates: bool = False
+    ) -> list[FitReply]:
+        """Record every fit reply (trained, refused or malformed) and failure; return the well-formed ones in order.
 
-        A round halted before its secure sum was unmasked is booked here and
-        nothing else: its updates have left, so a resume never repeats it.
+        A malformed reply (``fedsilo.server.replies.fit_problems``) is booked as
+        rejected, with its reason, and nothing of it is used: not its privacy
+        metrics, not its update. With ``updates`` (the replies' own updates are
+        to be aggregated: no SecAgg+), an update that is not a finite model
+        shaped as the global one makes a reply malformed too. A round
+        halted before its secure sum was unmasked is booked here and nothing
+        else: its updates have left, so a resume never repeats it.
         """
         ordered = sorted(replies, key=lambda r: r.institution)  # a fixed order: the same seed, the same sum
+        valid = []
         for reply in ordered:
-            self.run_dir.record_fit(server_round, reply.contribution.weight, dict(reply.metrics))
+            problems = fit_problems(reply.contribution.weight, reply.metrics)
+            if updates and not problems and reply.contribution.weight > 0:
+                problems = vector_problems(reply.contribution.vector, self.current)
+            if problems:
+                self._reject(server_round, reply.institution, "fit", problems)
+                continue
+            valid.append(reply)
+            self.run_dir.record_fit(server_round, reply.institution, reply.contribution.weight, dict(reply.metrics))
             if "refused" in reply.metrics:
                 log(WARNING, "%s", reply.metrics["refused"])
         for failure in failures:
             log(WARNING, "round %s: an institution failed: %s", server_round, failure)
-        trained = sum(1 for r in ordered if r.contribution.weight > 0)
+        trained = sum(1 for r in valid if r.contribution.weight > 0)
         self._counts[server_round] = (trained, len(ordered) - trained + len(failures))
         self.run_dir.fit_booked(server_round)
-        return ordered
+        return valid
+
+    def _reject(self, server_round: int, institution: str, stage: str, problems: Sequence[str]) -> None:
+        reason = "; ".join(problems)
+        log(WARNING, "round %s: dropped %s's malformed %s reply: %s", server_round, institution, stage, reason)
+        self.run_dir.record_rejected(server_round, institution, stage, reason)
 
     def aggregate_fit(
         self,
@@ -104,8 +125,21 @@ class Coordinator:
 
         ``secure_sum`` is what SecAgg+ recovered (the replies then carry no
         individual update); without it the contributions are accumulated here.
+
+        A malformed reply is dropped. Without SecAgg+ the others are
+        aggregated. Under SecAgg+ its masked update is already inside the sum
+        and cannot be taken out, so the round's aggregate is not used at all:
+        the model stays unchanged, as in a round whose sum stays masked.
         """
-        ordered = self.book_fit(server_round, replies, failures)
+        ordered = self.book_fit(server_round, replies, failures, updates=secure_sum is None)
+        if secure_sum is not None and len(ordered) < len(replies):
+            log(
+                WARNING,
+                "round %s: a malformed reply's update is inside the secure sum; the round's aggregate is not used "
+                "and the model is unchanged",
+                server_round,
+            )
+            return None
         if not any(r.contribution.weight > 0 for r in ordered):
             log(WARNING, "round %s: no institution trained; the model is unchanged", server_round)
             return None
@@ -131,11 +165,17 @@ class Coordinator:
         Each score is the mean over the institutions that report it, weighted by
         their held-out records (AUC, average precision and balanced accuracy need
         both classes among an institution's records); institutions whose policy
-        withholds evaluation metrics reply with zero weight and are left out.
+        withholds evaluation metrics reply with zero weight and are left out, and
+        a malformed reply (``fedsilo.server.replies.evaluate_problems``) is
+        dropped with its reason booked.
         """
-        shared = sorted(
-            (r for r in replies if r.num_examples > 0 and "accuracy" in r.metrics), key=lambda r: r.institution
-        )
+        valid = []
+        for reply in sorted(replies, key=lambda r: r.institution):
+            if problems := evaluate_problems(reply.loss, reply.num_examples, reply.metrics):
+                self._reject(server_round, reply.institution, "evaluate", problems)
+            else:
+                valid.append(reply)
+        shared = [r for r in valid if r.num_examples > 0 and "accuracy" in r.metrics]
         total = sum(r.num_examples for r in shared)
         loss = sum(r.loss * r.num_examples for r in shared) / total if total else None
         metrics: dict[str, float] = {}

@@ -2,7 +2,8 @@
 
 This layout is a contract that later tools read: ``metrics.csv`` has one row per
 round; ``report.json`` has ``rounds_completed``, ``secure_aggregation``,
-``final_metrics`` and ``institutions`` (name, num_examples, epsilon, delta, ledger).
+``final_metrics`` and ``institutions`` (name, num_examples, epsilon, delta, ledger, refusals, and
+``rejected``: the malformed replies dropped unused, each with its round, stage and reason).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class InstitutionRecord:
     delta: float = 0.0
     ledger: list[dict[str, Any]] = field(default_factory=list)
     refusals: list[dict[str, Any]] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)  # malformed replies, dropped unused
 
     def as_report(self) -> dict[str, Any]:
         events = [DPSGDEvent(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.ledger]
@@ -59,6 +61,7 @@ class InstitutionRecord:
             "delta": self.delta,
             "ledger": self.ledger,
             "refusals": self.refusals,
+            "rejected": self.rejected,
         }
 
 
@@ -134,9 +137,9 @@ class RunDirectory:
     def institution(self, name: str) -> InstitutionRecord:
         return self.institutions.setdefault(name, InstitutionRecord(name))
 
-    def record_fit(self, server_round: int, num_examples: int, metrics: dict[str, Any]) -> None:
-        """Book one institution's fit reply (trained or refused)."""
-        record = self.institution(str(metrics.get("institution", "?")))
+    def record_fit(self, server_round: int, name: str, num_examples: int, metrics: dict[str, Any]) -> None:
+        """Book one institution's well-formed fit reply (trained or refused; see ``fedsilo.server.replies``)."""
+        record = self.institution(name)
         record.epsilon = float(metrics.get("epsilon", record.epsilon))
         record.delta = float(metrics.get("delta", record.delta))
         if "refused" in metrics:
@@ -151,6 +154,10 @@ class RunDirectory:
                 "steps": int(metrics["steps"]),
             }
         )
+
+    def record_rejected(self, server_round: int, name: str, stage: str, reason: str) -> None:
+        """Book a malformed ``stage`` ("fit" or "evaluate") reply, dropped unused, with why."""
+        self.institution(name).rejected.append({"round": server_round, "stage": stage, "reason": reason})
 
     def save_model(self, weights: list[np.ndarray], name: str) -> Path:
         """Write weights as a torch state dict (keys from the model spec)."""

@@ -87,3 +87,56 @@ def test_a_round_where_everyone_refused_keeps_the_model(tmp_path: Path) -> None:
     coord = coordinator(tmp_path, [])
     assert coord.aggregate_fit(1, [reply(coord, "a", 1.0, 0)], []) is None
     assert np.array_equal(coord.current[0], np.zeros(2))
+
+
+def test_a_malformed_fit_reply_is_dropped_with_its_reason_and_the_others_are_aggregated(tmp_path: Path) -> None:
+    # Prepare: b's reply lacks its noise multiplier, c reports a delta of 1, d's update is not finite
+    rows: list[dict[str, Any]] = []
+    coord = coordinator(tmp_path, rows)
+    a = reply(coord, "a", 1.0, 10)
+    b = reply(coord, "b", 3.0, 30)
+    b = FitReply("b", b.contribution, {k: v for k, v in b.metrics.items() if k != "noise-multiplier"})
+    c = reply(coord, "c", 5.0, 0)
+    c = FitReply("c", c.contribution, {**c.metrics, "delta": 1.0})
+    d = reply(coord, "d", np.nan, 10)
+    # Execute
+    model = coord.aggregate_fit(1, [a, b, c, d], [])
+    coord.aggregate_evaluate(1, [evaluation("a")])
+    report = coord.finish(1.0)
+    # Assert: only a is aggregated and booked; b, c and d are listed as rejected with the key at fault
+    assert model is not None and np.allclose(model[0], 1.0)
+    assert (rows[0]["institutions_trained"], rows[0]["institutions_refused"]) == (1, 3)
+    by_name = {i["name"]: i for i in report["institutions"]}
+    assert [e["round"] for e in by_name["a"]["ledger"]] == [1] and by_name["a"]["rejected"] == []
+    assert by_name["b"]["ledger"] == [] and "'noise-multiplier' is missing" in by_name["b"]["rejected"][0]["reason"]
+    assert by_name["c"]["delta"] == 0.0 and "'delta' must be" in by_name["c"]["rejected"][0]["reason"]
+    assert by_name["d"]["ledger"] == [] and "non-finite" in by_name["d"]["rejected"][0]["reason"]
+    assert {i["rejected"][0]["stage"] for i in report["institutions"] if i["rejected"]} == {"fit"}
+
+
+def test_a_malformed_reply_under_secure_aggregation_voids_the_round(tmp_path: Path) -> None:
+    # Prepare: b's masked update is inside the secure sum, but its reply is malformed
+    coord = coordinator(tmp_path, [])
+    before = coord.current
+    b = reply(coord, "b", 3.0, 30)
+    b = FitReply("b", b.contribution, {**b.metrics, "sample-rate": 2.0})
+    # Execute
+    model = coord.aggregate_fit(1, [reply(coord, "a", 1.0, 10), b], [], secure_sum=[np.full(2, 7.0, dtype=np.float32)])
+    # Assert: the aggregate is not used; a is still booked, b is rejected
+    assert model is None and coord.current is before
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+    assert [e["round"] for e in coord.run_dir.institutions["a"].ledger] == [1]
+    assert "'sample-rate' must be" in coord.run_dir.institutions["b"].rejected[0]["reason"]
+
+
+def test_a_malformed_evaluate_reply_is_dropped_from_the_scores(tmp_path: Path) -> None:
+    # Prepare
+    coord = coordinator(tmp_path, [])
+    bad = EvaluateReply("b", 0.1, 10, {"institution": "b", "accuracy": 7.0})
+    # Execute
+    loss, metrics = coord.aggregate_evaluate(1, [evaluation("a"), bad])
+    report = coord.finish(1.0)
+    # Assert
+    assert loss == pytest.approx(0.5) and metrics["accuracy"] == pytest.approx(0.75)
+    rejected = {i["name"]: i["rejected"] for i in report["institutions"]}["b"]
+    assert rejected[0]["stage"] == "evaluate" and "'accuracy' must be" in rejected[0]["reason"]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import gzip
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from fedsilo.common.models import SmallCNN, build_model
 from fedsilo.common.schema import Schema
 from fedsilo.common.settings import RunSettings
 from fedsilo.common.training import evaluate
+from fedsilo.simulations import inprocess
 from fedsilo.simulations.baselines import federation_members
 from fedsilo.simulations.inprocess import run_inprocess
 
@@ -107,3 +110,39 @@ def test_every_round_row_holds_the_record_weighted_mean_of_the_institutions_held
             assert float(csv_row[key]) == pytest.approx(expected, abs=1e-9)
     assert set(report["final_metrics"]) == {"auc", "average_precision", "balanced_accuracy", "accuracy", "loss"}
     assert "majority_rate" not in csv_rows[0]  # the institutions' class balance stays with them
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_one_institutions_malformed_reply_is_dropped_and_the_run_still_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, secure: bool
+) -> None:
+    # Prepare: the first institution's every trained reply loses its noise multiplier and claims delta 1
+    settings = RunSettings().with_overrides(
+        {"num-server-rounds": 2, "secure-aggregation": secure, "out-dir": str(tmp_path / "run")}
+    )
+    victim = sorted(m.name for m in federation_members(settings, 3))[0]
+    honest_fit_round = inprocess.fit_round
+
+    def corrupted(data: Any, *args: Any, **kwargs: Any) -> Any:
+        outcome = honest_fit_round(data, *args, **kwargs)
+        if data.name == victim and "refused" not in outcome.metrics:
+            metrics = {k: v for k, v in outcome.metrics.items() if k != "noise-multiplier"}
+            return replace(outcome, metrics={**metrics, "delta": 1.0})
+        return outcome
+
+    monkeypatch.setattr(inprocess, "fit_round", corrupted)
+    # Execute
+    report = run_inprocess(settings, institutions=3)
+    # Assert: the run ends with its report; the victim's replies are listed as rejected, never booked
+    assert (tmp_path / "run" / "report.json").exists() and report["rounds_planned"] == 2
+    by_name = {i["name"]: i for i in report["institutions"]}
+    assert by_name[victim]["ledger"] == [] and by_name[victim]["delta"] == 0.0
+    reasons = [r["reason"] for r in by_name[victim]["rejected"]]
+    assert reasons and all("'noise-multiplier' is missing" in r and "'delta' must be" in r for r in reasons)
+    others = [i for n, i in by_name.items() if n != victim]
+    assert all(i["rejected"] == [] for i in others)
+    # without SecAgg+ the others' updates are aggregated; under it, a round with the victim's masked update is void
+    if secure:
+        assert report["rounds_completed"] == 0
+    else:
+        assert report["rounds_completed"] == 2
