@@ -19,6 +19,7 @@ from fedsilo.common.tomlfile import parse_assignments
 from fedsilo.runtime.keys import DEFAULT_HOSTS
 from fedsilo.server import processes
 from fedsilo.server.federation import DEFAULT_PORT, Federation
+from fedsilo.server.outcome import untrained_reason
 
 app = typer.Typer(help="fedsilo for coordinators.", no_args_is_help=True)
 console = Console(soft_wrap=True)
@@ -150,10 +151,19 @@ def run(
                 console, f"interrupted; `fedsilo-server run {directory} --resume` continues from the last round"
             )
             raise typer.Exit(130) from None
-    if not (run_dir / "report.json").exists():
-        print_error(console, f"the run ended without writing {run_dir / 'report.json'}; rerun with --verbose")
+    conclude(run_dir)
+
+
+def conclude(run_dir: Path) -> None:
+    """Summarise a run that has ended; exit 1 when it wrote no report or trained nothing."""
+    path = run_dir / "report.json"
+    if not path.exists():
+        print_error(console, f"the run ended without writing {path}; rerun with --verbose")
         raise typer.Exit(1)
     report(run_dir)
+    if (problem := untrained_reason(json.loads(path.read_text(encoding="utf-8")), run_dir)) is not None:
+        print_error(console, problem)
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -18,6 +18,7 @@ from fedsilo.common.cli import exit_on_error, fmt, institutions_table, print_err
 from fedsilo.common.errors import FedsiloError
 from fedsilo.common.registry import DATASETS
 from fedsilo.common.settings import Proposal, RunSettings
+from fedsilo.server.outcome import untrained_reason
 from fedsilo.server.run_naming import new_run_dir
 
 app = typer.Typer(help="Simulate fedsilo federations on one machine (Flower simulation engine).", no_args_is_help=True)
@@ -376,7 +377,8 @@ def _summary(report: dict[str, Any], wall_s: float, out_dir: Path, lead: str, ma
     final = report["final_metrics"]
     refused = sum(int(r["institutions_refused"]) for r in report["rounds"])
     asked = refused + sum(int(r["institutions_trained"]) for r in report["rounds"])
-    untrained = report["rounds_completed"] == 0
+    problem = untrained_reason(report, out_dir)
+    untrained = problem is not None
     console.print(
         f"{'untrained initial model (no round aggregated):' if untrained else 'final'} {_scores(final, lead)} "
         f"(always guessing the majority class: accuracy {majority:.4f}), "
@@ -384,13 +386,8 @@ def _summary(report: dict[str, Any], wall_s: float, out_dir: Path, lead: str, ma
         f"secure aggregation {report['secure_aggregation']}, wall time {wall_s:.1f} s"
     )
     console.print(f"run directory: {out_dir}")
-    if untrained:
-        print_error(
-            console,
-            f"no round was aggregated ({refused} of {asked} institution-rounds refused): the model is the "
-            f"untrained initial one and its metrics are not a trained model's; see the refusals in "
-            f"{out_dir / 'report.json'}",
-        )
+    if problem is not None:
+        print_error(console, problem)
         raise typer.Exit(1)
     if refused:
         reasons = escape(str(out_dir / "report.json"))
