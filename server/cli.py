@@ -143,6 +143,7 @@ def run(
     run_dir = Path(settings.resume_from or settings.out_dir)
     with exit_on_error(console), processes.run_slot(fed):
         fed.write_app(settings)
+        processes.record_admitted(fed, run_dir)
         console.print(f"{'resuming' if resume else 'starting'} run {run_dir.name} ({run_dir})")
         try:
             processes.drive_run(fed, verbose=verbose, say=console.print, warn=lambda text: print_error(console, text))

@@ -282,6 +282,16 @@ def node_names(fed: Federation) -> dict[str, str]:
     return {entry["node-id"]: name for name, entry in _registered(fed).items()}
 
 
+def record_admitted(fed: Federation, run_dir: Path) -> None:
+    """Write ``run_dir/admitted.json`` (node id -> admitted name) so the run names institutions by their keys.
+
+    ``fedsilo.server.run_directory.RunDirectory.ADMITTED`` reads it back; an
+    institution's self-asserted name in its replies is then only compared.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "admitted.json").write_text(json.dumps(node_names(fed), indent=2) + "\n", encoding="utf-8")
+
+
 def healthy(address: str, ca_cert: Path | None) -> bool:
     """Whether the SuperLink at ``address`` answers ``GET /health`` (over TLS unless ``ca_cert`` is None)."""
     scheme = "http" if ca_cert is None else "https"

@@ -77,7 +77,15 @@ def _json_safe(value: Any) -> Any:
 
 
 class RunDirectory:
-    """Writes one run's outputs as the rounds go."""
+    """Writes one run's outputs as the rounds go.
+
+    In a deployment, ``admitted.json`` (written by ``fedsilo-server run`` before the
+    run starts: Flower node id -> the name the coordinator admitted with that
+    node's key) names the institutions; without it, as in simulations, an
+    institution is named by what its replies say.
+    """
+
+    ADMITTED = "admitted.json"
 
     def __init__(self, path: Path, settings: RunSettings, model_spec: dict[str, Any], schema_path: Path) -> None:
         self.path = path
@@ -87,6 +95,12 @@ class RunDirectory:
         self.rounds: list[dict[str, Any]] = []
         self.rounds_completed = 0  # the last round whose aggregate was checkpointed
         self.last_round = 0  # the last round that ran to its end (trained or not)
+        admitted = path / self.ADMITTED
+        self.admitted: dict[str, str] = (
+            {str(k): str(v) for k, v in json.loads(admitted.read_text(encoding="utf-8")).items()}
+            if admitted.exists()
+            else {}
+        )
         if settings.resume_from:
             self._reopen()
             return

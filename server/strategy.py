@@ -12,6 +12,7 @@ institutions' updates), so the strategy never sees an individual one.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from logging import WARNING
 from typing import Any
 
 from flwr.common import (
@@ -21,6 +22,7 @@ from flwr.common import (
     FitRes,
     Parameters,
     Scalar,
+    log,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
@@ -32,7 +34,7 @@ from fedsilo.common.settings import RunSettings
 from fedsilo.runtime.flower.internals import ClientProxy
 from fedsilo.server.coordinator import Coordinator, EvaluateReply, FitReply
 
-__all__ = ["WAIT_S", "EvalResults", "FedsiloStrategy", "FitResults", "fit_replies"]
+__all__ = ["WAIT_S", "EvalResults", "FedsiloStrategy", "FitResults", "fit_replies", "institution_name"]
 
 FitResults = list[tuple[ClientProxy, FitRes]]
 EvalResults = list[tuple[ClientProxy, EvaluateRes]]
@@ -40,14 +42,30 @@ EvalResults = list[tuple[ClientProxy, EvaluateRes]]
 WAIT_S = 86400  # how long a round waits for min-institutions (Flower's own default)
 
 
-def _name(proxy: ClientProxy, res: FitRes | EvaluateRes) -> str:
-    return str(res.metrics.get("institution", proxy.cid))
+def institution_name(proxy: ClientProxy, res: FitRes | EvaluateRes, admitted: Mapping[str, str]) -> str:
+    """Who sent a reply: the name admitted with its node's key when known, else the name the reply asserts.
+
+    Flower's node id (``proxy.cid``) is bound to the key the SuperNode authenticated
+    with, so in a deployment (``admitted`` non-empty) one institution cannot book
+    under another's name; a differing self-asserted name is only logged.
+    """
+    asserted = str(res.metrics.get("institution", proxy.cid))
+    if not admitted:
+        return asserted
+    name = admitted.get(proxy.cid, f"unadmitted node {proxy.cid}")
+    if asserted != name:
+        log(WARNING, "node %s, admitted as %s, calls itself %r; it is named %s", proxy.cid, name, asserted, name)
+    return name
 
 
-def fit_replies(results: FitResults) -> list[FitReply]:
+def fit_replies(results: FitResults, admitted: Mapping[str, str] | None = None) -> list[FitReply]:
     """Flower's fit results as the coordinator's replies (parameters as sent, num_examples as weight)."""
     return [
-        FitReply(_name(proxy, res), Contribution(parameters_to_ndarrays(res.parameters), res.num_examples), res.metrics)
+        FitReply(
+            institution_name(proxy, res, admitted or {}),
+            Contribution(parameters_to_ndarrays(res.parameters), res.num_examples),
+            res.metrics,
+        )
         for proxy, res in results
     ]
 
@@ -101,12 +119,12 @@ class FedsiloStrategy(FedAvg):
 
     def fit_halted(self, server_round: int, results: FitResults, failures: list[Any]) -> None:
         """A round whose secure sum stays masked: book its replies, keep the model."""
-        self.coordinator.book_fit(server_round, fit_replies(results), failures)
+        self.coordinator.book_fit(server_round, fit_replies(results, self.coordinator.run_dir.admitted), failures)
 
     def aggregate_fit(
         self, server_round: int, results: FitResults, failures: list[Any]
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        replies = fit_replies(results)
+        replies = fit_replies(results, self.coordinator.run_dir.admitted)
         # Under SecAgg+ every reply carries the recovered aggregate, refusals included.
         secure_sum = replies[0].contribution.vector if self.secure and replies else None
         model = self.coordinator.aggregate_fit(server_round, replies, failures, secure_sum=secure_sum)
@@ -118,6 +136,10 @@ class FedsiloStrategy(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, results: EvalResults, failures: list[Any]
     ) -> tuple[float | None, dict[str, Scalar]]:
-        replies = [EvaluateReply(_name(proxy, res), res.loss, res.num_examples, res.metrics) for proxy, res in results]
+        admitted = self.coordinator.run_dir.admitted
+        replies = [
+            EvaluateReply(institution_name(proxy, res, admitted), res.loss, res.num_examples, res.metrics)
+            for proxy, res in results
+        ]
         loss, metrics = self.coordinator.aggregate_evaluate(server_round, replies)
         return loss, dict(metrics)
