@@ -203,8 +203,12 @@ def check_secagg_stage(
 
 
 def _round_size_problems(count: int, policy: PrivacyPolicy, *, what: str) -> list[str]:
-    """Too few institutions at a stage: SecAgg+ hides nothing in a round of fewer than two."""
-    return [f"{count} {what}, below the 2 a secure sum needs"] if count < 2 else []
+    """Too few institutions at a stage: fewer than two hide nothing, fewer than the policy says hide too little."""
+    if count < 2:
+        return [f"{count} {what}, below the 2 a secure sum needs"]
+    if count < policy.min_round_size:
+        return [f"{count} {what}, below the policy's min-round-size {policy.min_round_size}"]
+    return []
 
 
 def _refuse(stage: Any, problems: list[str]) -> NoReturn:

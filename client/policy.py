@@ -16,6 +16,7 @@ A policy file::
     require-secure-aggregation = true  # refuse rounds whose update would leave unmasked (deployed default)
     min-secagg-threshold = 2     # refuse a SecAgg+ reconstruction threshold below this count (deployed default 2)
     min-secagg-threshold-fraction = 0.51  # ... or below this fraction of the shares (deployed default 0.51)
+    min-round-size = 3           # refuse SecAgg+ rounds of fewer institutions (deployed default 3)
 
     [institutions.hospital-2]    # simulations only: overrides for one institution
     max-epsilon = 1.0
@@ -32,6 +33,14 @@ enough. Whatever the policy, the institution also refuses a neighbour list
 without another institution or without itself, shares from nodes outside its
 neighbours, a node listed both active and dropped, a node listed twice, and a
 second unmasking for one setup.
+
+``min-round-size`` is the smallest round the institution takes part in: the
+sampled institutions at setup, its neighbours, the institutions it shares keys
+with and those active at unmasking must each number at least that many. A
+coordinator that admits one node of its own can otherwise make a round of that
+node and one institution and subtract its own update from the sum; with 3, it
+needs two nodes of its own besides the institution (Sybil nodes the coordinator
+admits are counted as institutions: nothing in SecAgg+ tells them apart).
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ KEYS = {
     "require-secure-aggregation": "require_secure_aggregation",
     "min-secagg-threshold": "min_secagg_threshold",
     "min-secagg-threshold-fraction": "min_secagg_threshold_fraction",
+    "min-round-size": "min_round_size",
 }
 # A deployed institution's defaults where its policy is silent (``deployed_policy``).
 DEPLOYED_DEFAULTS = {
@@ -66,6 +76,7 @@ DEPLOYED_DEFAULTS = {
     "require-secure-aggregation": True,
     "min-secagg-threshold": 2,
     "min-secagg-threshold-fraction": 0.51,
+    "min-round-size": 3,
 }
 
 
@@ -82,6 +93,7 @@ class PrivacyPolicy:
     require_secure_aggregation: bool = False
     min_secagg_threshold: int = 1  # deployed default 2: its own share never rebuilds its secret
     min_secagg_threshold_fraction: float = 0.0  # deployed default 0.51: a strict majority of the shares
+    min_round_size: int = 2  # a secure sum needs two; deployed default 3
     source: str = "policy"
 
     def __post_init__(self) -> None:
@@ -102,6 +114,8 @@ class PrivacyPolicy:
             raise bad("min-secagg-threshold", self.min_secagg_threshold, "an integer >= 1")
         if not 0 <= self.min_secagg_threshold_fraction <= 1:
             raise bad("min-secagg-threshold-fraction", self.min_secagg_threshold_fraction, "in [0, 1]")
+        if self.min_round_size < 2:
+            raise bad("min-round-size", self.min_round_size, "an integer >= 2 (a secure sum needs two institutions)")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str) -> PrivacyPolicy:
@@ -168,6 +182,8 @@ class PrivacyPolicy:
     def secagg_violations(self, *, sample: int, shares: int, threshold: int) -> list[str]:
         """What in a SecAgg+ setup (sampled nodes, shares per node, threshold) breaks this policy."""
         out = []
+        if sample < self.min_round_size:
+            out.append(f"a round of {sample} institutions is below the policy's min-round-size {self.min_round_size}")
         if threshold < self.min_secagg_threshold:
             out.append(
                 f"reconstruction threshold {threshold} is below the policy's min-secagg-threshold "

@@ -125,6 +125,30 @@ def test_a_deployed_institution_refuses_threshold_one_and_itself_alone_at_setup(
     assert node.trained == 0
 
 
+def test_a_round_of_two_is_refused_by_a_deployed_institution_at_every_stage() -> None:
+    # The attack of issue 13 item 3: the coordinator samples the institution with one node of its
+    # own (threshold 2 of 2 shares, which the threshold checks accept) and subtracts its own update.
+    node = Institution(NODES[0])  # deployed: min-round-size 3
+    with pytest.raises(SecAggRefused, match="a round of 2 institutions is below the policy's min-round-size 3"):
+        node.send(setup(sample=2, shares=2, threshold=2))
+    assert node.trained == 0
+    # A setup of three that shrinks to two neighbours after it is refused at the next stage.
+    node = Institution(NODES[0])
+    keys = {i: Institution(i).send(setup()) for i in NODES[1:2]}
+    mine = node.send(setup())
+    table = {str(i): [k[Key.PUBLIC_KEY_1], k[Key.PUBLIC_KEY_2]] for i, k in {NODES[0]: mine, **keys}.items()}
+    with pytest.raises(SecAggRefused, match="2 neighbours, below the policy's min-round-size 3"):
+        node.send({Key.STAGE: Stage.SHARE_KEYS, **table})
+    assert node.trained == 0
+
+
+def test_an_institution_that_accepts_rounds_of_two_takes_part_in_one() -> None:
+    nodes = [Institution(i, {**DEPLOYED, "min-round-size": 2}) for i in NODES[:2]]
+    run_until_unmask(nodes)
+    out = nodes[0].send(unmask(list(NODES[:2]), []))
+    assert sorted(out[Key.NODE_ID_LIST]) == sorted(NODES[:2]) and all(n.trained == 1 for n in nodes)
+
+
 @pytest.mark.parametrize(
     ("active", "dropped", "reason"),
     [
