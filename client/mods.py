@@ -129,7 +129,9 @@ def check_secagg_stage(
       and at most ``threshold / min-secagg-threshold-fraction``;
     - masked vectors (before training): shares come once each and from neighbours only;
     - unmask: active and dropped nodes are disjoint, each listed once, all nodes whose shares
-      this node holds, this node active, at least the threshold active; once per setup.
+      this node holds, this node active, at least the threshold active; once per setup;
+    - at every stage, the round (sampled, neighbours, keys shared, active) numbers at least
+      the policy's ``min-round-size`` (and never fewer than two).
     """
     stage = configs.get(Key.STAGE)
     problems: list[str] = []
