@@ -20,7 +20,7 @@ from flwr.client import Client, NumPyClient
 from flwr.clientapp import ClientApp
 from flwr.common import NDArrays, Scalar
 
-from fedsilo.client.mods import UNDER_SECURE_AGGREGATION, secure_aggregation_mod
+from fedsilo.client.mods import UNDER_SECURE_AGGREGATION, secure_aggregation_mod, secure_round
 from fedsilo.client.simulated_data import PROCESS_TABLES, SimulatedTables
 from fedsilo.client.trainer import SOCKET_KEY, call
 from fedsilo.common.errors import TrainerUnavailable
@@ -75,7 +75,14 @@ class InstitutionClient(NumPyClient):
         server_round = int(config["server-round"])
         run_id = str(config.get("run-name", self.context.run_id))
         secure = UNDER_SECURE_AGGREGATION.get()
-        header = {"config": dict(config), "server-round": server_round, "run-id": run_id, "secure-aggregation": secure}
+        setup = secure_round(self.context) if secure else None
+        header = {
+            "config": dict(config),
+            "server-round": server_round,
+            "run-id": run_id,
+            "secure-aggregation": secure,
+            "secure-round": list(setup) if setup else None,
+        }
         if (warm := self._warm_trainer("fit", header, parameters)) is not None:
             answer, weights = warm
             return weights, int(answer["num-examples"]), dict(answer["metrics"])
@@ -83,7 +90,13 @@ class InstitutionClient(NumPyClient):
 
         settings, data = self._settings_and_data(config)
         outcome = fit_round(
-            data, parameters, settings, server_round=server_round, run_id=run_id, secure_aggregation=secure
+            data,
+            parameters,
+            settings,
+            server_round=server_round,
+            run_id=run_id,
+            secure_aggregation=secure,
+            secure_round=setup,
         )
         return outcome.weights, outcome.num_examples, dict(outcome.metrics)
 

@@ -29,24 +29,24 @@ from torch import nn
 
 from fedsilo.client.policy import PrivacyPolicy, deployed_policy
 from fedsilo.client.simulated_data import SimulatedTables
+from fedsilo.common import distributed_dp as ddp
 from fedsilo.common.accounting import epsilon_spent
-from fedsilo.common.aggregation import aggregation_for
+from fedsilo.common.aggregation import MAX_ABS_WEIGHT, DistributedSkellamSum, NoiseInput, aggregation_for
 from fedsilo.common.datasets import read_table
 from fedsilo.common.errors import ConfigError
 from fedsilo.common.ledger import LedgerEntry, PrivacyLedger
 from fedsilo.common.models import build_model, get_weights, set_weights
 from fedsilo.common.schema import Schema
 from fedsilo.common.settings import RunSettings
-from fedsilo.common.training import evaluate, plan_round, train_round
+from fedsilo.common.training import RoundPlan, clipped_gradient_sum, evaluate, plan_round, train_round
 
 Weights = list[np.ndarray]
 
-# Incoming global weights must be finite and no larger than this in magnitude, and every
+# Incoming global weights must be finite and no larger than MAX_ABS_WEIGHT in magnitude, and every
 # parameter stays inside it while the institution trains (projected SGD). Trained models sit
 # far below it (under SecAgg+ every weight stays inside secagg-clipping-range, 8 by default).
 # A crafted model near float32's maximum would make the per-record gradient of chosen records
 # overflow, and Opacus's clipping would turn the whole update into NaN that no noise hides.
-MAX_ABS_WEIGHT = 1e3
 # With every weight at MAX_ABS_WEIGHT and inputs in [0, 1] (what a schema encodes), the
 # worst-case per-record squared gradient norm (``worst_case_gradient``) must stay below this,
 # far under float32's maximum (3.4e38): Opacus sums squares, ghost clipping products of them.
@@ -229,6 +229,8 @@ def weight_bound(settings: RunSettings, *, secure_aggregation: bool) -> float:
     SecAgg+ clips every masked value to ``secagg-clipping-range``, so a model aggregated under it
     never leaves that range, and training projects onto it so that nothing is clipped silently.
     """
+    if settings.distributed:  # the model never passes through SecAgg+, only the encoded gradient does
+        return MAX_ABS_WEIGHT
     return min(settings.secagg.clipping_range, MAX_ABS_WEIGHT) if secure_aggregation else MAX_ABS_WEIGHT
 
 
@@ -283,8 +285,12 @@ def fit_round(
     server_round: int,
     run_id: str,
     secure_aggregation: bool | None = None,
+    secure_round: tuple[int, int] | None = None,
 ) -> FitOutcome:
     """Plan, check the policy and the budget, train with DP-SGD, record in the ledger, release.
+
+    With ``dp-mode = "distributed"``, ``fit_distributed_round`` runs the round instead;
+    ``secure_round`` is then the SecAgg+ setup's (sampled institutions, threshold).
 
     What leaves is prepared by the run's aggregation (``fedsilo.common.aggregation``). A
     refused round trains nothing, records nothing and releases the received
@@ -298,6 +304,16 @@ def fit_round(
     institution of any size takes part.
     """
     secure = settings.secagg.enabled if secure_aggregation is None else secure_aggregation
+    if settings.distributed:
+        return fit_distributed_round(
+            data,
+            weights,
+            settings,
+            server_round=server_round,
+            run_id=run_id,
+            secure_aggregation=secure,
+            secure_round=secure_round,
+        )
     privacy, policy = settings.privacy, data.policy
     budget, delta = policy.budget(settings), policy.accounting_delta(settings)
     with PrivacyLedger.locked(data.state_dir, data.fingerprint) as ledger:  # check, train, record
@@ -336,14 +352,10 @@ def fit_round(
                 f"of a budget of {budget:g} (already spent {spent:.3f})"
             )
         if reason is not None:
-            refusal = aggregation_for(settings.secagg).prepare(weights, records=0)
+            refusal = aggregation_for(settings).prepare(weights, records=0)
             return FitOutcome(refusal.vector, refusal.weight, {**base, "epsilon": spent, "refused": reason})
         model = _model_with(data, settings, weights)
-        if data.reproducible:
-            entropy = [settings.seed, server_round, int(data.fingerprint[:8], 16)]
-            seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
-        else:  # DP noise an observer cannot predict from the run config
-            seed = secrets.randbits(63)
+        seed = _round_seed(data, settings, server_round)
         train_round(
             model,
             data.train_x,
@@ -365,7 +377,123 @@ def fit_round(
             "sample-rate": plan.sample_rate,
         }
         # Its aggregation weight is sent in the clear: the record count, capped at secagg-max-weight.
-        update = aggregation_for(settings.secagg).prepare(get_weights(model), records=len(data.train_y))
+        update = aggregation_for(settings).prepare(get_weights(model), records=len(data.train_y))
+        return FitOutcome(update.vector, update.weight, metrics)
+
+
+def _round_seed(data: InstitutionData, settings: RunSettings, server_round: int) -> int:
+    """The round's training randomness: seeded from the run in simulation, secret when deployed."""
+    if data.reproducible:
+        entropy = [settings.seed, server_round, int(data.fingerprint[:8], 16)]
+        return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+    return secrets.randbits(63)  # DP noise an observer cannot predict from the run config
+
+
+def fit_distributed_round(
+    data: InstitutionData,
+    weights: Sequence[np.ndarray],
+    settings: RunSettings,
+    *,
+    server_round: int,
+    run_id: str,
+    secure_aggregation: bool,
+    secure_round: tuple[int, int] | None,
+) -> FitOutcome:
+    """Distributed DP's round: one clipped gradient sum over a Poisson sample, encoded with a noise share.
+
+    The institution's share of the noise follows from its policy's ``min-honest`` and the
+    round's SecAgg+ setup (``secure_round``: sampled institutions ``n``, threshold ``t``), so
+    that the shares it counts on carry the full noise even if ``n - t`` drop out
+    (``fedsilo.common.distributed_dp.noise_share``); the coordinator cannot lower it. The
+    ledger records the round with what it assumed, and its worst case (own share alone).
+    A refused round records nothing and still sends its noise share, with zero signal.
+    Records, noise and the sample are drawn from secret randomness when deployed.
+    """
+    privacy, policy = settings.privacy, data.policy
+    budget, delta = policy.budget(settings), policy.accounting_delta(settings)
+    query = aggregation_for(settings)
+    assert isinstance(query, DistributedSkellamSum)
+    plan = query.plan(sum(int(np.size(w)) for w in weights))
+    sample, threshold = secure_round if secure_round is not None else (1, 1)
+    share = ddp.noise_share(
+        total_variance=plan.total_variance, sample=sample, threshold=threshold, min_honest=policy.min_honest
+    )
+    rng = np.random.default_rng(_round_seed(data, settings, server_round))
+    with PrivacyLedger.locked(data.state_dir, data.fingerprint) as ledger:  # check, train, record
+        entry = LedgerEntry(
+            run_id=run_id,
+            round=server_round,
+            noise_multiplier=plan.noise_multiplier,
+            sample_rate=plan.sample_rate,
+            steps=1,
+            delta=delta,
+            recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            mechanism="skellam",
+            variance=share.total_variance,
+            own_variance=share.own_variance,
+            l2_sensitivity=plan.l2_sensitivity,
+            l1_sensitivity=plan.l1_sensitivity,
+            scale=plan.scale,
+            min_honest=policy.min_honest,
+            counted_honest=share.counted_honest,
+            sample=sample,
+            threshold=threshold,
+        )
+        ledgers = [*PrivacyLedger.others(data.state_dir, data.fingerprint), ledger]
+        history = [e.event() for other in ledgers for e in other.entries]
+        spent = epsilon_spent(history, delta=delta)
+        after = epsilon_spent([*history, entry.event()], delta=delta)
+        worst_history = [e.worst_case_event() for other in ledgers for e in other.entries]
+        worst = epsilon_spent([*worst_history, entry.worst_case_event()], delta=delta)
+        base: dict[str, bool | int | float | str] = {"institution": data.name, "delta": delta}
+        reason = None
+        round_plan = RoundPlan(sample_rate=plan.sample_rate, steps=1, noise_multiplier=plan.noise_multiplier)
+        violations = policy.violations(settings, round_plan, secure_aggregation=secure_aggregation)
+        if (problem := weights_problem(weights, settings, data.schema, bound=MAX_ABS_WEIGHT)) is not None:
+            reason = f"{data.name} refused round {server_round}: the received global model is unsafe: {problem}"
+        elif not secure_aggregation:
+            reason = (
+                f"{data.name} refused round {server_round}: dp-mode distributed sends only a share of the noise, "
+                "which protects its records only inside a SecAgg+ sum, and this round has none"
+            )
+        elif trust := ddp.honest_problem(sample=sample, threshold=threshold, min_honest=policy.min_honest):
+            reason = f"{data.name} refused round {server_round}: {trust}"
+        elif violations:
+            reason = (
+                f"{data.name} refused round {server_round}: the proposed training breaks its privacy policy: "
+                + "; ".join(violations)
+            )
+        elif after > budget * (1 + 1e-9):
+            reason = (
+                f"{data.name} refused round {server_round}: it would spend epsilon {after:.3f} "
+                f"of a budget of {budget:g} (already spent {spent:.3f})"
+            )
+        noise = NoiseInput(share.own_variance, rng)
+        if reason is not None:
+            zeros = [np.zeros(np.shape(w), dtype=np.float64) for w in weights]
+            refusal = query.prepare(zeros, records=0, server_round=server_round, noise=noise)
+            return FitOutcome(refusal.vector, refusal.weight, {**base, "epsilon": spent, "refused": reason})
+        model = _model_with(data, settings, weights)
+        gradient_sum, _ = clipped_gradient_sum(
+            model,
+            data.train_x,
+            data.train_y,
+            sample_rate=plan.sample_rate,
+            max_grad_norm=privacy.max_grad_norm,
+            rng=rng,
+        )
+        ledger.append(entry)  # before the update leaves: a released update is spent privacy
+        update = query.prepare([gradient_sum], records=len(data.train_y), server_round=server_round, noise=noise)
+        metrics = {
+            **base,
+            "epsilon": after,
+            "epsilon-worst-case": worst,
+            "steps": 1,
+            "noise-multiplier": plan.noise_multiplier,
+            "sample-rate": plan.sample_rate,
+            "records": len(data.train_y),
+            "counted-honest": share.counted_honest,
+        }
         return FitOutcome(update.vector, update.weight, metrics)
 
 

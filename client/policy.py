@@ -17,6 +17,7 @@ A policy file::
     min-secagg-threshold = 2     # refuse a SecAgg+ reconstruction threshold below this count (deployed default 2)
     min-secagg-threshold-fraction = 0.51  # ... or below this fraction of the shares (deployed default 0.51)
     min-round-size = 3           # refuse SecAgg+ rounds of fewer institutions (deployed default 3)
+    min-honest = 1               # distributed DP: sampled institutions counted on to add their noise share
 
     [institutions.hospital-2]    # simulations only: overrides for one institution
     max-epsilon = 1.0
@@ -41,6 +42,14 @@ coordinator that admits one node of its own can otherwise make a round of that
 node and one institution and subtract its own update from the sum; with 3, it
 needs two nodes of its own besides the institution (Sybil nodes the coordinator
 admits are counted as institutions: nothing in SecAgg+ tells them apart).
+
+``min-honest`` matters only with ``dp-mode = "distributed"``: of a round's ``n`` sampled
+institutions, SecAgg+ lets up to ``n - t`` drop out (``t``: the reconstruction
+threshold), so an institution that counts on ``min-honest`` honest ones can rely on
+``max(1, min-honest - (n - t))`` shares, its own included, and adds enough noise itself
+that those shares alone carry the full noise (``fedsilo.common.distributed_dp.noise_share``).
+With 1 it adds the full noise alone: the guarantee needs nobody else. A round that samples
+fewer institutions than ``min-honest`` is refused.
 """
 
 from __future__ import annotations
@@ -69,6 +78,7 @@ KEYS = {
     "min-secagg-threshold": "min_secagg_threshold",
     "min-secagg-threshold-fraction": "min_secagg_threshold_fraction",
     "min-round-size": "min_round_size",
+    "min-honest": "min_honest",
 }
 # A deployed institution's defaults where its policy is silent (``deployed_policy``).
 DEPLOYED_DEFAULTS = {
@@ -94,6 +104,9 @@ class PrivacyPolicy:
     min_secagg_threshold: int = 1  # deployed default 2: its own share never rebuilds its secret
     min_secagg_threshold_fraction: float = 0.0  # deployed default 0.51: a strict majority of the shares
     min_round_size: int = 2  # a secure sum needs two; deployed default 3
+    # Distributed DP: how many sampled institutions (itself included) this one counts on to add their
+    # noise share and not to collude with the coordinator. 1: it adds the full noise itself.
+    min_honest: int = 1
     source: str = "policy"
 
     def __post_init__(self) -> None:
@@ -114,6 +127,8 @@ class PrivacyPolicy:
             raise bad("min-secagg-threshold", self.min_secagg_threshold, "an integer >= 1")
         if not 0 <= self.min_secagg_threshold_fraction <= 1:
             raise bad("min-secagg-threshold-fraction", self.min_secagg_threshold_fraction, "in [0, 1]")
+        if self.min_honest < 1:
+            raise bad("min-honest", self.min_honest, "an integer >= 1 (1: count on nobody else; full noise)")
         if self.min_round_size < 2:
             raise bad("min-round-size", self.min_round_size, "an integer >= 2 (a secure sum needs two institutions)")
 

@@ -142,6 +142,7 @@ class Trainer:
                 server_round=int(header["server-round"]),
                 run_id=str(header["run-id"]),
                 secure_aggregation=header.get("secure-aggregation"),
+                secure_round=_secure_round(header.get("secure-round")),
             )
             self._say(header, outcome.metrics)
             return {"num-examples": outcome.num_examples, "metrics": outcome.metrics}, outcome.weights
@@ -221,3 +222,11 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _secure_round(value: Any) -> tuple[int, int] | None:
+    """The SecAgg+ setup (sampled institutions, threshold) a fit header carries; None: none."""
+    if not value:
+        return None
+    sample, threshold = value
+    return int(sample), int(threshold)

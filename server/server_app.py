@@ -65,7 +65,7 @@ def open_run(
     model = build_model(settings.train, schema, seed=settings.seed)
     directory = RunDirectory(run_dir, settings, model_spec(settings.train, schema, model), schema_path)
     weights = directory.last_checkpoint() or get_weights(model)
-    coordinator = Coordinator(directory, aggregation_for(settings.secagg), weights, on_round=on_round)
+    coordinator = Coordinator(directory, aggregation_for(settings), weights, on_round=on_round)
     round_config = {**settings.institution_config(), "run-name": run_dir.name}  # the ledgers' run id, kept on resume
     return settings, coordinator, strategy_cls(settings, coordinator, round_config)
 
@@ -91,6 +91,7 @@ def build_server_app(
             GuardedSecAggPlusWorkflow(
                 sample_size=lambda: strategy.fit_sample_size(legacy.client_manager),
                 on_halt=strategy.fit_halted,
+                warn_clipping=not settings.distributed,
                 **settings.secagg.workflow_kwargs(),
             )
             if settings.secagg.enabled

@@ -143,6 +143,7 @@ def run_task(spec: SweepSpec, task: Task, out_dir: str) -> TaskResult:
         "partition": task.setup.partition,
         "secure_aggregation": task.setup.secure_aggregation,
         "local_epochs": task.setup.local_epochs,
+        "dp_mode": task.setup.dp_mode,
         "rounds": spec.rounds,
         "level": task.level.label,
         "private": task.level.private,
@@ -414,9 +415,11 @@ def format_level(target_epsilon: float, noise_multiplier: float) -> str:
     return "inf (no DP)" if math.isinf(target_epsilon) else f"{target_epsilon:g}"
 
 
-def setup_title(n: int, partition: str, secure_aggregation: bool, local_epochs: int) -> str:
+def setup_title(n: int, partition: str, secure_aggregation: bool, local_epochs: int, dp_mode: str = "local") -> str:
     """A setup in words."""
     secagg = "SecAgg+" if secure_aggregation else "plain FedAvg"
+    if dp_mode == "distributed":
+        return f"{n} institutions, {partition}, {secagg}, distributed DP (one step a round)"
     return f"{n} institutions, {partition}, {secagg}, {local_epochs} local epochs"
 
 
