@@ -81,8 +81,8 @@ class LedgerEntry:
         """What makes this entry unaccountable, if anything."""
         if self.mechanism not in MECHANISMS:
             return f"mechanism must be one of {', '.join(map(repr, MECHANISMS))}. Found {self.mechanism!r}."
-        if self.mechanism == "skellam" and not (isinstance(self.variance, int | float) and self.variance > 0):
-            return f"a skellam round must record a variance > 0. Found {self.variance}."
+        if self.mechanism == "skellam" and not (isinstance(self.variance, int | float) and self.variance >= 0):
+            return f"a skellam round must record a variance >= 0 (0: no DP). Found {self.variance}."
         return None
 
 

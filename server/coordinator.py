@@ -99,7 +99,13 @@ class Coordinator:
                 self._reject(server_round, reply.institution, "fit", problems)
                 continue
             valid.append(reply)
-            self.run_dir.record_fit(server_round, reply.institution, reply.contribution.weight, dict(reply.metrics))
+            self.run_dir.record_fit(
+                server_round,
+                reply.institution,
+                int(reply.metrics.get("records", 0)) if self.distributed else reply.contribution.weight,
+                dict(reply.metrics),
+                skellam=self._skellam(),
+            )
             if "refused" in reply.metrics:
                 log(WARNING, "%s", reply.metrics["refused"])
         for failure in failures:
@@ -108,6 +114,17 @@ class Coordinator:
         self._counts[server_round] = (trained, len(ordered) - trained + len(failures))
         self.run_dir.fit_booked(server_round)
         return valid
+
+    def _skellam(self) -> dict[str, float] | None:
+        """A distributed round's public accounting (None: local DP-SGD), as every institution plans it."""
+        if not isinstance(self.query, DistributedSkellamSum):
+            return None
+        plan = self.query.plan(sum(int(w.size) for w in self.current))
+        return {
+            "variance": plan.total_variance,
+            "l2_sensitivity": plan.l2_sensitivity,
+            "l1_sensitivity": plan.l1_sensitivity,
+        }
 
     def _reject(self, server_round: int, institution: str, stage: str, problems: Sequence[str]) -> None:
         reason = "; ".join(problems)

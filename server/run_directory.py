@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsilo.common.accounting import DPSGDEvent, epsilon_spent
+from fedsilo.common.accounting import DPSGDEvent, SkellamEvent, epsilon_spent
 from fedsilo.common.errors import ConfigError
 from fedsilo.common.settings import RunSettings
 
@@ -51,7 +52,7 @@ class InstitutionRecord:
     rejected: list[dict[str, Any]] = field(default_factory=list)  # malformed replies, dropped unused
 
     def as_report(self) -> dict[str, Any]:
-        events = [DPSGDEvent(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.ledger]
+        events = [_event(e) for e in self.ledger]
         run_epsilon = epsilon_spent(events, delta=self.delta) if self.delta > 0 else 0.0
         return {
             "name": self.name,
@@ -63,6 +64,15 @@ class InstitutionRecord:
             "refusals": self.refusals,
             "rejected": self.rejected,
         }
+
+
+def _event(row: Mapping[str, Any]) -> DPSGDEvent | SkellamEvent:
+    """The accounting event of one booked round: local DP-SGD, or a distributed (Skellam) round."""
+    if row.get("mechanism") == "skellam":
+        return SkellamEvent(
+            row["sample_rate"], row["variance"], row["l2_sensitivity"], row["l1_sensitivity"], row["steps"]
+        )
+    return DPSGDEvent(row["noise_multiplier"], row["sample_rate"], row["steps"])
 
 
 def _json_safe(value: Any) -> Any:
@@ -151,8 +161,20 @@ class RunDirectory:
     def institution(self, name: str) -> InstitutionRecord:
         return self.institutions.setdefault(name, InstitutionRecord(name))
 
-    def record_fit(self, server_round: int, name: str, num_examples: int, metrics: dict[str, Any]) -> None:
-        """Book one institution's well-formed fit reply (trained or refused; see ``fedsilo.server.replies``)."""
+    def record_fit(
+        self,
+        server_round: int,
+        name: str,
+        num_examples: int,
+        metrics: dict[str, Any],
+        *,
+        skellam: Mapping[str, float] | None = None,
+    ) -> None:
+        """Book one institution's well-formed fit reply (trained or refused; see ``fedsilo.server.replies``).
+
+        ``skellam``: a distributed-DP round's public accounting (variance and sensitivities),
+        which the coordinator knows from the proposal and the model's size.
+        """
         record = self.institution(name)
         record.epsilon = float(metrics.get("epsilon", record.epsilon))
         record.delta = float(metrics.get("delta", record.delta))
@@ -166,6 +188,7 @@ class RunDirectory:
                 "noise_multiplier": float(metrics["noise-multiplier"]),
                 "sample_rate": float(metrics["sample-rate"]),
                 "steps": int(metrics["steps"]),
+                **({"mechanism": "skellam", **skellam} if skellam is not None else {}),
             }
         )
 

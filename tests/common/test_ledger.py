@@ -178,7 +178,7 @@ def test_a_distributed_round_round_trips_and_its_worst_case_costs_more(tmp_path:
     ("field", "value", "message"),
     [
         ("mechanism", "gausian", "mechanism must be one of 'gaussian', 'skellam'. Found 'gausian'."),
-        ("variance", 0.0, "a skellam round must record a variance > 0. Found 0.0."),
+        ("variance", -1.0, "a skellam round must record a variance >= 0 (0: no DP). Found -1.0."),
     ],
 )
 def test_an_unaccountable_entry_is_an_error_naming_the_file_and_the_entry(
