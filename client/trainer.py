@@ -220,13 +220,13 @@ def main() -> None:
             args.socket.unlink(missing_ok=True)
 
 
-if __name__ == "__main__":
-    main()
-
-
 def _secure_round(value: Any) -> tuple[int, int] | None:
     """The SecAgg+ setup (sampled institutions, threshold) a fit header carries; None: none."""
     if not value:
         return None
     sample, threshold = value
     return int(sample), int(threshold)
+
+
+if __name__ == "__main__":
+    main()
