@@ -341,7 +341,7 @@ def _run_sweep_cli(spec: Any, out_dir: Path, workers: int, tracker: Any = None) 
     metric = sweep_lead_metric(results)
     table = tradeoff_table(results)
     if len(spec.setups) == 1:  # one setup: its columns say nothing
-        table = table.drop(columns=["institutions", "partition", "secure_aggregation", "local_epochs"])
+        table = table.drop(columns=["institutions", "partition", "secure_aggregation", "local_epochs", "dp_mode"])
     rich_table = Table(title=f"{METRIC_LABELS[metric]} on the held-out records (mean ± std over seeds)")
     for column in table.columns:
         rich_table.add_column(str(column), justify="right")

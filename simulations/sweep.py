@@ -355,7 +355,8 @@ def run_sweep(
     }
 
 
-SUMMARY_KEYS = ["institutions", "partition", "secure_aggregation", "local_epochs", "level", "target_epsilon"]
+SUMMARY_KEYS = ["institutions", "partition", "secure_aggregation", "local_epochs", "dp_mode", "level"]
+SUMMARY_KEYS += ["target_epsilon"]
 SUMMARY_KEYS += ["noise_multiplier", "method"]
 
 
@@ -433,7 +434,7 @@ def status_messages(results: pd.DataFrame) -> tuple[list[str], list[str]]:
     federated = results[results["method"] == "federated"]
     for row in federated.itertuples(index=False):
         where = (
-            f"{setup_title(row.institutions, row.partition, row.secure_aggregation, row.local_epochs)}, "
+            f"{setup_title(row.institutions, row.partition, row.secure_aggregation, row.local_epochs, row.dp_mode)}, "
             f"epsilon {format_level(row.target_epsilon, row.noise_multiplier)}, seed {row.seed}"
         )
         trained, refused = int(row.institution_rounds_trained), int(row.institution_rounds_refused)
