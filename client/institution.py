@@ -277,6 +277,45 @@ class FitOutcome:
     metrics: dict[str, bool | int | float | str] = field(default_factory=dict)
 
 
+def schema_problem(data: InstitutionData, settings: RunSettings) -> str | None:
+    """Why this institution's schema is not the federation's (None: it is, or the proposal does not say).
+
+    The coordinator fills ``schema-fingerprint`` in from its schema file when it opens a run
+    (``fedsilo.server.server_app.open_run``). An institution whose own schema file encodes
+    differently would build a model of another size (or feed it differently scaled inputs),
+    so it refuses before any model is built, any record is trained on or its ledger is locked.
+    """
+    expected = settings.data.schema_fingerprint
+    own = data.schema.fingerprint()
+    if not expected or own == expected:
+        return None
+    return (
+        f"this institution's schema file differs from the federation's (this institution's fingerprint {own}, "
+        f"the federation's {expected}): get the federation's schema.toml from the coordinator"
+    )
+
+
+def run_epsilon(
+    ledgers: Sequence[PrivacyLedger],
+    run_id: str,
+    *,
+    delta: float,
+    then: LedgerEntry | None = None,
+    worst_case: bool = False,
+) -> float:
+    """This run's share of the institution's spend: its rounds of run ``run_id`` (and ``then``), composed.
+
+    What an institution reports in the clear. Its budget is enforced over every ledger in
+    its state directory, every run and federation it took part in; reporting that figure
+    would tell this coordinator what the institution spent elsewhere. The rounds of this
+    run are the ones this coordinator received (it mirrors them from the clear metrics),
+    so their composition tells it nothing new.
+    """
+    entries = [e for ledger in ledgers for e in ledger.entries if e.run_id == run_id]
+    entries += [then] if then is not None else []
+    return epsilon_spent([e.worst_case_event() if worst_case else e.event() for e in entries], delta=delta)
+
+
 def fit_round(
     data: InstitutionData,
     weights: Sequence[np.ndarray],
@@ -299,7 +338,10 @@ def fit_round(
     says whether the update leaves masked by SecAgg+ (the ClientApp knows it from
     the message; None: as the run settings say). The budget covers every ledger in
     the institution's state directory: records re-encoded by a changed schema (a
-    new fingerprint) do not start a fresh budget. A trained round weighs
+    new fingerprint) do not start a fresh budget; the epsilon it reports is this run's
+    share alone (``run_epsilon``), so the coordinator does not learn what it spent
+    elsewhere. A schema other than the federation's (``schema_problem``) is refused
+    before anything else. A trained round weighs
     ``min(training records, secagg-max-weight)``, with SecAgg+ or without, so an
     institution of any size takes part.
     """
@@ -316,6 +358,13 @@ def fit_round(
         )
     privacy, policy = settings.privacy, data.policy
     budget, delta = policy.budget(settings), policy.accounting_delta(settings)
+    base: dict[str, bool | int | float | str] = {"institution": data.name, "delta": delta}
+    if (mismatch := schema_problem(data, settings)) is not None:  # before any model is built
+        zeros = [np.zeros(np.shape(w), dtype=np.float32) for w in weights]  # nothing received goes back
+        refusal = aggregation_for(settings).prepare(zeros, records=0)
+        spent_here = run_epsilon(PrivacyLedger.all(data.state_dir), run_id, delta=delta)
+        why = f"{data.name} refused round {server_round}: {mismatch}"
+        return FitOutcome(refusal.vector, refusal.weight, {**base, "epsilon": spent_here, "refused": why})
     with PrivacyLedger.locked(data.state_dir, data.fingerprint) as ledger:  # check, train, record
         plan = plan_round(
             num_examples=len(data.train_y), train=settings.train, privacy=privacy, planned_rounds=settings.rounds
@@ -329,11 +378,9 @@ def fit_round(
             delta=delta,
             recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
-        history = [e.event() for other in PrivacyLedger.others(data.state_dir, data.fingerprint) for e in other.entries]
-        history += [e.event() for e in ledger.entries]
-        spent = epsilon_spent(history, delta=delta)
-        after = epsilon_spent([*history, entry.event()], delta=delta)
-        base: dict[str, bool | int | float | str] = {"institution": data.name, "delta": delta}
+        ledgers = [*PrivacyLedger.others(data.state_dir, data.fingerprint), ledger]
+        # The budget is enforced over every ledger (every run and federation); only this run's share is reported.
+        after = epsilon_spent([*(e.event() for other in ledgers for e in other.entries), entry.event()], delta=delta)
         reason = None
         violations = policy.violations(settings, plan, secure_aggregation=secure)
         bound = weight_bound(settings, secure_aggregation=secure)
@@ -347,13 +394,11 @@ def fit_round(
                 + "; ".join(violations)
             )
         elif after > budget * (1 + 1e-9):
-            reason = (
-                f"{data.name} refused round {server_round}: it would spend epsilon {after:.3f} "
-                f"of a budget of {budget:g} (already spent {spent:.3f})"
-            )
+            reason = over_budget(data.name, server_round)
         if reason is not None:
             refusal = aggregation_for(settings).prepare(weights, records=0)
-            return FitOutcome(refusal.vector, refusal.weight, {**base, "epsilon": spent, "refused": reason})
+            spent_here = run_epsilon(ledgers, run_id, delta=delta)
+            return FitOutcome(refusal.vector, refusal.weight, {**base, "epsilon": spent_here, "refused": reason})
         model = _model_with(data, settings, weights)
         seed = _round_seed(data, settings, server_round)
         train_round(
@@ -371,7 +416,7 @@ def fit_round(
         ledger.append(entry)  # before the update leaves: a released update is spent privacy
         metrics = {
             **base,
-            "epsilon": after,
+            "epsilon": run_epsilon(ledgers, run_id, delta=delta, then=entry),
             "steps": plan.steps,
             "noise-multiplier": plan.noise_multiplier,
             "sample-rate": plan.sample_rate,
@@ -387,6 +432,14 @@ def _round_seed(data: InstitutionData, settings: RunSettings, server_round: int)
         entropy = [settings.seed, server_round, int(data.fingerprint[:8], 16)]
         return int(np.random.SeedSequence(entropy).generate_state(1)[0])
     return secrets.randbits(63)  # DP noise an observer cannot predict from the run config
+
+
+def over_budget(name: str, server_round: int) -> str:
+    """A budget refusal's reason, without a figure: what is spent counts other federations' rounds too."""
+    return (
+        f"{name} refused round {server_round}: training it would take the institution past its privacy budget "
+        "(its policy's max-epsilon, spent over every federation it takes part in)"
+    )
 
 
 def fit_distributed_round(
@@ -419,6 +472,15 @@ def fit_distributed_round(
         total_variance=plan.total_variance, sample=sample, threshold=threshold, min_honest=policy.min_honest
     )
     rng = np.random.default_rng(_round_seed(data, settings, server_round))
+    base: dict[str, bool | int | float | str] = {"institution": data.name, "delta": delta}
+    if (mismatch := schema_problem(data, settings)) is not None:  # before any model is built
+        # Still its noise share, with zero signal: the sum's noise must not depend on who refused.
+        zeros = [np.zeros(np.shape(w), dtype=np.float64) for w in weights]
+        noise_only = NoiseInput(share.own_variance, rng)
+        share_only = query.prepare(zeros, records=0, server_round=server_round, noise=noise_only)
+        spent_here = run_epsilon(PrivacyLedger.all(data.state_dir), run_id, delta=delta)
+        why = f"{data.name} refused round {server_round}: {mismatch}"
+        return FitOutcome(share_only.vector, share_only.weight, {**base, "epsilon": spent_here, "refused": why})
     with PrivacyLedger.locked(data.state_dir, data.fingerprint) as ledger:  # check, train, record
         entry = LedgerEntry(
             run_id=run_id,
@@ -440,12 +502,8 @@ def fit_distributed_round(
             threshold=threshold,
         )
         ledgers = [*PrivacyLedger.others(data.state_dir, data.fingerprint), ledger]
-        history = [e.event() for other in ledgers for e in other.entries]
-        spent = epsilon_spent(history, delta=delta)
-        after = epsilon_spent([*history, entry.event()], delta=delta)
-        worst_history = [e.worst_case_event() for other in ledgers for e in other.entries]
-        worst = epsilon_spent([*worst_history, entry.worst_case_event()], delta=delta)
-        base: dict[str, bool | int | float | str] = {"institution": data.name, "delta": delta}
+        # The budget is enforced over every ledger (every run and federation); only this run's share is reported.
+        after = epsilon_spent([*(e.event() for other in ledgers for e in other.entries), entry.event()], delta=delta)
         reason = None
         round_plan = RoundPlan(sample_rate=plan.sample_rate, steps=1, noise_multiplier=plan.noise_multiplier)
         violations = policy.violations(settings, round_plan, secure_aggregation=secure_aggregation)
@@ -464,15 +522,13 @@ def fit_distributed_round(
                 + "; ".join(violations)
             )
         elif after > budget * (1 + 1e-9):
-            reason = (
-                f"{data.name} refused round {server_round}: it would spend epsilon {after:.3f} "
-                f"of a budget of {budget:g} (already spent {spent:.3f})"
-            )
+            reason = over_budget(data.name, server_round)
         noise = NoiseInput(share.own_variance, rng)
         if reason is not None:
             zeros = [np.zeros(np.shape(w), dtype=np.float64) for w in weights]
             refusal = query.prepare(zeros, records=0, server_round=server_round, noise=noise)
-            return FitOutcome(refusal.vector, refusal.weight, {**base, "epsilon": spent, "refused": reason})
+            spent_here = run_epsilon(ledgers, run_id, delta=delta)
+            return FitOutcome(refusal.vector, refusal.weight, {**base, "epsilon": spent_here, "refused": reason})
         model = _model_with(data, settings, weights)
         gradient_sum, _ = clipped_gradient_sum(
             model,
@@ -486,8 +542,8 @@ def fit_distributed_round(
         update = query.prepare([gradient_sum], records=len(data.train_y), server_round=server_round, noise=noise)
         metrics = {
             **base,
-            "epsilon": after,
-            "epsilon-worst-case": worst,
+            "epsilon": run_epsilon(ledgers, run_id, delta=delta, then=entry),
+            "epsilon-worst-case": run_epsilon(ledgers, run_id, delta=delta, then=entry, worst_case=True),
             "steps": 1,
             "noise-multiplier": plan.noise_multiplier,
             "sample-rate": plan.sample_rate,
@@ -511,6 +567,8 @@ def evaluate_round(
     An institution whose policy does not share evaluation metrics reports nothing
     (zero weight, no metrics but its name).
     """
+    if (mismatch := schema_problem(data, settings)) is not None:  # before any model is built
+        return 0.0, 0, {"institution": data.name, "refused": f"{data.name} refused to evaluate: {mismatch}"}
     if not data.policy.share_eval_metrics:
         return 0.0, 0, {"institution": data.name, "withheld": True}
     bound = weight_bound(settings, secure_aggregation=settings.secagg.enabled)

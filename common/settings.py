@@ -255,9 +255,20 @@ class DataSettings:
     dataset: str = field(default="breast-cancer", metadata=_key("dataset"))
     partition: str = field(default="iid", metadata=_key("partition"))
     test_fraction: float = field(default=0.2, metadata=_key("test-fraction"))
+    # The federation schema's fingerprint (``fedsilo.common.schema.Schema.fingerprint``), filled in
+    # by the coordinator from its schema file when it opens a run (empty: unknown). An institution
+    # whose own schema file has another fingerprint refuses to train or evaluate, and says why.
+    schema_fingerprint: str = field(default="", metadata=_key("schema-fingerprint"))
 
     def __post_init__(self) -> None:
         _check(0 < self.test_fraction < 1, "test-fraction", self.test_fraction, "in (0, 1)")
+        _check(
+            self.schema_fingerprint == ""
+            or (len(self.schema_fingerprint) == 16 and all(c in "0123456789abcdef" for c in self.schema_fingerprint)),
+            "schema-fingerprint",
+            self.schema_fingerprint,
+            "empty (unknown) or 16 lowercase hex digits (fedsilo.common.schema.Schema.fingerprint)",
+        )
         if self.dataset not in DATASETS and not self.dataset.lower().endswith(TABLE_SUFFIXES):
             raise DATASETS.unknown(self.dataset, alternative="a CSV/Parquet file")
         if self.partition.partition(":")[0] not in PARTITIONERS:

@@ -65,12 +65,13 @@ def _weight(weight: object, key: str, problems: list[str]) -> int | None:
 def fit_problems(weight: object, metrics: Mapping[str, Any], *, distributed: bool = False) -> list[str]:
     """What is wrong with a fit reply's aggregation weight and clear-text metrics (empty: nothing).
 
-    Every reply carries ``delta`` in (0, 1) and ``epsilon`` >= 0 (the spend after
-    this round; a refusal reports the spend so far). A refusal carries a text
+    Every reply carries ``delta`` in (0, 1) and ``epsilon`` >= 0 (this run's share of
+    the institution's spend after this round; a refusal reports this run's so far:
+    what it spent in other runs and federations stays with it). A refusal carries a text
     ``refused`` and weight 0. A reply that trained carries ``noise-multiplier``
     >= 0, ``sample-rate`` in (0, 1] and an integer ``steps`` >= 0; its epsilon may be
     infinite only when its noise multiplier is 0 (it trained without DP). A
-    refusal's epsilon may be infinite: an earlier run without DP spent it.
+    refusal's epsilon may be infinite: an earlier round of this run trained without DP.
 
     With ``distributed`` (dp-mode distributed), every reply, a refusal too, weighs
     ``secagg-max-weight`` (it sends its noise share), and one that trained carries its

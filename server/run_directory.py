@@ -41,7 +41,13 @@ METRIC_COLUMNS = (
 
 @dataclass
 class InstitutionRecord:
-    """What the coordinator learned about one institution, all from clear-text metrics."""
+    """What the coordinator learned about one institution, all from clear-text metrics.
+
+    ``epsilon`` is what the institution last reported: its spend in this run (its rounds of
+    this run composed, at its own delta), not what it spent in other runs or federations,
+    which its budget also counts. ``epsilon_this_run`` in the report is the coordinator's
+    own composition of the rounds it booked.
+    """
 
     name: str
     num_examples: int = 0

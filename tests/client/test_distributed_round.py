@@ -180,4 +180,4 @@ def test_the_coordinator_cannot_lower_the_noise_below_the_budget(tmp_path: Path)
     members = [replace(m, policy=PrivacyPolicy(max_epsilon=3.0)) for m in members]
     weights = initial(members[0], lax)
     out = fit_round(members[0], weights, lax, server_round=1, run_id="r", secure_round=(3, 3))
-    assert "budget of 3" in str(out.metrics["refused"])
+    assert "past its privacy budget" in str(out.metrics["refused"])

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedsilo.common.accounting import epsilon_spent
 from fedsilo.common.datasets import load_builtin
 from fedsilo.common.ledger import PrivacyLedger
 from fedsilo.runtime.keys import issue_server_certificates
@@ -170,12 +171,13 @@ def test_two_secure_rounds_survive_a_superlink_restart_and_resume(deployment: di
     final, last = torch.load(run_dir / "model.pt"), torch.load(run_dir / "checkpoints" / "round-0002.pt")
     assert list(final) == list(last) and all(torch.equal(final[k], last[k]) for k in final)
     assert (run_dir / "schema.toml").read_text() == (fed / "schema.toml").read_text()
-    # Each institution's epsilon in the report is what its own ledger says.
+    # Each institution's epsilon in the report is what its own ledger says of this run (its share, not other runs').
     assert [i["name"] for i in report["institutions"]] == list(BANKS)
     for inst in report["institutions"]:
         (ledger_file,) = (deployment["root"] / inst["name"] / "state" / "ledgers").glob("*.json")
         ledger = PrivacyLedger.for_dataset(ledger_file.parent.parent, ledger_file.stem)
-        assert inst["epsilon"] == pytest.approx(ledger.epsilon(delta=inst["delta"]), rel=1e-12)
+        this_run = [e.event() for e in ledger.entries if e.run_id == run_dir.name]
+        assert inst["epsilon"] == pytest.approx(epsilon_spent(this_run, delta=inst["delta"]), rel=1e-12)
         assert [e.round for e in ledger.entries if e.round == 1] == [1]  # the completed round was not repeated
         assert {e.round for e in ledger.entries} == {1, 2}
         assert inst["epsilon"] <= 10.0
@@ -404,6 +406,8 @@ def test_distributed_dp_runs_over_real_secagg_with_each_banks_noise_share(deploy
         # setup it checked is the one Flower ran (3 sampled, threshold round(0.67 x 3) = 2).
         assert all((e.sample, e.threshold, e.counted_honest) == (3, 2, 1) for e in skellam)
         assert all(e.own_variance == pytest.approx(e.variance) for e in skellam)
-        assert inst["epsilon"] == pytest.approx(ledger.epsilon(delta=inst["delta"]), rel=1e-12)
+        # The bank reports this run's share; its ledger also holds the earlier runs of this file.
+        this_run = [e.event() for e in ledger.entries if e.run_id == run_dir.name]
+        assert inst["epsilon"] == pytest.approx(epsilon_spent(this_run, delta=inst["delta"]), rel=1e-12)
     first, final = torch.load(run_dir / "checkpoints" / "round-0001.pt"), torch.load(run_dir / "model.pt")
     assert any(not torch.equal(first[k], final[k]) for k in final)  # the steps moved the model
