@@ -27,6 +27,7 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch import nn
 
+from fedsilo.client.evaluations import claim_evaluation
 from fedsilo.client.policy import PrivacyPolicy, deployed_policy
 from fedsilo.client.simulated_data import SimulatedTables
 from fedsilo.common import distributed_dp as ddp
@@ -107,9 +108,11 @@ class InstitutionData:
             )
         if "state-dir" in node_config:
             state_dir = Path(str(node_config["state-dir"]))
-        # Deployed: the institution's secret key. Simulations keep the seeded split (split_holdout).
+        # Deployed: the institution's secret key and its own held-out fraction (its policy's
+        # test-fraction; the coordinator's is ignored). Simulations keep the seeded split (split_holdout).
         key = holdout_key(state_dir) if "data-path" in node_config else None
-        train_x, test_x, train_y, test_y = split_holdout(inputs, labels, settings, key=key)
+        fraction = policy.holdout_fraction(settings)
+        train_x, test_x, train_y, test_y = split_holdout(inputs, labels, settings, key=key, fraction=fraction)
         fingerprint = records_fingerprint(inputs, labels)
         return cls(name, schema, train_x, train_y, test_x, test_y, state_dir, fingerprint, reproducible, policy)
 
@@ -129,44 +132,50 @@ HOLDOUT_KEY_FILE = "holdout.key"  # a deployed institution's secret split key, i
 
 
 def split_holdout(
-    inputs: np.ndarray, labels: np.ndarray, settings: RunSettings, *, key: bytes | None = None
+    inputs: np.ndarray,
+    labels: np.ndarray,
+    settings: RunSettings,
+    *,
+    key: bytes | None = None,
+    fraction: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """An institution's own train / held-out split: each record by a keyed hash of itself.
 
     A record is held out when ``HMAC-SHA256(key, record)``, read as a number in [0, 1),
-    falls below ``test-fraction``: whether it is held out depends on the record and the
+    falls below ``fraction``: whether it is held out depends on the record and the
     key alone, never on the table's size or order, so adding or removing one record moves
     no other record between training and held-out (two neighbouring datasets differ by one
     training record at most). ``InstitutionData.from_node_config`` passes a deployed
-    institution's secret (``holdout_key``), which the coordinator cannot steer. Identical
-    records fall on the same side. When every record would be held out, all train (the
-    held-out set is then empty and evaluation reports nothing).
+    institution's secret (``holdout_key``) and its policy's own ``test-fraction``, neither
+    of which the coordinator can steer. Identical records fall on the same side. When
+    every record would be held out, all train (the held-out set is then empty and
+    evaluation reports nothing).
 
     Without ``key``: the seeded, stratified split (scikit-learn) that simulations, their
     baselines and sweeps still use, so that every engine agrees; it moves many records
     when one is added, so no deployed institution uses it.
+    ``fraction`` defaults to the run's ``test-fraction`` (what a simulation uses).
     Returns ``train_x, test_x, train_y, test_y``.
     """
+    share = settings.data.test_fraction if fraction is None else fraction
     if key is None:
-        return _seeded_split(inputs, labels, settings)
-    held = holdout_mask(inputs, labels, fraction=settings.data.test_fraction, key=key)
+        return _seeded_split(inputs, labels, share, seed=settings.seed)
+    held = holdout_mask(inputs, labels, fraction=share, key=key)
     if held.all():
         held[:] = False
     return inputs[~held], inputs[held], labels[~held], labels[held]
 
 
 def _seeded_split(
-    inputs: np.ndarray, labels: np.ndarray, settings: RunSettings
+    inputs: np.ndarray, labels: np.ndarray, fraction: float, *, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The simulations' split: seeded, stratified where every class has two records and room on both sides."""
     present = np.bincount(labels)
     present = present[present > 0]
-    held_out = math.ceil(settings.data.test_fraction * len(labels))  # as scikit-learn counts it
+    held_out = math.ceil(fraction * len(labels))  # as scikit-learn counts it
     room = min(held_out, len(labels) - held_out) >= len(present)
     stratify = labels if present.min() >= 2 and room else None
-    parts = train_test_split(
-        inputs, labels, test_size=settings.data.test_fraction, random_state=settings.seed, stratify=stratify
-    )
+    parts = train_test_split(inputs, labels, test_size=fraction, random_state=seed, stratify=stratify)
     return parts[0], parts[1], parts[2], parts[3]
 
 
@@ -560,21 +569,49 @@ def _model_with(data: InstitutionData, settings: RunSettings, weights: Sequence[
 
 
 def evaluate_round(
-    data: InstitutionData, weights: Sequence[np.ndarray], settings: RunSettings
+    data: InstitutionData,
+    weights: Sequence[np.ndarray],
+    settings: RunSettings,
+    *,
+    server_round: int | None = None,
+    run_id: str | None = None,
 ) -> tuple[float, int, dict[str, Any]]:
     """The global model's loss and metrics on this institution's held-out records.
 
     An institution whose policy does not share evaluation metrics reports nothing
-    (zero weight, no metrics but its name).
+    (zero weight, no metrics but its name). Nor does one whose held-out set is smaller
+    than its policy's ``min-eval-records`` (a score over a handful of records is a fact
+    about them), nor, with ``one-evaluation-per-trained-round``, one asked again for a
+    round it has evaluated or for a round (``run_id``, ``server_round``) its ledger shows
+    it did not train in (``fedsilo.client.evaluations``): each of these replies with zero
+    weight and a ``refused`` reason. The round is claimed before any score is computed.
     """
+    policy, name = data.policy, data.name
     if (mismatch := schema_problem(data, settings)) is not None:  # before any model is built
-        return 0.0, 0, {"institution": data.name, "refused": f"{data.name} refused to evaluate: {mismatch}"}
-    if not data.policy.share_eval_metrics:
-        return 0.0, 0, {"institution": data.name, "withheld": True}
+        return 0.0, 0, {"institution": name, "refused": f"{name} refused to evaluate: {mismatch}"}
+    if not policy.share_eval_metrics:
+        return 0.0, 0, {"institution": name, "withheld": True}
     bound = weight_bound(settings, secure_aggregation=settings.secagg.enabled)
+    refused = None
     if (problem := weights_problem(weights, settings, data.schema, bound=bound)) is not None:
-        return 0.0, 0, {"institution": data.name, "refused": f"{data.name} refused to evaluate: {problem}"}
+        refused = problem
+    elif len(data.test_y) < policy.min_eval_records:  # the count itself stays with the institution
+        refused = f"its held-out set is smaller than its policy's min-eval-records {policy.min_eval_records}"
+    elif policy.one_evaluation_per_trained_round:
+        if server_round is None or run_id is None:
+            refused = "the request names no run and round, and it evaluates each round it trained in once"
+        else:
+            refused = claim_evaluation(
+                data.state_dir,
+                data.fingerprint,
+                run_id=run_id,
+                server_round=server_round,
+                recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            )
+    if refused is not None:
+        when = "" if server_round is None else f" round {server_round}"
+        return 0.0, 0, {"institution": name, "refused": f"{name} refused to evaluate{when}: {refused}"}
     model = _model_with(data, settings, weights)
     metrics = evaluate(model, data.test_x, data.test_y)
     loss = metrics.pop("loss")
-    return (loss if math.isfinite(loss) else 0.0), len(data.test_y), {"institution": data.name, **metrics}
+    return (loss if math.isfinite(loss) else 0.0), len(data.test_y), {"institution": name, **metrics}

@@ -147,7 +147,9 @@ class Trainer:
             self._say(header, outcome.metrics)
             return {"num-examples": outcome.num_examples, "metrics": outcome.metrics}, outcome.weights
         if header["op"] == "evaluate":
-            loss, count, metrics = evaluate_round(data, arrays, settings)
+            loss, count, metrics = evaluate_round(
+                data, arrays, settings, server_round=int(header["server-round"]), run_id=str(header["run-id"])
+            )
             return {"loss": loss, "num-examples": count, "metrics": metrics}, []
         raise TrainerError(f"unknown operation {header['op']!r}")
 
