@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -348,10 +349,17 @@ def _rdp_composed_epsilon(
     import numpy as np
     from opacus.accountants.analysis import rdp as rdp_analysis
 
-    rdp = np.zeros(len(SKELLAM_ORDERS))
+    # Identical rounds (a distributed run repeats one round many times) are counted, then composed once.
+    gaussian: Counter[tuple[float, float]] = Counter()
     for sigma, sample_rate, steps in history:
-        rdp += np.array(_rdp_per_step(sample_rate, sigma, SKELLAM_ORDERS)) * steps
+        gaussian[sigma, sample_rate] += steps
+    shared: Counter[tuple[float, float, float, float]] = Counter()
     for sample_rate, variance, l2, l1, steps in skellam:
+        shared[sample_rate, variance, l2, l1] += steps
+    rdp = np.zeros(len(SKELLAM_ORDERS))
+    for (sigma, sample_rate), steps in gaussian.items():
+        rdp += np.array(_rdp_per_step(sample_rate, sigma, SKELLAM_ORDERS)) * steps
+    for (sample_rate, variance, l2, l1), steps in shared.items():
         rdp += np.array(_skellam_rdp_per_step(sample_rate, variance, l2, l1, SKELLAM_ORDERS)) * steps
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "optimal order is the largest alpha": bound still valid

@@ -29,8 +29,9 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from fedsilo.common.accounting import ACCOUNTANT_OF_RECORD, DPSGDEvent, SkellamEvent, epsilon_spent, get_accountant
 from fedsilo.common.errors import LedgerError
@@ -175,23 +176,32 @@ class PrivacyLedger:
         return updated
 
     def _write(self) -> None:
-        payload = {
+        """The whole ledger, atomically: one entry a line (Python's C JSON encoder; indent would be its slow one)."""
+        head = {
             "version": LEDGER_VERSION,
             "dataset_fingerprint": self.dataset_fingerprint,
             "accountant": get_accountant(ACCOUNTANT_OF_RECORD).record(),
-            "entries": [asdict(e) for e in self.entries],
         }
+        entries = ",\n".join("    " + json.dumps(_row(e)) for e in self.entries)
+        text = (
+            json.dumps(head, indent=2)[:-2] + ',\n  "entries": [\n' + entries + ("\n  ]\n}\n" if entries else "]\n}\n")
+        )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger-", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(payload, fh, indent=2)
+                fh.write(text)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def _row(entry: LedgerEntry) -> dict[str, Any]:
+    """An entry's fields (``asdict`` without its deep copy: every field is a scalar)."""
+    return {f.name: getattr(entry, f.name) for f in fields(entry)}
 
 
 def composed_epsilon(ledgers: list[PrivacyLedger], *, delta: float, worst_case: bool = False) -> float:

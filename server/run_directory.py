@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -109,6 +109,7 @@ class RunDirectory:
         self.model_spec = model_spec
         self.institutions: dict[str, InstitutionRecord] = {}
         self.rounds: list[dict[str, Any]] = []
+        self._serialized: dict[int, list[str]] = {}  # id of a row list -> its rows as JSON (_json_list)
         self.rounds_completed = 0  # the last round whose aggregate was checkpointed
         self.last_round = 0  # the last round that ran to its end (trained or not)
         admitted = path / self.ADMITTED
@@ -228,17 +229,41 @@ class RunDirectory:
         self._save_progress()
 
     def _save_progress(self) -> None:
-        """What a resume needs, written atomically after every step of a round."""
-        progress = {
+        """What a resume needs, written atomically after every step of a round.
+
+        The rounds' rows and the institutions' ledger, refusal and rejection rows only
+        grow, and a row never changes once added: each is serialized once
+        (``_json_list``), so a round costs the same at round 1,000 as at round 1.
+        """
+        head = {
             "settings": self.settings.to_config(),
             "rounds_completed": self.rounds_completed,
             "last_round": self.last_round,
-            "rounds": self.rounds,
-            "institutions": {n: asdict(r) for n, r in self.institutions.items()},
         }
+        institutions = ",".join(
+            f"{json.dumps(name)}:{self._institution_json(record)}" for name, record in self.institutions.items()
+        )
+        text = json.dumps(_json_safe(head), allow_nan=False)[:-1]
+        text += f',"rounds":{self._json_list(self.rounds)},"institutions":{{{institutions}}}}}'
         scratch = self.path / "progress.json.tmp"
-        scratch.write_text(json.dumps(_json_safe(progress), allow_nan=False), encoding="utf-8")
+        scratch.write_text(text, encoding="utf-8")
         os.replace(scratch, self.path / "progress.json")
+
+    def _institution_json(self, record: InstitutionRecord) -> str:
+        parts = []
+        for key in (f.name for f in fields(record)):  # not asdict: it would deep-copy every row again
+            value = getattr(record, key)
+            text = self._json_list(value) if isinstance(value, list) else json.dumps(_json_safe(value), allow_nan=False)
+            parts.append(f"{json.dumps(key)}:{text}")
+        return "{" + ",".join(parts) + "}"
+
+    def _json_list(self, rows: list[Any]) -> str:
+        """``rows`` as a JSON array, each row serialized once (rows are only ever appended)."""
+        done = self._serialized.setdefault(id(rows), [])
+        if len(done) > len(rows):  # not the list it was: start again
+            done.clear()
+        done.extend(json.dumps(_json_safe(row), allow_nan=False) for row in rows[len(done) :])
+        return "[" + ",".join(done) + "]"
 
     def finish(self, weights: list[np.ndarray], elapsed_s: float) -> dict[str, Any]:
         """Write the final model and report.json; return the report as written (non-finite floats as text)."""

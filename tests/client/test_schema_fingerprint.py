@@ -130,4 +130,7 @@ def test_the_federations_own_schema_trains_and_an_unknown_fingerprint_is_not_che
     out = fit_round(data, federation_weights(run), run, server_round=1, run_id="r", secure_aggregation=True)
     assert "refused" not in out.metrics and out.num_examples > 0
     unknown = replace(run, data=replace(run.data, schema_fingerprint=""))  # a coordinator that does not say
-    assert "refused" not in evaluate_round(data, federation_weights(run), unknown)[2]
+    evaluated = evaluate_round(
+        data, federation_weights(run), unknown, server_round=1, run_id="r"
+    )  # the round it trained
+    assert "refused" not in evaluated[2]
