@@ -206,9 +206,11 @@ def test_a_superlink_restart_mid_run_needs_no_institution_restart(deployment: di
     procs.stop(deployment["superlink"])
     procs.stop(run)
     deployment["superlink"] = deployment["start_server"]()
-    resumed = subprocess.run(
-        [deployment["server"], "run", str(fed), "--resume"], capture_output=True, text=True, timeout=400, check=False
-    )
+    try:
+        argv = [deployment["server"], "run", str(fed), "--resume"]
+        resumed = subprocess.run(argv, capture_output=True, text=True, timeout=400, check=False)
+    finally:  # a resumed run that hangs must not leave a Flower run behind for the tests after this one
+        cli(deployment["server"], "stop", str(fed))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr + procs.log("server")
     report = json.loads((progress[0].parent / "report.json").read_text())
     rounds = [row["round"] for row in report["rounds"]]
