@@ -19,6 +19,11 @@ def budget_summary(state_dir: Path, policy: Path | None = None) -> dict[str, Any
     ``epsilon`` and ``remaining`` are of the composition; ``datasets`` holds one row
     per dataset (its own epsilon, alone, and its runs). ``policy`` (default:
     ``state_dir/policy.toml`` if present) gives the delta to account at and the budget.
+
+    Distributed-DP rounds (``distributed_rounds`` of them) are accounted, as the budget is
+    enforced, with the noise the institution counted on (its own share and the honest
+    others'); ``epsilon_worst_case`` composes them with its own share alone, as if no other
+    institution were honest (equal to ``epsilon`` without distributed rounds).
     """
     paths = sorted((state_dir / "ledgers").glob("*.json"))
     if not paths:
@@ -34,6 +39,8 @@ def budget_summary(state_dir: Path, policy: Path | None = None) -> dict[str, Any
     return {
         "delta": delta,
         "epsilon": spent,
+        "epsilon_worst_case": composed_epsilon(ledgers, delta=delta, worst_case=True),
+        "distributed_rounds": sum(ledger.distributed_rounds for ledger in ledgers),
         "max_epsilon": max_epsilon,
         "remaining": None if max_epsilon is None else max(0.0, max_epsilon - spent),
         "datasets": [_budget_row(ledger, delta) for ledger in ledgers],
@@ -54,4 +61,10 @@ def _budget_row(ledger: PrivacyLedger, delta: float) -> dict[str, Any]:
                 "epsilon_after": epsilon_spent([e.event() for e in ledger.entries[: last + 1]], delta=delta),
             }
         )
-    return {"dataset": ledger.dataset_fingerprint, "epsilon": ledger.epsilon(delta=delta), "runs": runs}
+    return {
+        "dataset": ledger.dataset_fingerprint,
+        "epsilon": ledger.epsilon(delta=delta),
+        "epsilon_worst_case": ledger.epsilon(delta=delta, worst_case=True),
+        "distributed_rounds": ledger.distributed_rounds,
+        "runs": runs,
+    }

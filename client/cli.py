@@ -97,6 +97,11 @@ def budget(
     console.print(table)
     for row in summary["datasets"]:
         console.print(f"dataset {row['dataset']} alone: epsilon {row['epsilon']:.3f} at delta {summary['delta']:g}")
+        if row["distributed_rounds"]:
+            console.print(
+                f"  of which {row['distributed_rounds']} distributed round(s); with its own noise share alone "
+                f"(no other institution honest): epsilon {row['epsilon_worst_case']:.3f}"
+            )
     left = (
         f"{summary['remaining']:.3f} of max-epsilon {summary['max_epsilon']:g} remains"
         if summary["max_epsilon"] is not None
@@ -106,6 +111,11 @@ def budget(
         f"spent: epsilon {summary['epsilon']:.3f} at delta {summary['delta']:g}, every ledger composed "
         f"({len(summary['datasets'])} dataset(s)), as the budget is enforced; {left}"
     )
+    if summary["distributed_rounds"]:
+        console.print(
+            f"worst case: epsilon {summary['epsilon_worst_case']:.3f} if no other institution was honest in the "
+            f"{summary['distributed_rounds']} distributed round(s) (each with its own noise share alone)"
+        )
 
 
 @app.command()

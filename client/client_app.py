@@ -20,7 +20,7 @@ from flwr.client import Client, NumPyClient
 from flwr.clientapp import ClientApp
 from flwr.common import NDArrays, Scalar
 
-from fedsilo.client.mods import UNDER_SECURE_AGGREGATION, secure_aggregation_mod
+from fedsilo.client.mods import UNDER_SECURE_AGGREGATION, secure_aggregation_mod, secure_round
 from fedsilo.client.simulated_data import PROCESS_TABLES, SimulatedTables
 from fedsilo.client.trainer import SOCKET_KEY, call
 from fedsilo.common.errors import TrainerUnavailable
@@ -71,11 +71,22 @@ class InstitutionClient(NumPyClient):
             logging.getLogger(__name__).warning("%s; running %s in the ClientApp instead", err, op)
             return None
 
+    def _run_id(self, config: dict[str, Scalar]) -> str:
+        """The run a round belongs to, as the ledger records it."""
+        return str(config.get("run-name", self.context.run_id))
+
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         server_round = int(config["server-round"])
-        run_id = str(config.get("run-name", self.context.run_id))
+        run_id = self._run_id(config)
         secure = UNDER_SECURE_AGGREGATION.get()
-        header = {"config": dict(config), "server-round": server_round, "run-id": run_id, "secure-aggregation": secure}
+        setup = secure_round(self.context) if secure else None
+        header = {
+            "config": dict(config),
+            "server-round": server_round,
+            "run-id": run_id,
+            "secure-aggregation": secure,
+            "secure-round": list(setup) if setup else None,
+        }
         if (warm := self._warm_trainer("fit", header, parameters)) is not None:
             answer, weights = warm
             return weights, int(answer["num-examples"]), dict(answer["metrics"])
@@ -83,18 +94,27 @@ class InstitutionClient(NumPyClient):
 
         settings, data = self._settings_and_data(config)
         outcome = fit_round(
-            data, parameters, settings, server_round=server_round, run_id=run_id, secure_aggregation=secure
+            data,
+            parameters,
+            settings,
+            server_round=server_round,
+            run_id=run_id,
+            secure_aggregation=secure,
+            secure_round=setup,
         )
         return outcome.weights, outcome.num_examples, dict(outcome.metrics)
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
-        if (warm := self._warm_trainer("evaluate", {"config": dict(config)}, parameters)) is not None:
+        # The round and run name the evaluation, so that the institution answers each once.
+        server_round, run_id = int(config["server-round"]), self._run_id(config)
+        header = {"config": dict(config), "server-round": server_round, "run-id": run_id}
+        if (warm := self._warm_trainer("evaluate", header, parameters)) is not None:
             answer, _ = warm
             return float(answer["loss"]), int(answer["num-examples"]), dict(answer["metrics"])
         from fedsilo.client.institution import evaluate_round
 
         settings, data = self._settings_and_data(config)
-        return evaluate_round(data, parameters, settings)
+        return evaluate_round(data, parameters, settings, server_round=server_round, run_id=run_id)
 
 
 def client_fn(context: Context) -> Client:

@@ -27,26 +27,27 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch import nn
 
+from fedsilo.client.evaluations import claim_evaluation
 from fedsilo.client.policy import PrivacyPolicy, deployed_policy
 from fedsilo.client.simulated_data import SimulatedTables
+from fedsilo.common import distributed_dp as ddp
 from fedsilo.common.accounting import epsilon_spent
-from fedsilo.common.aggregation import aggregation_for
+from fedsilo.common.aggregation import MAX_ABS_WEIGHT, DistributedSkellamSum, NoiseInput, aggregation_for
 from fedsilo.common.datasets import read_table
 from fedsilo.common.errors import ConfigError
 from fedsilo.common.ledger import LedgerEntry, PrivacyLedger
 from fedsilo.common.models import build_model, get_weights, set_weights
 from fedsilo.common.schema import Schema
 from fedsilo.common.settings import RunSettings
-from fedsilo.common.training import evaluate, plan_round, train_round
+from fedsilo.common.training import RoundPlan, clipped_gradient_sum, evaluate, plan_round, train_round
 
 Weights = list[np.ndarray]
 
-# Incoming global weights must be finite and no larger than this in magnitude, and every
+# Incoming global weights must be finite and no larger than MAX_ABS_WEIGHT in magnitude, and every
 # parameter stays inside it while the institution trains (projected SGD). Trained models sit
 # far below it (under SecAgg+ every weight stays inside secagg-clipping-range, 8 by default).
 # A crafted model near float32's maximum would make the per-record gradient of chosen records
 # overflow, and Opacus's clipping would turn the whole update into NaN that no noise hides.
-MAX_ABS_WEIGHT = 1e3
 # With every weight at MAX_ABS_WEIGHT and inputs in [0, 1] (what a schema encodes), the
 # worst-case per-record squared gradient norm (``worst_case_gradient``) must stay below this,
 # far under float32's maximum (3.4e38): Opacus sums squares, ghost clipping products of them.
@@ -107,9 +108,11 @@ class InstitutionData:
             )
         if "state-dir" in node_config:
             state_dir = Path(str(node_config["state-dir"]))
-        # Deployed: the institution's secret key. Simulations keep the seeded split (split_holdout).
+        # Deployed: the institution's secret key and its own held-out fraction (its policy's
+        # test-fraction; the coordinator's is ignored). Simulations keep the seeded split (split_holdout).
         key = holdout_key(state_dir) if "data-path" in node_config else None
-        train_x, test_x, train_y, test_y = split_holdout(inputs, labels, settings, key=key)
+        fraction = policy.holdout_fraction(settings)
+        train_x, test_x, train_y, test_y = split_holdout(inputs, labels, settings, key=key, fraction=fraction)
         fingerprint = records_fingerprint(inputs, labels)
         return cls(name, schema, train_x, train_y, test_x, test_y, state_dir, fingerprint, reproducible, policy)
 
@@ -129,44 +132,50 @@ HOLDOUT_KEY_FILE = "holdout.key"  # a deployed institution's secret split key, i
 
 
 def split_holdout(
-    inputs: np.ndarray, labels: np.ndarray, settings: RunSettings, *, key: bytes | None = None
+    inputs: np.ndarray,
+    labels: np.ndarray,
+    settings: RunSettings,
+    *,
+    key: bytes | None = None,
+    fraction: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """An institution's own train / held-out split: each record by a keyed hash of itself.
 
     A record is held out when ``HMAC-SHA256(key, record)``, read as a number in [0, 1),
-    falls below ``test-fraction``: whether it is held out depends on the record and the
+    falls below ``fraction``: whether it is held out depends on the record and the
     key alone, never on the table's size or order, so adding or removing one record moves
     no other record between training and held-out (two neighbouring datasets differ by one
     training record at most). ``InstitutionData.from_node_config`` passes a deployed
-    institution's secret (``holdout_key``), which the coordinator cannot steer. Identical
-    records fall on the same side. When every record would be held out, all train (the
-    held-out set is then empty and evaluation reports nothing).
+    institution's secret (``holdout_key``) and its policy's own ``test-fraction``, neither
+    of which the coordinator can steer. Identical records fall on the same side. When
+    every record would be held out, all train (the held-out set is then empty and
+    evaluation reports nothing).
 
     Without ``key``: the seeded, stratified split (scikit-learn) that simulations, their
     baselines and sweeps still use, so that every engine agrees; it moves many records
     when one is added, so no deployed institution uses it.
+    ``fraction`` defaults to the run's ``test-fraction`` (what a simulation uses).
     Returns ``train_x, test_x, train_y, test_y``.
     """
+    share = settings.data.test_fraction if fraction is None else fraction
     if key is None:
-        return _seeded_split(inputs, labels, settings)
-    held = holdout_mask(inputs, labels, fraction=settings.data.test_fraction, key=key)
+        return _seeded_split(inputs, labels, share, seed=settings.seed)
+    held = holdout_mask(inputs, labels, fraction=share, key=key)
     if held.all():
         held[:] = False
     return inputs[~held], inputs[held], labels[~held], labels[held]
 
 
 def _seeded_split(
-    inputs: np.ndarray, labels: np.ndarray, settings: RunSettings
+    inputs: np.ndarray, labels: np.ndarray, fraction: float, *, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The simulations' split: seeded, stratified where every class has two records and room on both sides."""
     present = np.bincount(labels)
     present = present[present > 0]
-    held_out = math.ceil(settings.data.test_fraction * len(labels))  # as scikit-learn counts it
+    held_out = math.ceil(fraction * len(labels))  # as scikit-learn counts it
     room = min(held_out, len(labels) - held_out) >= len(present)
     stratify = labels if present.min() >= 2 and room else None
-    parts = train_test_split(
-        inputs, labels, test_size=settings.data.test_fraction, random_state=settings.seed, stratify=stratify
-    )
+    parts = train_test_split(inputs, labels, test_size=fraction, random_state=seed, stratify=stratify)
     return parts[0], parts[1], parts[2], parts[3]
 
 
@@ -229,6 +238,8 @@ def weight_bound(settings: RunSettings, *, secure_aggregation: bool) -> float:
     SecAgg+ clips every masked value to ``secagg-clipping-range``, so a model aggregated under it
     never leaves that range, and training projects onto it so that nothing is clipped silently.
     """
+    if settings.distributed:  # the model never passes through SecAgg+, only the encoded gradient does
+        return MAX_ABS_WEIGHT
     return min(settings.secagg.clipping_range, MAX_ABS_WEIGHT) if secure_aggregation else MAX_ABS_WEIGHT
 
 
@@ -275,6 +286,45 @@ class FitOutcome:
     metrics: dict[str, bool | int | float | str] = field(default_factory=dict)
 
 
+def schema_problem(data: InstitutionData, settings: RunSettings) -> str | None:
+    """Why this institution's schema is not the federation's (None: it is, or the proposal does not say).
+
+    The coordinator fills ``schema-fingerprint`` in from its schema file when it opens a run
+    (``fedsilo.server.server_app.open_run``). An institution whose own schema file encodes
+    differently would build a model of another size (or feed it differently scaled inputs),
+    so it refuses before any model is built, any record is trained on or its ledger is locked.
+    """
+    expected = settings.data.schema_fingerprint
+    own = data.schema.fingerprint()
+    if not expected or own == expected:
+        return None
+    return (
+        f"this institution's schema file differs from the federation's (this institution's fingerprint {own}, "
+        f"the federation's {expected}): get the federation's schema.toml from the coordinator"
+    )
+
+
+def run_epsilon(
+    ledgers: Sequence[PrivacyLedger],
+    run_id: str,
+    *,
+    delta: float,
+    then: LedgerEntry | None = None,
+    worst_case: bool = False,
+) -> float:
+    """This run's share of the institution's spend: its rounds of run ``run_id`` (and ``then``), composed.
+
+    What an institution reports in the clear. Its budget is enforced over every ledger in
+    its state directory, every run and federation it took part in; reporting that figure
+    would tell this coordinator what the institution spent elsewhere. The rounds of this
+    run are the ones this coordinator received (it mirrors them from the clear metrics),
+    so their composition tells it nothing new.
+    """
+    entries = [e for ledger in ledgers for e in ledger.entries if e.run_id == run_id]
+    entries += [then] if then is not None else []
+    return epsilon_spent([e.worst_case_event() if worst_case else e.event() for e in entries], delta=delta)
+
+
 def fit_round(
     data: InstitutionData,
     weights: Sequence[np.ndarray],
@@ -283,8 +333,12 @@ def fit_round(
     server_round: int,
     run_id: str,
     secure_aggregation: bool | None = None,
+    secure_round: tuple[int, int] | None = None,
 ) -> FitOutcome:
     """Plan, check the policy and the budget, train with DP-SGD, record in the ledger, release.
+
+    With ``dp-mode = "distributed"``, ``fit_distributed_round`` runs the round instead;
+    ``secure_round`` is then the SecAgg+ setup's (sampled institutions, threshold).
 
     What leaves is prepared by the run's aggregation (``fedsilo.common.aggregation``). A
     refused round trains nothing, records nothing and releases the received
@@ -293,13 +347,33 @@ def fit_round(
     says whether the update leaves masked by SecAgg+ (the ClientApp knows it from
     the message; None: as the run settings say). The budget covers every ledger in
     the institution's state directory: records re-encoded by a changed schema (a
-    new fingerprint) do not start a fresh budget. A trained round weighs
+    new fingerprint) do not start a fresh budget; the epsilon it reports is this run's
+    share alone (``run_epsilon``), so the coordinator does not learn what it spent
+    elsewhere. A schema other than the federation's (``schema_problem``) is refused
+    before anything else. A trained round weighs
     ``min(training records, secagg-max-weight)``, with SecAgg+ or without, so an
     institution of any size takes part.
     """
     secure = settings.secagg.enabled if secure_aggregation is None else secure_aggregation
+    if settings.distributed:
+        return fit_distributed_round(
+            data,
+            weights,
+            settings,
+            server_round=server_round,
+            run_id=run_id,
+            secure_aggregation=secure,
+            secure_round=secure_round,
+        )
     privacy, policy = settings.privacy, data.policy
     budget, delta = policy.budget(settings), policy.accounting_delta(settings)
+    base: dict[str, bool | int | float | str] = {"institution": data.name, "delta": delta}
+    if (mismatch := schema_problem(data, settings)) is not None:  # before any model is built
+        zeros = [np.zeros(np.shape(w), dtype=np.float32) for w in weights]  # nothing received goes back
+        refusal = aggregation_for(settings).prepare(zeros, records=0)
+        spent_here = run_epsilon(PrivacyLedger.all(data.state_dir), run_id, delta=delta)
+        why = f"{data.name} refused round {server_round}: {mismatch}"
+        return FitOutcome(refusal.vector, refusal.weight, {**base, "epsilon": spent_here, "refused": why})
     with PrivacyLedger.locked(data.state_dir, data.fingerprint) as ledger:  # check, train, record
         plan = plan_round(
             num_examples=len(data.train_y), train=settings.train, privacy=privacy, planned_rounds=settings.rounds
@@ -313,11 +387,9 @@ def fit_round(
             delta=delta,
             recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
-        history = [e.event() for other in PrivacyLedger.others(data.state_dir, data.fingerprint) for e in other.entries]
-        history += [e.event() for e in ledger.entries]
-        spent = epsilon_spent(history, delta=delta)
-        after = epsilon_spent([*history, entry.event()], delta=delta)
-        base: dict[str, bool | int | float | str] = {"institution": data.name, "delta": delta}
+        ledgers = [*PrivacyLedger.others(data.state_dir, data.fingerprint), ledger]
+        # The budget is enforced over every ledger (every run and federation); only this run's share is reported.
+        after = epsilon_spent([*(e.event() for other in ledgers for e in other.entries), entry.event()], delta=delta)
         reason = None
         violations = policy.violations(settings, plan, secure_aggregation=secure)
         bound = weight_bound(settings, secure_aggregation=secure)
@@ -331,19 +403,13 @@ def fit_round(
                 + "; ".join(violations)
             )
         elif after > budget * (1 + 1e-9):
-            reason = (
-                f"{data.name} refused round {server_round}: it would spend epsilon {after:.3f} "
-                f"of a budget of {budget:g} (already spent {spent:.3f})"
-            )
+            reason = over_budget(data.name, server_round)
         if reason is not None:
-            refusal = aggregation_for(settings.secagg).prepare(weights, records=0)
-            return FitOutcome(refusal.vector, refusal.weight, {**base, "epsilon": spent, "refused": reason})
+            refusal = aggregation_for(settings).prepare(weights, records=0)
+            spent_here = run_epsilon(ledgers, run_id, delta=delta)
+            return FitOutcome(refusal.vector, refusal.weight, {**base, "epsilon": spent_here, "refused": reason})
         model = _model_with(data, settings, weights)
-        if data.reproducible:
-            entropy = [settings.seed, server_round, int(data.fingerprint[:8], 16)]
-            seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
-        else:  # DP noise an observer cannot predict from the run config
-            seed = secrets.randbits(63)
+        seed = _round_seed(data, settings, server_round)
         train_round(
             model,
             data.train_x,
@@ -359,13 +425,140 @@ def fit_round(
         ledger.append(entry)  # before the update leaves: a released update is spent privacy
         metrics = {
             **base,
-            "epsilon": after,
+            "epsilon": run_epsilon(ledgers, run_id, delta=delta, then=entry),
             "steps": plan.steps,
             "noise-multiplier": plan.noise_multiplier,
             "sample-rate": plan.sample_rate,
         }
         # Its aggregation weight is sent in the clear: the record count, capped at secagg-max-weight.
-        update = aggregation_for(settings.secagg).prepare(get_weights(model), records=len(data.train_y))
+        update = aggregation_for(settings).prepare(get_weights(model), records=len(data.train_y))
+        return FitOutcome(update.vector, update.weight, metrics)
+
+
+def _round_seed(data: InstitutionData, settings: RunSettings, server_round: int) -> int:
+    """The round's training randomness: seeded from the run in simulation, secret when deployed."""
+    if data.reproducible:
+        entropy = [settings.seed, server_round, int(data.fingerprint[:8], 16)]
+        return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+    return secrets.randbits(63)  # DP noise an observer cannot predict from the run config
+
+
+def over_budget(name: str, server_round: int) -> str:
+    """A budget refusal's reason, without a figure: what is spent counts other federations' rounds too."""
+    return (
+        f"{name} refused round {server_round}: training it would take the institution past its privacy budget "
+        "(its policy's max-epsilon, spent over every federation it takes part in)"
+    )
+
+
+def fit_distributed_round(
+    data: InstitutionData,
+    weights: Sequence[np.ndarray],
+    settings: RunSettings,
+    *,
+    server_round: int,
+    run_id: str,
+    secure_aggregation: bool,
+    secure_round: tuple[int, int] | None,
+) -> FitOutcome:
+    """Distributed DP's round: one clipped gradient sum over a Poisson sample, encoded with a noise share.
+
+    The institution's share of the noise follows from its policy's ``min-honest`` and the
+    round's SecAgg+ setup (``secure_round``: sampled institutions ``n``, threshold ``t``), so
+    that the shares it counts on carry the full noise even if ``n - t`` drop out
+    (``fedsilo.common.distributed_dp.noise_share``); the coordinator cannot lower it. The
+    ledger records the round with what it assumed, and its worst case (own share alone).
+    A refused round records nothing and still sends its noise share, with zero signal.
+    Records, noise and the sample are drawn from secret randomness when deployed.
+    """
+    privacy, policy = settings.privacy, data.policy
+    budget, delta = policy.budget(settings), policy.accounting_delta(settings)
+    query = aggregation_for(settings)
+    assert isinstance(query, DistributedSkellamSum)
+    plan = query.plan(sum(int(np.size(w)) for w in weights))
+    sample, threshold = secure_round if secure_round is not None else (1, 1)
+    share = ddp.noise_share(
+        total_variance=plan.total_variance, sample=sample, threshold=threshold, min_honest=policy.min_honest
+    )
+    rng = np.random.default_rng(_round_seed(data, settings, server_round))
+    base: dict[str, bool | int | float | str] = {"institution": data.name, "delta": delta}
+    if (mismatch := schema_problem(data, settings)) is not None:  # before any model is built
+        # Still its noise share, with zero signal: the sum's noise must not depend on who refused.
+        zeros = [np.zeros(np.shape(w), dtype=np.float64) for w in weights]
+        noise_only = NoiseInput(share.own_variance, rng)
+        share_only = query.prepare(zeros, records=0, server_round=server_round, noise=noise_only)
+        spent_here = run_epsilon(PrivacyLedger.all(data.state_dir), run_id, delta=delta)
+        why = f"{data.name} refused round {server_round}: {mismatch}"
+        return FitOutcome(share_only.vector, share_only.weight, {**base, "epsilon": spent_here, "refused": why})
+    with PrivacyLedger.locked(data.state_dir, data.fingerprint) as ledger:  # check, train, record
+        entry = LedgerEntry(
+            run_id=run_id,
+            round=server_round,
+            noise_multiplier=plan.noise_multiplier,
+            sample_rate=plan.sample_rate,
+            steps=1,
+            delta=delta,
+            recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            mechanism="skellam",
+            variance=share.total_variance,
+            own_variance=share.own_variance,
+            l2_sensitivity=plan.l2_sensitivity,
+            l1_sensitivity=plan.l1_sensitivity,
+            scale=plan.scale,
+            min_honest=policy.min_honest,
+            counted_honest=share.counted_honest,
+            sample=sample,
+            threshold=threshold,
+        )
+        ledgers = [*PrivacyLedger.others(data.state_dir, data.fingerprint), ledger]
+        # The budget is enforced over every ledger (every run and federation); only this run's share is reported.
+        after = epsilon_spent([*(e.event() for other in ledgers for e in other.entries), entry.event()], delta=delta)
+        reason = None
+        round_plan = RoundPlan(sample_rate=plan.sample_rate, steps=1, noise_multiplier=plan.noise_multiplier)
+        violations = policy.violations(settings, round_plan, secure_aggregation=secure_aggregation)
+        if (problem := weights_problem(weights, settings, data.schema, bound=MAX_ABS_WEIGHT)) is not None:
+            reason = f"{data.name} refused round {server_round}: the received global model is unsafe: {problem}"
+        elif not secure_aggregation:
+            reason = (
+                f"{data.name} refused round {server_round}: dp-mode distributed sends only a share of the noise, "
+                "which protects its records only inside a SecAgg+ sum, and this round has none"
+            )
+        elif trust := ddp.honest_problem(sample=sample, threshold=threshold, min_honest=policy.min_honest):
+            reason = f"{data.name} refused round {server_round}: {trust}"
+        elif violations:
+            reason = (
+                f"{data.name} refused round {server_round}: the proposed training breaks its privacy policy: "
+                + "; ".join(violations)
+            )
+        elif after > budget * (1 + 1e-9):
+            reason = over_budget(data.name, server_round)
+        noise = NoiseInput(share.own_variance, rng)
+        if reason is not None:
+            zeros = [np.zeros(np.shape(w), dtype=np.float64) for w in weights]
+            refusal = query.prepare(zeros, records=0, server_round=server_round, noise=noise)
+            spent_here = run_epsilon(ledgers, run_id, delta=delta)
+            return FitOutcome(refusal.vector, refusal.weight, {**base, "epsilon": spent_here, "refused": reason})
+        model = _model_with(data, settings, weights)
+        gradient_sum, _ = clipped_gradient_sum(
+            model,
+            data.train_x,
+            data.train_y,
+            sample_rate=plan.sample_rate,
+            max_grad_norm=privacy.max_grad_norm,
+            rng=rng,
+        )
+        ledger.append(entry)  # before the update leaves: a released update is spent privacy
+        update = query.prepare([gradient_sum], records=len(data.train_y), server_round=server_round, noise=noise)
+        metrics = {
+            **base,
+            "epsilon": run_epsilon(ledgers, run_id, delta=delta, then=entry),
+            "epsilon-worst-case": run_epsilon(ledgers, run_id, delta=delta, then=entry, worst_case=True),
+            "steps": 1,
+            "noise-multiplier": plan.noise_multiplier,
+            "sample-rate": plan.sample_rate,
+            "records": len(data.train_y),
+            "counted-honest": share.counted_honest,
+        }
         return FitOutcome(update.vector, update.weight, metrics)
 
 
@@ -376,19 +569,49 @@ def _model_with(data: InstitutionData, settings: RunSettings, weights: Sequence[
 
 
 def evaluate_round(
-    data: InstitutionData, weights: Sequence[np.ndarray], settings: RunSettings
+    data: InstitutionData,
+    weights: Sequence[np.ndarray],
+    settings: RunSettings,
+    *,
+    server_round: int | None = None,
+    run_id: str | None = None,
 ) -> tuple[float, int, dict[str, Any]]:
     """The global model's loss and metrics on this institution's held-out records.
 
     An institution whose policy does not share evaluation metrics reports nothing
-    (zero weight, no metrics but its name).
+    (zero weight, no metrics but its name). Nor does one whose held-out set is smaller
+    than its policy's ``min-eval-records`` (a score over a handful of records is a fact
+    about them), nor, with ``one-evaluation-per-trained-round``, one asked again for a
+    round it has evaluated or for a round (``run_id``, ``server_round``) its ledger shows
+    it did not train in (``fedsilo.client.evaluations``): each of these replies with zero
+    weight and a ``refused`` reason. The round is claimed before any score is computed.
     """
-    if not data.policy.share_eval_metrics:
-        return 0.0, 0, {"institution": data.name, "withheld": True}
+    policy, name = data.policy, data.name
+    if (mismatch := schema_problem(data, settings)) is not None:  # before any model is built
+        return 0.0, 0, {"institution": name, "refused": f"{name} refused to evaluate: {mismatch}"}
+    if not policy.share_eval_metrics:
+        return 0.0, 0, {"institution": name, "withheld": True}
     bound = weight_bound(settings, secure_aggregation=settings.secagg.enabled)
+    refused = None
     if (problem := weights_problem(weights, settings, data.schema, bound=bound)) is not None:
-        return 0.0, 0, {"institution": data.name, "refused": f"{data.name} refused to evaluate: {problem}"}
+        refused = problem
+    elif len(data.test_y) < policy.min_eval_records:  # the count itself stays with the institution
+        refused = f"its held-out set is smaller than its policy's min-eval-records {policy.min_eval_records}"
+    elif policy.one_evaluation_per_trained_round:
+        if server_round is None or run_id is None:
+            refused = "the request names no run and round, and it evaluates each round it trained in once"
+        else:
+            refused = claim_evaluation(
+                data.state_dir,
+                data.fingerprint,
+                run_id=run_id,
+                server_round=server_round,
+                recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            )
+    if refused is not None:
+        when = "" if server_round is None else f" round {server_round}"
+        return 0.0, 0, {"institution": name, "refused": f"{name} refused to evaluate{when}: {refused}"}
     model = _model_with(data, settings, weights)
     metrics = evaluate(model, data.test_x, data.test_y)
     loss = metrics.pop("loss")
-    return (loss if math.isfinite(loss) else 0.0), len(data.test_y), {"institution": data.name, **metrics}
+    return (loss if math.isfinite(loss) else 0.0), len(data.test_y), {"institution": name, **metrics}

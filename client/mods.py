@@ -99,6 +99,14 @@ def institution_policy(node_config: Mapping[str, Any]) -> PrivacyPolicy:
     return PrivacyPolicy(source="simulation")
 
 
+def secure_round(ctx: Context) -> tuple[int, int] | None:
+    """The checked SecAgg+ setup of the round this node is in: (sampled institutions, threshold); None: none."""
+    saved = ctx.state.config_records.get(GUARD_STATE)
+    if saved is None or "sample" not in saved or saved.get("stage") == "refused":
+        return None
+    return int(str(saved["sample"])), int(str(saved["threshold"]))
+
+
 def guard_secagg_message(msg: Message, ctx: Context) -> None:
     """Check a SecAgg+ message (``check_secagg_stage``); remember the round; raise ``SecAggRefused`` if refused."""
     configs = dict(msg.content.config_records[RECORD_KEY_CONFIGS])

@@ -17,6 +17,10 @@ A policy file::
     min-secagg-threshold = 2     # refuse a SecAgg+ reconstruction threshold below this count (deployed default 2)
     min-secagg-threshold-fraction = 0.51  # ... or below this fraction of the shares (deployed default 0.51)
     min-round-size = 3           # refuse SecAgg+ rounds of fewer institutions (deployed default 3)
+    min-honest = 1               # distributed DP: sampled institutions counted on to add their noise share
+    test-fraction = 0.2          # the share of its records it holds out for evaluation (deployed default 0.2)
+    min-eval-records = 50        # share no evaluation over fewer held-out records (deployed default 50)
+    one-evaluation-per-trained-round = true  # evaluate once per round, only a round it trained in (deployed default)
 
     [institutions.hospital-2]    # simulations only: overrides for one institution
     max-epsilon = 1.0
@@ -41,6 +45,32 @@ coordinator that admits one node of its own can otherwise make a round of that
 node and one institution and subtract its own update from the sum; with 3, it
 needs two nodes of its own besides the institution (Sybil nodes the coordinator
 admits are counted as institutions: nothing in SecAgg+ tells them apart).
+
+``min-honest`` matters only with ``dp-mode = "distributed"``: of a round's ``n`` sampled
+institutions, SecAgg+ lets up to ``n - t`` drop out (``t``: the reconstruction
+threshold), so an institution that counts on ``min-honest`` honest ones can rely on
+``max(1, min-honest - (n - t))`` shares, its own included, and adds enough noise itself
+that those shares alone carry the full noise (``fedsilo.common.distributed_dp.noise_share``).
+With 1 it adds the full noise alone: the guarantee needs nobody else. A round that samples
+fewer institutions than ``min-honest`` is refused.
+
+The evaluation keys matter only with ``share-eval-metrics = true``: the scores an
+institution shares are computed on its held-out records, which DP-SGD does not protect,
+so a coordinator that crafts the model it asks to be evaluated can read facts about
+those records out of the scores (a constant model's accuracy is a class's share; a
+model confident everywhere but on records like a chosen one makes the loss count them).
+What is held out is the institution's to decide: ``test-fraction`` (a deployed
+institution's own, 0.2 unless its policy says otherwise; the coordinator's
+``test-fraction`` applies to simulations only) of its records, each chosen by a keyed
+hash under its secret (``fedsilo.client.institution.split_holdout``), so the coordinator
+can neither shrink the held-out set to one chosen record nor pick its members.
+``min-eval-records`` (deployed 50; 1 otherwise) is the smallest held-out set it shares
+scores over: below it, it shares nothing, so no score is ever a fact about a handful of
+records. ``one-evaluation-per-trained-round`` (deployed default) bounds how often it
+answers: at most once per round of a run (``fedsilo.client.evaluations``), and only for a
+round its ledger shows it trained in, so every evaluation follows a round it trained
+and recorded, and a new run name or round number alone buys none (its budget bounds
+those rounds only as far as each costs epsilon: very noisy rounds are cheap).
 """
 
 from __future__ import annotations
@@ -69,6 +99,10 @@ KEYS = {
     "min-secagg-threshold": "min_secagg_threshold",
     "min-secagg-threshold-fraction": "min_secagg_threshold_fraction",
     "min-round-size": "min_round_size",
+    "min-honest": "min_honest",
+    "test-fraction": "test_fraction",
+    "min-eval-records": "min_eval_records",
+    "one-evaluation-per-trained-round": "one_evaluation_per_trained_round",
 }
 # A deployed institution's defaults where its policy is silent (``deployed_policy``).
 DEPLOYED_DEFAULTS = {
@@ -77,6 +111,11 @@ DEPLOYED_DEFAULTS = {
     "min-secagg-threshold": 2,
     "min-secagg-threshold-fraction": 0.51,
     "min-round-size": 3,
+    # Evaluation: its own held-out share, no scores over fewer than 50 records, one evaluation
+    # per round it trained in (see the module's docstring).
+    "test-fraction": 0.2,
+    "min-eval-records": 50,
+    "one-evaluation-per-trained-round": True,
 }
 
 
@@ -94,6 +133,15 @@ class PrivacyPolicy:
     min_secagg_threshold: int = 1  # deployed default 2: its own share never rebuilds its secret
     min_secagg_threshold_fraction: float = 0.0  # deployed default 0.51: a strict majority of the shares
     min_round_size: int = 2  # a secure sum needs two; deployed default 3
+    # Distributed DP: how many sampled institutions (itself included) this one counts on to add their
+    # noise share and not to collude with the coordinator. 1: it adds the full noise itself.
+    min_honest: int = 1
+    # Evaluation. The held-out share of its records (None: the run's test-fraction, simulations
+    # only; deployed default 0.2), the smallest held-out set it shares scores over (deployed
+    # default 50), and whether it evaluates at most once per round, and only a round it trained in.
+    test_fraction: float | None = None
+    min_eval_records: int = 1
+    one_evaluation_per_trained_round: bool = False
     source: str = "policy"
 
     def __post_init__(self) -> None:
@@ -114,8 +162,14 @@ class PrivacyPolicy:
             raise bad("min-secagg-threshold", self.min_secagg_threshold, "an integer >= 1")
         if not 0 <= self.min_secagg_threshold_fraction <= 1:
             raise bad("min-secagg-threshold-fraction", self.min_secagg_threshold_fraction, "in [0, 1]")
+        if self.min_honest < 1:
+            raise bad("min-honest", self.min_honest, "an integer >= 1 (1: count on nobody else; full noise)")
         if self.min_round_size < 2:
             raise bad("min-round-size", self.min_round_size, "an integer >= 2 (a secure sum needs two institutions)")
+        if self.test_fraction is not None and not (0 < self.test_fraction < 1):
+            raise bad("test-fraction", self.test_fraction, "in (0, 1), the share of its records held out")
+        if self.min_eval_records < 1:
+            raise bad("min-eval-records", self.min_eval_records, "an integer >= 1 (no scores over fewer records)")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str) -> PrivacyPolicy:
@@ -205,6 +259,10 @@ class PrivacyPolicy:
         """The lifetime epsilon budget: the policy's, else (simulations only) the run's."""
         return self.max_epsilon if self.max_epsilon is not None else settings.privacy.budget
 
+    def holdout_fraction(self, settings: Proposal) -> float:
+        """The share of its records held out: the policy's, else (simulations only) the run's ``test-fraction``."""
+        return self.test_fraction if self.test_fraction is not None else settings.data.test_fraction
+
     def accounting_delta(self, settings: Proposal) -> float:
         """The delta epsilon is accounted at: the institution's own, else the run's."""
         return self.delta if self.delta is not None else settings.privacy.delta
@@ -244,7 +302,9 @@ def deployed_policy(node_config: Mapping[str, Any]) -> PrivacyPolicy:
     any larger proposal. Unless the policy says otherwise, a deployed institution
     also refuses rounds without SecAgg+, SecAgg+ thresholds below a strict majority
     of the shares (and below 2), and keeps its evaluation metrics (computed on
-    held-out records, outside the DP guarantee) to itself (``DEPLOYED_DEFAULTS``).
+    held-out records, outside the DP guarantee) to itself (``DEPLOYED_DEFAULTS``); if
+    it shares them, it holds out its own share of its records (the coordinator's
+    ``test-fraction`` is ignored), over at least 50 of them, once per round it trained in.
     """
     policy = PrivacyPolicy.from_node_config(node_config, defaults=DEPLOYED_DEFAULTS)
     if policy.max_epsilon is None:

@@ -142,11 +142,14 @@ class Trainer:
                 server_round=int(header["server-round"]),
                 run_id=str(header["run-id"]),
                 secure_aggregation=header.get("secure-aggregation"),
+                secure_round=_secure_round(header.get("secure-round")),
             )
             self._say(header, outcome.metrics)
             return {"num-examples": outcome.num_examples, "metrics": outcome.metrics}, outcome.weights
         if header["op"] == "evaluate":
-            loss, count, metrics = evaluate_round(data, arrays, settings)
+            loss, count, metrics = evaluate_round(
+                data, arrays, settings, server_round=int(header["server-round"]), run_id=str(header["run-id"])
+            )
             return {"loss": loss, "num-examples": count, "metrics": metrics}, []
         raise TrainerError(f"unknown operation {header['op']!r}")
 
@@ -217,6 +220,14 @@ def main() -> None:
             pass
         finally:
             args.socket.unlink(missing_ok=True)
+
+
+def _secure_round(value: Any) -> tuple[int, int] | None:
+    """The SecAgg+ setup (sampled institutions, threshold) a fit header carries; None: none."""
+    if not value:
+        return None
+    sample, threshold = value
+    return int(sample), int(threshold)
 
 
 if __name__ == "__main__":

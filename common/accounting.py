@@ -18,12 +18,23 @@ Two accountants, registered by name in ``ACCOUNTANTS``:
 Opacus's PRV accountant has known failures when calibrating noise and is not offered. The
 accounting libraries (and numpy) are imported on first use, so that reading the settings,
 which validate against ``ACCOUNTANTS``, loads neither them nor torch.
+
+Distributed DP (``SkellamEvent``): a round whose noise is a sum of Skellam shares inside
+SecAgg+ (Agarwal, Kairouz and Liu, "The Skellam Mechanism for Differentially Private
+Federated Learning", NeurIPS 2021) has no PLD here (no library offers one). Its RDP is
+Corollary 3.6 of that paper (``skellam_rdp``), amplified by Poisson subsampling with the
+general bound of Zhu and Wang (``subsampled_rdp``). A history holding any such round is
+composed by RDP at the integer orders ``SKELLAM_ORDERS``, its Gaussian rounds by Opacus's
+RDP of the sampled Gaussian at the same orders, and converted to epsilon as Opacus's
+``get_privacy_spent`` does, whichever accountant is named: a valid upper bound, looser
+than PLD for the Gaussian rounds. A history without one is accounted as before.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -32,6 +43,11 @@ from fedsilo.common.errors import ConfigError
 
 # Opacus's default RDP orders, extended: small epsilons over few steps need high orders.
 ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [2**k for k in range(6, 13)]
+
+# The integer orders at which a history with distributed-DP (Skellam) rounds is composed by
+# RDP: the subsampling bound of Zhu and Wang holds at integer orders, and the bound at order
+# a needs the unsampled RDP at every order 2..a, so its cost grows with the largest order.
+SKELLAM_ORDERS: tuple[int, ...] = (*range(2, 257), 320, 384, 512, 768, 1024)
 
 # Width of the privacy-loss buckets of the PLD accountant: part of what makes a ledger's
 # epsilon reproducible from the ledger alone (the ledger file records it). Finer is tighter
@@ -70,6 +86,23 @@ class DPSGDEvent:
 
     noise_multiplier: float
     sample_rate: float
+    steps: int
+
+
+@dataclass(frozen=True)
+class SkellamEvent:
+    """``steps`` rounds of the Poisson-subsampled Skellam mechanism (distributed DP).
+
+    Each round is one aggregated DP-SGD step. All in the integer domain the noise is added
+    in (the signal scaled by ``scale`` and rounded): ``variance`` is the summed Skellam
+    variance the round is accounted with, and the sensitivities are those of one record's
+    clipped, scaled and rounded gradient.
+    """
+
+    sample_rate: float
+    variance: float  # Lam: the summed Skellam variance the round is accounted with (integer domain)
+    l2_sensitivity: float  # D2
+    l1_sensitivity: float  # D1
     steps: int
 
 
@@ -152,6 +185,12 @@ def _rdp_per_step(sample_rate: float, noise_multiplier: float, orders: tuple[flo
 
 
 ACCOUNTANT_OF_RECORD = "pld"
+# How a history with distributed-DP rounds is accounted, whichever accountant is named: part
+# of each accountant's record (the ledger file's), so its epsilon can be recomputed from it.
+_DISTRIBUTED = (
+    "RDP: Skellam by Agarwal et al. Cor. 3.6 under the Zhu-Wang general Poisson subsampling bound, "
+    "composed with Opacus's sampled-Gaussian RDP at integer orders 2 to 256, 320, 384, 512, 768, 1024"
+)
 ACCOUNTANTS: dict[str, Accountant] = {
     "pld": Accountant(
         "pld",
@@ -161,10 +200,18 @@ ACCOUNTANTS: dict[str, Accountant] = {
             "estimate": "pessimistic",
             "rdp-above-epsilon": PLD_MAX_EPSILON,
             "rdp-switch-orders": ", ".join(map(str, _SWITCH_ORDERS)),
+            "with-distributed-rounds": _DISTRIBUTED,
         },
         coarse=_pld_coarse,
     ),
-    "rdp": Accountant("rdp", _rdp_epsilon, {"orders": "1.1 to 10.9 by 0.1, 11 to 63, 64 to 4096 by powers of 2"}),
+    "rdp": Accountant(
+        "rdp",
+        _rdp_epsilon,
+        {
+            "orders": "1.1 to 10.9 by 0.1, 11 to 63, 64 to 4096 by powers of 2",
+            "with-distributed-rounds": _DISTRIBUTED,
+        },
+    ),
 }
 
 
@@ -175,33 +222,172 @@ def get_accountant(name: str) -> Accountant:
     return ACCOUNTANTS[name]
 
 
-def epsilon_spent(events: Iterable[DPSGDEvent], *, delta: float, accountant: str = ACCOUNTANT_OF_RECORD) -> float:
+def epsilon_spent(
+    events: Iterable[DPSGDEvent | SkellamEvent], *, delta: float, accountant: str = ACCOUNTANT_OF_RECORD
+) -> float:
     """Epsilon at ``delta`` of all ``events`` composed.
 
     Parameters
     ----------
     events
-        The DP-SGD stretches, in any order.
+        The DP-SGD stretches (``DPSGDEvent``) and distributed-DP rounds (``SkellamEvent``),
+        in any order.
     delta
         The delta of the (epsilon, delta) guarantee, in (0, 1).
     accountant
-        ``"pld"`` (the accountant of record, tight) or ``"rdp"`` (Opacus's Renyi DP).
+        ``"pld"`` (the accountant of record, tight) or ``"rdp"`` (Opacus's Renyi DP). With
+        any ``SkellamEvent``, either composes everything by RDP at ``SKELLAM_ORDERS``
+        (see the module docstring).
 
     Returns
     -------
     float
-        Epsilon; ``inf`` if any event has no noise (``noise_multiplier == 0``: no DP
-        guarantee), 0.0 if there are no events (or none with a step).
+        Epsilon; ``inf`` if any event has no noise (``noise_multiplier == 0`` or
+        ``variance == 0``: no DP guarantee), 0.0 if there are no events (or none with a step).
     """
     method = get_accountant(accountant)
     if not 0 < delta < 1:
         raise ConfigError(f"delta must be in (0, 1). Found {delta}.")
-    history = tuple((e.noise_multiplier, e.sample_rate, e.steps) for e in events if e.steps > 0)
-    if not history:
+    taken = [e for e in events if e.steps > 0]
+    history = tuple((e.noise_multiplier, e.sample_rate, e.steps) for e in taken if isinstance(e, DPSGDEvent))
+    skellam = tuple(
+        (e.sample_rate, e.variance, e.l2_sensitivity, e.l1_sensitivity, e.steps)
+        for e in taken
+        if isinstance(e, SkellamEvent)
+    )
+    if not taken:
         return 0.0
-    if any(sigma <= 0 for sigma, _, _ in history):
+    if any(sigma <= 0 for sigma, _, _ in history) or any(variance <= 0 for _, variance, _, _, _ in skellam):
         return math.inf
+    if skellam:
+        return _rdp_composed_epsilon(history, skellam, delta)
     return method.epsilon(history, delta)
+
+
+def skellam_rdp(order: int, *, variance: float, l2_sensitivity: float, l1_sensitivity: float) -> float:
+    """RDP at ``order`` of one release of the symmetric Skellam mechanism with total ``variance``.
+
+    Agarwal, Kairouz and Liu, "The Skellam Mechanism for Differentially Private Federated
+    Learning", NeurIPS 2021, Corollary 3.6: with ``Lam`` the variance, ``D2`` and ``D1``
+    the L2 and L1 sensitivities (integer domain), at order ``a > 1``::
+
+        a * D2^2 / (2 Lam) + min(((2a - 1) * D2^2 + 6 * D1) / (4 * Lam^2), 3 * D1 / (2 * Lam))
+
+    ``inf`` where ``variance <= 0`` (no noise).
+    """
+    if order <= 1:
+        raise ConfigError(f"RDP order must be > 1. Found {order}.")
+    if variance <= 0:
+        return math.inf
+    a, lam, d2, d1 = order, variance, l2_sensitivity, l1_sensitivity
+    return a * d2**2 / (2 * lam) + min(((2 * a - 1) * d2**2 + 6 * d1) / (4 * lam**2), 3 * d1 / (2 * lam))
+
+
+def subsampled_rdp(orders: Iterable[int], rdp_of: Callable[[int], float], sample_rate: float) -> list[float]:
+    """RDP at each integer order of a mechanism run on a Poisson sample of the records.
+
+    The general upper bound of Zhu and Wang, "Poisson Subsampled Renyi Differential
+    Privacy", ICML 2019 (the "general upper bound" theorem, for any mechanism; Thm. 6 in
+    the design notes, labelled Thm. 5 of the PMLR version in Google's reference
+    implementation of the Skellam paper, ``distributed_dp/accounting_utils.py``). With
+    ``eps(l) = rdp_of(l)`` the mechanism's RDP and ``g`` the sample rate, at integer
+    ``a >= 2``::
+
+        1/(a-1) * log( (1-g)^(a-1) * (a*g - g + 1)
+                       + C(a,2) * g^2 * (1-g)^(a-2) * exp(eps(2))
+                       + 3 * sum_{l=3..a} C(a,l) * g^l * (1-g)^(a-l) * exp((l-1) * eps(l)) )
+
+    and the smaller of that and ``eps(a)`` (subsampling never costs more) is returned. At
+    ``sample_rate == 1``, ``eps(a)`` itself. Computed in log space (``gammaln``,
+    ``logsumexp``), so large orders and large ``eps`` do not overflow. Pure.
+    """
+    import numpy as np
+    from scipy.special import gammaln, logsumexp
+
+    given = list(orders)
+    wanted = [int(a) for a in given]
+    if any(a < 2 or a != b for a, b in zip(wanted, given, strict=True)):
+        raise ConfigError(f"the subsampling bound needs integer orders >= 2. Found {given}.")
+    if not 0 < sample_rate <= 1:
+        raise ConfigError(f"sample rate must be in (0, 1]. Found {sample_rate}.")
+    if not wanted:
+        return []
+    eps = np.array([float(rdp_of(ell)) for ell in range(2, max(wanted) + 1)])  # eps[l - 2]
+    if sample_rate == 1:
+        return [float(eps[a - 2]) for a in wanted]
+    log_q, log_1mq = math.log(sample_rate), math.log1p(-sample_rate)
+    ells = np.arange(2, max(wanted) + 1, dtype=float)
+    bound = []
+    for a in wanted:
+        ell, e = ells[: a - 1], eps[: a - 1]  # l = 2..a
+        with np.errstate(invalid="ignore"):  # (l - 1) * inf is inf; no nan can arise (l >= 2)
+            terms = gammaln(a + 1) - gammaln(ell + 1) - gammaln(a - ell + 1) + ell * log_q + (a - ell) * log_1mq
+            terms = terms + (ell - 1) * e
+        terms[1:] += math.log(3)  # the constant on l >= 3
+        first = (a - 1) * log_1mq + math.log1p((a - 1) * sample_rate)
+        total = float(logsumexp(np.append(terms, first))) / (a - 1)
+        bound.append(min(total, float(eps[a - 2])))
+    return bound
+
+
+@lru_cache(maxsize=1024)
+def _skellam_rdp_per_step(
+    sample_rate: float, variance: float, l2: float, l1: float, orders: tuple[int, ...]
+) -> tuple[float, ...]:
+    """RDP of one round of the subsampled Skellam mechanism at every order in ``orders`` (pure)."""
+
+    def rdp_of(order: int) -> float:
+        return skellam_rdp(order, variance=variance, l2_sensitivity=l2, l1_sensitivity=l1)
+
+    return tuple(subsampled_rdp(orders, rdp_of, sample_rate))
+
+
+def _rdp_composed_epsilon(
+    history: History, skellam: tuple[tuple[float, float, float, float, int], ...], delta: float
+) -> float:
+    """RDP epsilon of Gaussian ``history`` and Skellam rounds together, at ``SKELLAM_ORDERS``."""
+    import numpy as np
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    # Identical rounds (a distributed run repeats one round many times) are counted, then composed once.
+    gaussian: Counter[tuple[float, float]] = Counter()
+    for sigma, sample_rate, steps in history:
+        gaussian[sigma, sample_rate] += steps
+    shared: Counter[tuple[float, float, float, float]] = Counter()
+    for sample_rate, variance, l2, l1, steps in skellam:
+        shared[sample_rate, variance, l2, l1] += steps
+    rdp = np.zeros(len(SKELLAM_ORDERS))
+    for (sigma, sample_rate), steps in gaussian.items():
+        rdp += np.array(_rdp_per_step(sample_rate, sigma, SKELLAM_ORDERS)) * steps
+    for (sample_rate, variance, l2, l1), steps in shared.items():
+        rdp += np.array(_skellam_rdp_per_step(sample_rate, variance, l2, l1, SKELLAM_ORDERS)) * steps
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "optimal order is the largest alpha": bound still valid
+        eps, _ = rdp_analysis.get_privacy_spent(orders=list(SKELLAM_ORDERS), rdp=list(rdp), delta=delta)
+        return float(eps)
+
+
+def skellam_sensitivity(*, scale: float, max_grad_norm: float, dim_padded: int) -> tuple[float, float]:
+    """L2 and L1 sensitivity ``(D2, D1)`` of one record after scaling by ``scale`` and stochastic rounding.
+
+    ``D2 = scale * C + sqrt(d_p)`` (rounding moves each of the ``d_p`` coordinates by less
+    than 1) and ``D1 = D2 * min(sqrt(d_p), D2)`` (L1 <= sqrt(d) L2, and <= L2^2 on
+    integers): Kairouz, Liu and Steinke, ICML 2021, Thm. 1 with beta = 0, as Agarwal et al. use.
+    """
+    d2 = scale * max_grad_norm + math.sqrt(dim_padded)
+    return d2, d2 * min(math.sqrt(dim_padded), d2)
+
+
+def skellam_event(
+    *, noise_multiplier: float, sample_rate: float, steps: int, scale: float, max_grad_norm: float, dim_padded: int
+) -> SkellamEvent:
+    """The ``SkellamEvent`` of total noise ``noise_multiplier * max_grad_norm`` (gradient units).
+
+    Variance ``(scale * noise_multiplier * max_grad_norm)^2`` in the integer domain, and the
+    sensitivities of ``skellam_sensitivity``.
+    """
+    d2, d1 = skellam_sensitivity(scale=scale, max_grad_norm=max_grad_norm, dim_padded=dim_padded)
+    return SkellamEvent(sample_rate, (scale * noise_multiplier * max_grad_norm) ** 2, d2, d1, steps)
 
 
 @lru_cache(maxsize=256)
@@ -237,6 +423,60 @@ def calibrate_noise(
             f"no noise multiplier up to {MAX_NOISE_MULTIPLIER:g} reaches epsilon {target_epsilon} at delta {delta} "
             f"with sample rate {sample_rate:.4g} over {steps} steps ({accountant} accountant); "
             "raise target-epsilon or delta, or lower the rounds or local epochs"
+        )
+    return sigma
+
+
+@lru_cache(maxsize=256)
+def calibrate_skellam_noise(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    scale: float,
+    max_grad_norm: float,
+    dim_padded: int,
+) -> float:
+    """Smallest noise multiplier whose ``steps`` distributed-DP rounds spend at most ``target_epsilon``.
+
+    The total Skellam noise is ``sigma * max_grad_norm`` in gradient units (variance
+    ``(scale * sigma * max_grad_norm)^2`` in the integer domain; see ``skellam_event``).
+    The noise returned spends between ``(1 - CALIBRATION_TOLERANCE) * target_epsilon`` and
+    ``target_epsilon`` by RDP (Cor. 3.6 of Agarwal et al. under the Zhu-Wang subsampling
+    bound). Pure, and memoized.
+    """
+    problems = []
+    if not math.isfinite(target_epsilon) or target_epsilon <= 0:
+        problems.append(f"target epsilon must be finite and > 0. Found {target_epsilon}.")
+    if not 0 < delta < 1:
+        problems.append(f"delta must be in (0, 1). Found {delta}.")
+    if not 0 < sample_rate <= 1 or steps < 1:
+        problems.append(f"sample rate must be in (0, 1] and steps >= 1. Found {sample_rate:.4g} and {steps}.")
+    if not scale > 0 or not max_grad_norm > 0 or dim_padded < 1:
+        problems.append(
+            f"scale and max-grad-norm must be > 0 and dim_padded >= 1. Found {scale}, {max_grad_norm} and {dim_padded}."
+        )
+    if problems:
+        raise ConfigError(" ".join(problems))
+
+    def epsilon_of(sigma: float) -> float:
+        event = skellam_event(
+            noise_multiplier=sigma,
+            sample_rate=sample_rate,
+            steps=steps,
+            scale=scale,
+            max_grad_norm=max_grad_norm,
+            dim_padded=dim_padded,
+        )
+        return epsilon_spent([event], delta=delta)
+
+    sigma = _search(epsilon_of, target_epsilon, start=1.0, tolerance=CALIBRATION_TOLERANCE)
+    if sigma is None:
+        raise ConfigError(
+            f"no noise multiplier up to {MAX_NOISE_MULTIPLIER:g} reaches epsilon {target_epsilon} at delta {delta} "
+            f"with sample rate {sample_rate:.4g} over {steps} distributed rounds (Skellam, RDP); "
+            "raise target-epsilon or delta, or lower the rounds"
         )
     return sigma
 

@@ -9,9 +9,11 @@ privacy.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +24,7 @@ from fedsilo.common.errors import DataError, SchemaError
 from fedsilo.common.tomlfile import read_toml
 
 MAX_ROWS_SHOWN = 3
+FINGERPRINT_LENGTH = 16  # hex digits of a schema's fingerprint (64 bits of SHA-256)
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,27 @@ class Schema:
     def num_inputs(self) -> int:
         """Width of the model input this schema produces."""
         return sum(f.width for f in self.features)
+
+    def fingerprint(self) -> str:
+        """What determines the encoding and the model's size, hashed: equal only for schemas that encode alike.
+
+        SHA-256 (first ``FINGERPRINT_LENGTH`` hex digits) of a canonical JSON of the label
+        column, its classes in order, and every feature in order with its kind, name and
+        encoding (bounds, missing-value rule and fill; categories in order and the unknown
+        rule). ``ignore`` is left out: it names columns that are not read. The coordinator
+        puts its schema's fingerprint in the proposal (``schema-fingerprint``); an
+        institution whose own schema file gives another refuses before training.
+        """
+        content = {
+            "label": self.label,
+            "classes": list(self.classes),
+            "features": [
+                {"kind": "categorical" if isinstance(f, CategoricalFeature) else "numeric", **asdict(f)}
+                for f in self.features
+            ],
+        }
+        text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:FINGERPRINT_LENGTH]
 
     @classmethod
     def load(cls, path: Path | str) -> Schema:

@@ -37,6 +37,7 @@ _P = TypeVar("_P", bound="Proposal")
 # Opacus per-sample gradient modes that handle every batch DP-SGD draws. "ew" (expanded
 # weights) is left out: in Opacus 1.6 it raises on the empty batches Poisson sampling draws.
 GRAD_SAMPLE_MODES = ("ghost", "hooks", "functorch")
+DP_MODES = ("local", "distributed")
 
 
 def _one_of(choices: tuple[str, ...]) -> str:
@@ -72,8 +73,18 @@ class TrainSettings:
     # privacy, different speed. "ghost" (ghost clipping) measured fastest on the MLP
     # (bench/dp_overhead.json) and within 4% of "hooks" on the CNN.
     grad_sample_mode: str = field(default="ghost", metadata=_key("grad-sample-mode"))
+    # Distributed DP only (``dp-mode = "distributed"``: one aggregated DP-SGD step a round). Each
+    # record is in a round's batch with this probability (0: local-epochs / num-server-rounds, at
+    # most 1, so that the run passes over the data local-epochs times in all). The coordinator
+    # steps with SGD at server-learning-rate (0: the recipe's, from public facts) and server-momentum.
+    sample_rate: float = field(default=0.0, metadata=_key("sample-rate"))
+    server_learning_rate: float = field(default=0.0, metadata=_key("server-learning-rate"))
+    server_momentum: float = field(default=0.9, metadata=_key("server-momentum"))
 
     def __post_init__(self) -> None:
+        _check(0 <= self.sample_rate <= 1, "sample-rate", self.sample_rate, "in (0, 1] (0: the recipe's)")
+        _check(self.server_learning_rate >= 0, "server-learning-rate", self.server_learning_rate, ">= 0 (0: auto)")
+        _check(0 <= self.server_momentum < 1, "server-momentum", self.server_momentum, "in [0, 1)")
         _check(self.local_epochs >= 1, "local-epochs", self.local_epochs, "an integer >= 1")
         _check(self.batch_size >= 0, "batch-size", self.batch_size, "an integer >= 1 (0: the recipe's)")
         _check(self.learning_rate >= 0, "learning-rate", self.learning_rate, "> 0 (0: the recipe's)")
@@ -127,8 +138,13 @@ class PrivacySettings:
     # The accountant that calibrates the noise: "pld" (tight; the ledger's and the budgets'
     # accountant of record) or "rdp" (Opacus's Renyi DP: looser, so more noise for a target).
     accountant: str = field(default=ACCOUNTANT_OF_RECORD, metadata=_key("accountant"))
+    # "local": each institution adds the full DP-SGD noise to its own update (local steps allowed).
+    # "distributed": each round is one DP-SGD step over the union, each institution adding only its
+    # share of the noise inside the SecAgg+ sum (Skellam; see fedsilo.common.distributed_dp).
+    mode: str = field(default="local", metadata=_key("dp-mode"))
 
     def __post_init__(self) -> None:
+        _check(self.mode in DP_MODES, "dp-mode", self.mode, _one_of(DP_MODES))
         _check(self.target_epsilon > 0, "target-epsilon", self.target_epsilon, "> 0 (inf: no DP)")
         _check(self.noise_multiplier >= 0, "noise-multiplier", self.noise_multiplier, ">= 0")
         _check(0 < self.delta < 1, "delta", self.delta, "in (0, 1)")
@@ -239,9 +255,20 @@ class DataSettings:
     dataset: str = field(default="breast-cancer", metadata=_key("dataset"))
     partition: str = field(default="iid", metadata=_key("partition"))
     test_fraction: float = field(default=0.2, metadata=_key("test-fraction"))
+    # The federation schema's fingerprint (``fedsilo.common.schema.Schema.fingerprint``), filled in
+    # by the coordinator from its schema file when it opens a run (empty: unknown). An institution
+    # whose own schema file has another fingerprint refuses to train or evaluate, and says why.
+    schema_fingerprint: str = field(default="", metadata=_key("schema-fingerprint"))
 
     def __post_init__(self) -> None:
         _check(0 < self.test_fraction < 1, "test-fraction", self.test_fraction, "in (0, 1)")
+        _check(
+            self.schema_fingerprint == ""
+            or (len(self.schema_fingerprint) == 16 and all(c in "0123456789abcdef" for c in self.schema_fingerprint)),
+            "schema-fingerprint",
+            self.schema_fingerprint,
+            "empty (unknown) or 16 lowercase hex digits (fedsilo.common.schema.Schema.fingerprint)",
+        )
         if self.dataset not in DATASETS and not self.dataset.lower().endswith(TABLE_SUFFIXES):
             raise DATASETS.unknown(self.dataset, alternative="a CSV/Parquet file")
         if self.partition.partition(":")[0] not in PARTITIONERS:
@@ -258,6 +285,8 @@ class Proposal:
     # Institutions evaluating the global model each round; below 1, a fresh sample every round.
     fraction_evaluate: float = field(default=1.0, metadata=_key("fraction-evaluate"))
     min_institutions: int = field(default=2, metadata=_key("min-institutions"))
+    # The global model is evaluated every this many rounds (and after the last).
+    eval_every: int = field(default=1, metadata=_key("eval-every"))
     train: TrainSettings = field(default_factory=TrainSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     secagg: SecAggSettings = field(default_factory=SecAggSettings)
@@ -269,6 +298,26 @@ class Proposal:
         _check(0 < self.fraction_fit <= 1, "fraction-fit", self.fraction_fit, "in (0, 1]")
         _check(0 < self.fraction_evaluate <= 1, "fraction-evaluate", self.fraction_evaluate, "in (0, 1]")
         _check(self.min_institutions >= 1, "min-institutions", self.min_institutions, "an integer >= 1")
+        _check(self.eval_every >= 1, "eval-every", self.eval_every, "an integer >= 1")
+        if self.distributed and not self.secagg.enabled:
+            raise ConfigError(
+                "'dp-mode' = \"distributed\" needs 'secure-aggregation' = true: each institution adds only a share "
+                "of the noise, which protects its records only inside the secure sum"
+            )
+
+    @property
+    def distributed(self) -> bool:
+        """Whether rounds are distributed DP's aggregated DP-SGD steps (``dp-mode = "distributed"``)."""
+        return self.privacy.mode == "distributed"
+
+    @property
+    def sample_rate(self) -> float:
+        """Distributed DP's per-round sample rate: the setting, else local-epochs / num-server-rounds (at most 1)."""
+        return self.train.sample_rate or min(1.0, self.train.local_epochs / self.rounds)
+
+    def evaluates(self, server_round: int) -> bool:
+        """Whether the global model is evaluated after ``server_round`` (every eval-every rounds, and the last)."""
+        return server_round % self.eval_every == 0 or server_round >= self.rounds
 
     @classmethod
     def from_config(cls: type[_P], config: Mapping[str, Any], *, source: str | None = None) -> _P:
@@ -443,6 +492,7 @@ LOCAL_KEYS = tuple(k for k in RunSettings().to_config() if k not in Proposal().t
 SIMULATED_KEYS = ("schema-path", "state-root", "simulation-policy")
 
 __all__ = [
+    "DP_MODES",
     "LOCAL_KEYS",
     "SIMULATED_KEYS",
     "DataSettings",

@@ -213,6 +213,58 @@ def train_round(
     return float(np.mean(losses)) if losses else math.nan
 
 
+# Records whose per-record gradients are computed at once (distributed DP's clipped sum).
+GRADIENT_CHUNK = 256
+
+
+def clipped_gradient_sum(
+    model: nn.Module,
+    inputs: np.ndarray,
+    labels: np.ndarray,
+    *,
+    sample_rate: float,
+    max_grad_norm: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, int]:
+    """The sum of per-record gradients, each clipped to ``max_grad_norm``, over a Poisson sample.
+
+    Each record is in the sample independently with probability ``sample_rate``, drawn from
+    ``rng`` (secret randomness in a deployment). What distributed DP's round sends, before its
+    encoding and noise share (Abadi et al., CCS 2016, without the noise). A record's gradient
+    that is not finite counts as zero, so no record can make the sum non-finite; with every
+    clipped gradient at most ``max_grad_norm`` long, one record moves the sum by at most that.
+    Returns the sum (float64, flat, in ``get_weights`` order) and the sample's size.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    chosen = np.flatnonzero(rng.random(len(labels)) < sample_rate)
+    names = list(model.state_dict().keys())
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    if set(params) != set(names):
+        raise ValueError("distributed DP needs a model whose state is its parameters (no buffers)")
+    total = torch.zeros(sum(params[k].numel() for k in names), dtype=torch.float64)
+    if len(chosen) == 0:
+        return total.numpy(), 0
+
+    def loss_of(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(model, p, (x.unsqueeze(0),))
+        return nn.functional.cross_entropy(logits, y.unsqueeze(0))
+
+    per_record = vmap(grad(loss_of), in_dims=(None, 0, 0))
+    model.eval()  # no layer of the zoo behaves differently; the functional call must not record state
+    for start in range(0, len(chosen), GRADIENT_CHUNK):
+        rows = chosen[start : start + GRADIENT_CHUNK]
+        x = torch.as_tensor(inputs[rows], dtype=torch.float32)
+        y = torch.as_tensor(labels[rows])
+        grads = per_record(params, x, y)
+        flat = torch.cat([grads[k].reshape(len(rows), -1) for k in names], dim=1).double()
+        flat = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
+        flat[~torch.isfinite(flat.norm(dim=1))] = 0.0
+        factor = (max_grad_norm / (flat.norm(dim=1) + 1e-12)).clamp(max=1.0)
+        total += (flat * factor[:, None]).sum(dim=0)
+    return total.numpy(), len(chosen)
+
+
 def _detach_opacus(model: nn.Module) -> None:
     """Drop per-sample gradients Opacus left on the model's parameters."""
     for p in model.parameters():

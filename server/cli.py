@@ -126,7 +126,10 @@ def run(
     min_institutions: Annotated[
         int | None, typer.Option(help="Institutions every round waits for (default: all admitted).")
     ] = None,
-    config: Annotated[str, typer.Option(help="More run settings, as 'key=value key2=value2'.")] = "",
+    config: Annotated[
+        list[str] | None,
+        typer.Option(help="More run settings, as 'key=value key2=value2' (the option may be repeated)."),
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the last unfinished run from its last round.")] = False,
     verbose: Annotated[bool, typer.Option(help="Show all of Flower's log.")] = False,
 ) -> None:
@@ -138,7 +141,7 @@ def run(
                 raise FedsiloError("a resumed run keeps the settings it started with; --resume takes no other option")
             settings = fed.resumed_run()
         else:
-            overrides = parse_assignments(config, "--config")
+            overrides = parse_assignments(" ".join(config or []), "--config")
             settings = fed.new_run(overrides, rounds=rounds, epsilon=epsilon, min_institutions=min_institutions)
     run_dir = Path(settings.resume_from or settings.out_dir)
     with exit_on_error(console), processes.run_slot(fed):

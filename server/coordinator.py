@@ -18,7 +18,7 @@ from typing import Any
 
 from flwr.common import log
 
-from fedsilo.common.aggregation import AggregationQuery, Contribution, Weights
+from fedsilo.common.aggregation import AggregationQuery, Contribution, DistributedSkellamSum, Weights
 from fedsilo.common.metrics import LABELS, MODEL_METRICS
 from fedsilo.server.replies import evaluate_problems, fit_problems, vector_problems
 from fedsilo.server.run_directory import RunDirectory
@@ -73,6 +73,7 @@ class Coordinator:
         self.current = weights
         self.on_round = on_round
         self.started = time.monotonic()
+        self.distributed = isinstance(query, DistributedSkellamSum)
         self._counts: dict[int, tuple[int, int]] = {}  # round -> (trained, refused or failed)
 
     def book_fit(
@@ -91,22 +92,39 @@ class Coordinator:
         ordered = sorted(replies, key=lambda r: r.institution)  # a fixed order: the same seed, the same sum
         valid = []
         for reply in ordered:
-            problems = fit_problems(reply.contribution.weight, reply.metrics)
+            problems = fit_problems(reply.contribution.weight, reply.metrics, distributed=self.distributed)
             if updates and not problems and reply.contribution.weight > 0:
                 problems = vector_problems(reply.contribution.vector, self.current)
             if problems:
                 self._reject(server_round, reply.institution, "fit", problems)
                 continue
             valid.append(reply)
-            self.run_dir.record_fit(server_round, reply.institution, reply.contribution.weight, dict(reply.metrics))
+            self.run_dir.record_fit(
+                server_round,
+                reply.institution,
+                int(reply.metrics.get("records", 0)) if self.distributed else reply.contribution.weight,
+                dict(reply.metrics),
+                skellam=self._skellam(),
+            )
             if "refused" in reply.metrics:
                 log(WARNING, "%s", reply.metrics["refused"])
         for failure in failures:
             log(WARNING, "round %s: an institution failed: %s", server_round, failure)
-        trained = sum(1 for r in valid if r.contribution.weight > 0)
+        trained = sum(1 for r in valid if self.query.trained(r.contribution, r.metrics))
         self._counts[server_round] = (trained, len(ordered) - trained + len(failures))
         self.run_dir.fit_booked(server_round)
         return valid
+
+    def _skellam(self) -> dict[str, float] | None:
+        """A distributed round's public accounting (None: local DP-SGD), as every institution plans it."""
+        if not isinstance(self.query, DistributedSkellamSum):
+            return None
+        plan = self.query.plan(sum(int(w.size) for w in self.current))
+        return {
+            "variance": plan.total_variance,
+            "l2_sensitivity": plan.l2_sensitivity,
+            "l1_sensitivity": plan.l1_sensitivity,
+        }
 
     def _reject(self, server_round: int, institution: str, stage: str, problems: Sequence[str]) -> None:
         reason = "; ".join(problems)
@@ -140,12 +158,19 @@ class Coordinator:
                 server_round,
             )
             return None
-        if not any(r.contribution.weight > 0 for r in ordered):
+        trained = [r for r in ordered if self.query.trained(r.contribution, r.metrics)]
+        if not trained:
             log(WARNING, "round %s: no institution trained; the model is unchanged", server_round)
             return None
         model: Weights | None
         if secure_sum is not None:
-            model = self.query.finish_secure(secure_sum, [r.contribution.weight for r in ordered])
+            model = self.query.finish_secure(
+                secure_sum,
+                [r.contribution.weight for r in ordered],
+                server_round=server_round,
+                current=self.current,
+                records=sum(int(r.metrics.get("records", 0)) for r in trained),
+            )
         else:
             state = self.query.initial_state()
             for reply in ordered:

@@ -62,15 +62,20 @@ def _weight(weight: object, key: str, problems: list[str]) -> int | None:
     return count
 
 
-def fit_problems(weight: object, metrics: Mapping[str, Any]) -> list[str]:
+def fit_problems(weight: object, metrics: Mapping[str, Any], *, distributed: bool = False) -> list[str]:
     """What is wrong with a fit reply's aggregation weight and clear-text metrics (empty: nothing).
 
-    Every reply carries ``delta`` in (0, 1) and ``epsilon`` >= 0 (the spend after
-    this round; a refusal reports the spend so far). A refusal carries a text
+    Every reply carries ``delta`` in (0, 1) and ``epsilon`` >= 0 (this run's share of
+    the institution's spend after this round; a refusal reports this run's so far:
+    what it spent in other runs and federations stays with it). A refusal carries a text
     ``refused`` and weight 0. A reply that trained carries ``noise-multiplier``
     >= 0, ``sample-rate`` in (0, 1] and an integer ``steps`` >= 0; its epsilon may be
     infinite only when its noise multiplier is 0 (it trained without DP). A
-    refusal's epsilon may be infinite: an earlier run without DP spent it.
+    refusal's epsilon may be infinite: an earlier round of this run trained without DP.
+
+    With ``distributed`` (dp-mode distributed), every reply, a refusal too, weighs
+    ``secagg-max-weight`` (it sends its noise share), and one that trained carries its
+    training ``records`` (an integer >= 1), which the coordinator's step divides by.
     """
     problems: list[str] = []
     count = _weight(weight, "num_examples", problems)
@@ -78,7 +83,7 @@ def fit_problems(weight: object, metrics: Mapping[str, Any]) -> list[str]:
     if refused:
         if not isinstance(metrics["refused"], str):
             problems.append(f"'refused' must be a text reason; found {metrics['refused']!r}")
-        if count:
+        if count and not distributed:
             problems.append(f"a refusal must have weight 0; found num_examples {count}")
     _number(metrics, "delta", "a number in (0, 1)", lambda v: 0 < v < 1, problems)
     noise = None
@@ -89,6 +94,8 @@ def fit_problems(weight: object, metrics: Mapping[str, Any]) -> list[str]:
             problems.append("'steps' is missing (expected an integer >= 0)")
         else:
             _weight(metrics["steps"], "steps", problems)
+        if distributed and not (_count(metrics.get("records")) or 0) >= 1:
+            problems.append(f"'records' must be an integer >= 1; found {metrics.get('records')!r}")
     no_dp = refused or noise == 0
     expected = "a number >= 0 (inf only without DP)" if no_dp else "a finite number >= 0 (the reply used DP)"
     _number(metrics, "epsilon", expected, lambda v: v >= 0, problems, inf_ok=no_dp)

@@ -14,7 +14,8 @@ import math
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsilo.common.accounting import DPSGDEvent, epsilon_spent
+from fedsilo.common.accounting import DPSGDEvent, SkellamEvent, epsilon_spent
 from fedsilo.common.errors import ConfigError
 from fedsilo.common.settings import RunSettings
 
@@ -40,7 +41,13 @@ METRIC_COLUMNS = (
 
 @dataclass
 class InstitutionRecord:
-    """What the coordinator learned about one institution, all from clear-text metrics."""
+    """What the coordinator learned about one institution, all from clear-text metrics.
+
+    ``epsilon`` is what the institution last reported: its spend in this run (its rounds of
+    this run composed, at its own delta), not what it spent in other runs or federations,
+    which its budget also counts. ``epsilon_this_run`` in the report is the coordinator's
+    own composition of the rounds it booked.
+    """
 
     name: str
     num_examples: int = 0
@@ -51,7 +58,7 @@ class InstitutionRecord:
     rejected: list[dict[str, Any]] = field(default_factory=list)  # malformed replies, dropped unused
 
     def as_report(self) -> dict[str, Any]:
-        events = [DPSGDEvent(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.ledger]
+        events = [_event(e) for e in self.ledger]
         run_epsilon = epsilon_spent(events, delta=self.delta) if self.delta > 0 else 0.0
         return {
             "name": self.name,
@@ -63,6 +70,15 @@ class InstitutionRecord:
             "refusals": self.refusals,
             "rejected": self.rejected,
         }
+
+
+def _event(row: Mapping[str, Any]) -> DPSGDEvent | SkellamEvent:
+    """The accounting event of one booked round: local DP-SGD, or a distributed (Skellam) round."""
+    if row.get("mechanism") == "skellam":
+        return SkellamEvent(
+            row["sample_rate"], row["variance"], row["l2_sensitivity"], row["l1_sensitivity"], row["steps"]
+        )
+    return DPSGDEvent(row["noise_multiplier"], row["sample_rate"], row["steps"])
 
 
 def _json_safe(value: Any) -> Any:
@@ -93,6 +109,7 @@ class RunDirectory:
         self.model_spec = model_spec
         self.institutions: dict[str, InstitutionRecord] = {}
         self.rounds: list[dict[str, Any]] = []
+        self._serialized: dict[int, list[str]] = {}  # id of a row list -> its rows as JSON (_json_list)
         self.rounds_completed = 0  # the last round whose aggregate was checkpointed
         self.last_round = 0  # the last round that ran to its end (trained or not)
         admitted = path / self.ADMITTED
@@ -151,8 +168,20 @@ class RunDirectory:
     def institution(self, name: str) -> InstitutionRecord:
         return self.institutions.setdefault(name, InstitutionRecord(name))
 
-    def record_fit(self, server_round: int, name: str, num_examples: int, metrics: dict[str, Any]) -> None:
-        """Book one institution's well-formed fit reply (trained or refused; see ``fedsilo.server.replies``)."""
+    def record_fit(
+        self,
+        server_round: int,
+        name: str,
+        num_examples: int,
+        metrics: dict[str, Any],
+        *,
+        skellam: Mapping[str, float] | None = None,
+    ) -> None:
+        """Book one institution's well-formed fit reply (trained or refused; see ``fedsilo.server.replies``).
+
+        ``skellam``: a distributed-DP round's public accounting (variance and sensitivities),
+        which the coordinator knows from the proposal and the model's size.
+        """
         record = self.institution(name)
         record.epsilon = float(metrics.get("epsilon", record.epsilon))
         record.delta = float(metrics.get("delta", record.delta))
@@ -166,6 +195,7 @@ class RunDirectory:
                 "noise_multiplier": float(metrics["noise-multiplier"]),
                 "sample_rate": float(metrics["sample-rate"]),
                 "steps": int(metrics["steps"]),
+                **({"mechanism": "skellam", **skellam} if skellam is not None else {}),
             }
         )
 
@@ -199,17 +229,41 @@ class RunDirectory:
         self._save_progress()
 
     def _save_progress(self) -> None:
-        """What a resume needs, written atomically after every step of a round."""
-        progress = {
+        """What a resume needs, written atomically after every step of a round.
+
+        The rounds' rows and the institutions' ledger, refusal and rejection rows only
+        grow, and a row never changes once added: each is serialized once
+        (``_json_list``), so a round costs the same at round 1,000 as at round 1.
+        """
+        head = {
             "settings": self.settings.to_config(),
             "rounds_completed": self.rounds_completed,
             "last_round": self.last_round,
-            "rounds": self.rounds,
-            "institutions": {n: asdict(r) for n, r in self.institutions.items()},
         }
+        institutions = ",".join(
+            f"{json.dumps(name)}:{self._institution_json(record)}" for name, record in self.institutions.items()
+        )
+        text = json.dumps(_json_safe(head), allow_nan=False)[:-1]
+        text += f',"rounds":{self._json_list(self.rounds)},"institutions":{{{institutions}}}}}'
         scratch = self.path / "progress.json.tmp"
-        scratch.write_text(json.dumps(_json_safe(progress), allow_nan=False), encoding="utf-8")
+        scratch.write_text(text, encoding="utf-8")
         os.replace(scratch, self.path / "progress.json")
+
+    def _institution_json(self, record: InstitutionRecord) -> str:
+        parts = []
+        for key in (f.name for f in fields(record)):  # not asdict: it would deep-copy every row again
+            value = getattr(record, key)
+            text = self._json_list(value) if isinstance(value, list) else json.dumps(_json_safe(value), allow_nan=False)
+            parts.append(f"{json.dumps(key)}:{text}")
+        return "{" + ",".join(parts) + "}"
+
+    def _json_list(self, rows: list[Any]) -> str:
+        """``rows`` as a JSON array, each row serialized once (rows are only ever appended)."""
+        done = self._serialized.setdefault(id(rows), [])
+        if len(done) > len(rows):  # not the list it was: start again
+            done.clear()
+        done.extend(json.dumps(_json_safe(row), allow_nan=False) for row in rows[len(done) :])
+        return "[" + ",".join(done) + "]"
 
     def finish(self, weights: list[np.ndarray], elapsed_s: float) -> dict[str, Any]:
         """Write the final model and report.json; return the report as written (non-finite floats as text)."""

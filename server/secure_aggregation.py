@@ -60,14 +60,20 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
         How many institutions the round about to start will sample.
     on_halt
         Receives a halted round's number, its replies and failures (the model is unchanged).
+    warn_clipping
+        Whether to warn when the aggregate nears the clipping range (not for distributed DP,
+        whose encoded integers fill the range by design).
     **kwargs
         ``SecAggPlusWorkflow``'s arguments (``SecAggSettings.workflow_kwargs``).
     """
 
-    def __init__(self, *, sample_size: Callable[[], int], on_halt: HaltCallback, **kwargs: Any) -> None:
+    def __init__(
+        self, *, sample_size: Callable[[], int], on_halt: HaltCallback, warn_clipping: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.sample_size = sample_size
         self.on_halt = on_halt
+        self.warn_clipping = warn_clipping
 
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         configured = self.num_shares
@@ -98,7 +104,7 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         if not super().unmask_stage(cast(Grid, ThresholdShares(grid, state.threshold)), context, state):
             return False
-        if state.legacy_results:  # every reply now carries the aggregate
+        if state.legacy_results and self.warn_clipping:  # every reply now carries the aggregate
             warning = clipping_warning(
                 parameters_to_ndarrays(state.legacy_results[0][1].parameters),
                 (res.num_examples for _, res in state.legacy_results),

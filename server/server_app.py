@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 
 from fedsilo.common.aggregation import aggregation_for
 from fedsilo.common.datasets import builtin_schema_path
+from fedsilo.common.errors import ConfigError
 from fedsilo.common.models import build_model, get_weights, model_spec
 from fedsilo.common.schema import Schema
 from fedsilo.common.settings import RunSettings
@@ -50,6 +51,22 @@ def simulation_state(settings: RunSettings) -> RunSettings:
     return replace(settings, out_dir=str(run_dir), state_root=str(run_dir / "state"))
 
 
+def with_schema_fingerprint(settings: RunSettings, schema: Schema, schema_path: Path) -> RunSettings:
+    """The settings with the federation schema's fingerprint in the proposal, so each institution can check its own.
+
+    A proposal that already names another fingerprint (a resumed run whose schema file
+    has changed since, or a ``--config`` that does not match the schema) is refused.
+    """
+    actual = schema.fingerprint()
+    proposed = settings.data.schema_fingerprint
+    if proposed and proposed != actual:
+        raise ConfigError(
+            f"'schema-fingerprint' is {proposed}, but the federation schema {schema_path} has fingerprint {actual}: "
+            "the schema changed since the run started, or the setting is stale; restore the schema or drop the setting"
+        )
+    return replace(settings, data=replace(settings.data, schema_fingerprint=actual))
+
+
 def open_run(
     settings: RunSettings, on_round: RoundCallback | None = None, strategy_cls: type[FedsiloStrategy] = FedsiloStrategy
 ) -> tuple[RunSettings, Coordinator, FedsiloStrategy]:
@@ -62,10 +79,11 @@ def open_run(
     settings = replace(settings, out_dir=str(run_dir))
     schema_path = Path(settings.schema_path) if settings.schema_path else builtin_schema_path(settings.data.dataset)
     schema = Schema.load(schema_path)
+    settings = with_schema_fingerprint(settings, schema, schema_path)
     model = build_model(settings.train, schema, seed=settings.seed)
     directory = RunDirectory(run_dir, settings, model_spec(settings.train, schema, model), schema_path)
     weights = directory.last_checkpoint() or get_weights(model)
-    coordinator = Coordinator(directory, aggregation_for(settings.secagg), weights, on_round=on_round)
+    coordinator = Coordinator(directory, aggregation_for(settings), weights, on_round=on_round)
     round_config = {**settings.institution_config(), "run-name": run_dir.name}  # the ledgers' run id, kept on resume
     return settings, coordinator, strategy_cls(settings, coordinator, round_config)
 
@@ -91,6 +109,7 @@ def build_server_app(
             GuardedSecAggPlusWorkflow(
                 sample_size=lambda: strategy.fit_sample_size(legacy.client_manager),
                 on_halt=strategy.fit_halted,
+                warn_clipping=not settings.distributed,
                 **settings.secagg.workflow_kwargs(),
             )
             if settings.secagg.enabled

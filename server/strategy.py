@@ -91,6 +91,7 @@ class FedsiloStrategy(FedAvg):
             on_evaluate_config_fn=self.round_config,
         )
         self.secure = settings.secagg.enabled
+        self.settings = settings
         self.coordinator = coordinator
         self._round_config = dict(round_config)
 
@@ -114,6 +115,9 @@ class FedsiloStrategy(FedAvg):
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        if not self.settings.evaluates(server_round):  # eval-every: the round's row, without scores
+            self.coordinator.aggregate_evaluate(server_round, [])
+            return []
         client_manager.wait_for(self.min_available_clients, timeout=WAIT_S)
         return super().configure_evaluate(server_round, parameters, client_manager)
 
@@ -130,7 +134,7 @@ class FedsiloStrategy(FedAvg):
         model = self.coordinator.aggregate_fit(server_round, replies, failures, secure_sum=secure_sum)
         if model is None:
             return None, {}
-        trained = sum(1 for r in replies if r.contribution.weight > 0)
+        trained = sum(1 for r in replies if self.coordinator.query.trained(r.contribution, r.metrics))
         return ndarrays_to_parameters(model), {"institutions-trained": trained}
 
     def aggregate_evaluate(

@@ -189,6 +189,9 @@ def sweep(
     partitions: Annotated[str | None, typer.Option(help="e.g. iid,dirichlet:0.5,column:NAME.")] = None,
     secure_aggregation: Annotated[str | None, typer.Option(help="on, off or on,off.")] = None,
     local_epochs: Annotated[str | None, typer.Option(help="Local epochs per round, e.g. 1,2.")] = None,
+    dp_modes: Annotated[
+        str | None, typer.Option(help="DP modes, e.g. local,distributed (distributed: SecAgg+ setups only).")
+    ] = None,
     seeds: Annotated[str | None, typer.Option(help="Seeds, e.g. 0,1,2.")] = None,
     rounds: Annotated[int | None, typer.Option(help="Federated rounds (default 20).")] = None,
     delta: Annotated[float | None, typer.Option(help="Delta of (epsilon, delta)-DP (default 1e-5).")] = None,
@@ -223,6 +226,7 @@ def sweep(
         "partitions": _comma_list(partitions),
         "secure-aggregation": _comma_list(secure_aggregation),
         "local-epochs": _comma_list(local_epochs),
+        "dp-modes": _comma_list(dp_modes),
         "seeds": _comma_list(seeds),
         "rounds": rounds,
         "delta": delta,
@@ -337,7 +341,7 @@ def _run_sweep_cli(spec: Any, out_dir: Path, workers: int, tracker: Any = None) 
     metric = sweep_lead_metric(results)
     table = tradeoff_table(results)
     if len(spec.setups) == 1:  # one setup: its columns say nothing
-        table = table.drop(columns=["institutions", "partition", "secure_aggregation", "local_epochs"])
+        table = table.drop(columns=["institutions", "partition", "secure_aggregation", "local_epochs", "dp_mode"])
     rich_table = Table(title=f"{METRIC_LABELS[metric]} on the held-out records (mean ± std over seeds)")
     for column in table.columns:
         rich_table.add_column(str(column), justify="right")

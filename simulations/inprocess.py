@@ -40,6 +40,7 @@ from flwr.common import log
 from fedsilo.client.institution import evaluate_round, fit_round
 from fedsilo.client.mods import quantization_seed, seeded_global_numpy
 from fedsilo.common.aggregation import Contribution, Weights, may_unmask
+from fedsilo.common.distributed_dp import secagg_round_parameters
 from fedsilo.common.settings import RunSettings, SecAggSettings
 from fedsilo.server.aggregation import clipping_warning, secaggplus_client_vector, secaggplus_unmasked_aggregate
 from fedsilo.server.coordinator import Coordinator, EvaluateReply, FitReply, RoundCallback
@@ -66,7 +67,9 @@ def _one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def secure_sum(contributions: Sequence[Contribution], secagg: SecAggSettings, *, seeds: Sequence[int]) -> Weights:
+def secure_sum(
+    contributions: Sequence[Contribution], secagg: SecAggSettings, *, seeds: Sequence[int], warn: bool = True
+) -> Weights:
     """What SecAgg+ recovers from the contributions, each quantized from its seed as ``secure_aggregation_mod`` does."""
     vectors = []
     for contribution, seed in zip(contributions, seeds, strict=True):
@@ -79,9 +82,20 @@ def secure_sum(contributions: Sequence[Contribution], secagg: SecAggSettings, *,
         max_weight=secagg.max_weight,
         clipping_range=secagg.clipping_range,
     )
-    if warning is not None:  # as GuardedSecAggPlusWorkflow warns
+    if warn and warning is not None:  # as GuardedSecAggPlusWorkflow warns
         log(WARNING, "%s", warning)
     return recovered
+
+
+def secure_setup(sample: int, secagg: SecAggSettings) -> tuple[int, int]:
+    """The SecAgg+ setup (sampled institutions, threshold) of a round of ``sample``, as the guarded workflow's."""
+    shares = secagg.num_shares
+    if shares > 1 and float(shares).is_integer() and shares >= sample:
+        shares = 1.0  # every sampled institution a neighbour, as the guarded workflow does
+    _, threshold = secagg_round_parameters(
+        sample, num_shares=shares, reconstruction_threshold=secagg.reconstruction_threshold
+    )
+    return sample, threshold
 
 
 def conclude_fit(
@@ -102,7 +116,9 @@ def conclude_fit(
         coordinator.aggregate_fit(server_round, replies, [])
     elif may_unmask(r.contribution.weight for r in replies):
         seeds = [quantization_seed(settings.seed, server_round, name) for name in who]
-        recovered = secure_sum([r.contribution for r in replies], settings.secagg, seeds=seeds)
+        recovered = secure_sum(
+            [r.contribution for r in replies], settings.secagg, seeds=seeds, warn=not settings.distributed
+        )
         coordinator.aggregate_fit(server_round, replies, [], secure_sum=recovered)
     else:  # GuardedSecAggPlusWorkflow halts: book the replies, keep the model
         coordinator.book_fit(server_round, replies, [])
@@ -132,17 +148,22 @@ def run_inprocess(
             round_settings, run_id = RunSettings.from_config(config), str(config["run-name"])
             weights = coordinator.current
             chosen = sample_institutions(members, strategy.num_fit_clients(len(members))[0], sampler)
+            setup = secure_setup(len(chosen), settings.secagg) if settings.secagg.enabled else None
             replies = []
             for data in chosen:
-                outcome = fit_round(data, weights, round_settings, server_round=server_round, run_id=run_id)
+                outcome = fit_round(
+                    data, weights, round_settings, server_round=server_round, run_id=run_id, secure_round=setup
+                )
                 replies.append(
                     FitReply(data.name, Contribution(outcome.weights, outcome.num_examples), outcome.metrics)
                 )
             conclude_fit(coordinator, replies, settings, server_round=server_round, who=[who[d.name] for d in chosen])
-            evaluated = sample_institutions(members, strategy.num_evaluation_clients(len(members))[0], sampler)
-            evaluations = [
-                EvaluateReply(data.name, *evaluate_round(data, coordinator.current, client_settings))
-                for data in evaluated
-            ]
+            evaluations = []
+            if settings.evaluates(server_round):  # eval-every; a skipped round still gets its row
+                evaluated = sample_institutions(members, strategy.num_evaluation_clients(len(members))[0], sampler)
+                evaluations = [
+                    EvaluateReply(data.name, *evaluate_round(data, coordinator.current, client_settings))
+                    for data in evaluated
+                ]
             coordinator.aggregate_evaluate(server_round, evaluations)
         return coordinator.finish(time.monotonic() - started)

@@ -46,7 +46,7 @@ LABELS = {
     "alone": "each institution alone",
     "reference": "logistic regression, pooled, no DP",
 }
-SETUP_KEYS = ["institutions", "partition", "secure_aggregation", "local_epochs"]
+SETUP_KEYS = ["institutions", "partition", "secure_aggregation", "local_epochs", "dp_mode"]
 CURVES = ("federated", "pooled", "alone")  # drawn against epsilon; the reference is a horizontal line
 
 

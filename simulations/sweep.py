@@ -143,6 +143,7 @@ def run_task(spec: SweepSpec, task: Task, out_dir: str) -> TaskResult:
         "partition": task.setup.partition,
         "secure_aggregation": task.setup.secure_aggregation,
         "local_epochs": task.setup.local_epochs,
+        "dp_mode": task.setup.dp_mode,
         "rounds": spec.rounds,
         "level": task.level.label,
         "private": task.level.private,
@@ -354,7 +355,8 @@ def run_sweep(
     }
 
 
-SUMMARY_KEYS = ["institutions", "partition", "secure_aggregation", "local_epochs", "level", "target_epsilon"]
+SUMMARY_KEYS = ["institutions", "partition", "secure_aggregation", "local_epochs", "dp_mode", "level"]
+SUMMARY_KEYS += ["target_epsilon"]
 SUMMARY_KEYS += ["noise_multiplier", "method"]
 
 
@@ -414,9 +416,11 @@ def format_level(target_epsilon: float, noise_multiplier: float) -> str:
     return "inf (no DP)" if math.isinf(target_epsilon) else f"{target_epsilon:g}"
 
 
-def setup_title(n: int, partition: str, secure_aggregation: bool, local_epochs: int) -> str:
+def setup_title(n: int, partition: str, secure_aggregation: bool, local_epochs: int, dp_mode: str = "local") -> str:
     """A setup in words."""
     secagg = "SecAgg+" if secure_aggregation else "plain FedAvg"
+    if dp_mode == "distributed":
+        return f"{n} institutions, {partition}, {secagg}, distributed DP (one step a round)"
     return f"{n} institutions, {partition}, {secagg}, {local_epochs} local epochs"
 
 
@@ -430,7 +434,7 @@ def status_messages(results: pd.DataFrame) -> tuple[list[str], list[str]]:
     federated = results[results["method"] == "federated"]
     for row in federated.itertuples(index=False):
         where = (
-            f"{setup_title(row.institutions, row.partition, row.secure_aggregation, row.local_epochs)}, "
+            f"{setup_title(row.institutions, row.partition, row.secure_aggregation, row.local_epochs, row.dp_mode)}, "
             f"epsilon {format_level(row.target_epsilon, row.noise_multiplier)}, seed {row.seed}"
         )
         trained, refused = int(row.institution_rounds_trained), int(row.institution_rounds_refused)

@@ -10,6 +10,7 @@ A sweep file::
     partitions = ["iid", "dirichlet:0.5"]
     secure-aggregation = [true]
     local-epochs = [2]
+    dp-modes = ["local", "distributed"]    # distributed DP needs secure-aggregation (plain setups skip it)
     seeds = [0, 1, 2]
     engine = "inprocess"                   # or "flower"
     ray-address = "10.0.0.5:6379"          # run the federations as Ray tasks on this cluster ("": locally)
@@ -34,17 +35,20 @@ from typing import Any
 
 from fedsilo.common.errors import ConfigError
 from fedsilo.common.registry import DATASETS, PARTITIONERS, TABLE_SUFFIXES
-from fedsilo.common.settings import PrivacySettings, RunSettings, check_keys, dp_enabled
+from fedsilo.common.settings import DP_MODES, PrivacySettings, RunSettings, check_keys, dp_enabled
 from fedsilo.common.tomlfile import read_toml
 from fedsilo.simulations.engines import ENGINES
 
-AXES = ("epsilons", "noise-multipliers", "institutions", "partitions", "secure-aggregation", "local-epochs", "seeds")
+AXES = (
+    *("epsilons", "noise-multipliers", "institutions", "partitions", "secure-aggregation", "local-epochs"),
+    *("dp-modes", "seeds"),
+)
 SCALARS = ("dataset", "schema", "rounds", "delta", "engine", "ray-address")
 KEYS = (*SCALARS, *AXES, "settings")
 # Run settings the sweep sets itself (a [settings] table may not); of the coordinator's own
 # settings a [settings] table may set the simulated institutions' policy file only.
 SWEPT_KEYS = (
-    *("partition", "secure-aggregation", "local-epochs", "seed", "target-epsilon", "noise-multiplier"),
+    *("partition", "secure-aggregation", "local-epochs", "seed", "target-epsilon", "noise-multiplier", "dp-mode"),
     *("dataset", "num-server-rounds", "delta", "min-institutions"),
     *("schema-path", "out-dir", "state-root", "resume-from"),
 )
@@ -83,11 +87,13 @@ class Setup:
     partition: str
     secure_aggregation: bool
     local_epochs: int
+    dp_mode: str = "local"
 
     @property
     def label(self) -> str:
         secagg = "secagg" if self.secure_aggregation else "plain"
-        return f"n={self.institutions} {self.partition} {secagg} E={self.local_epochs}"
+        mode = "" if self.dp_mode == "local" else f" {self.dp_mode}"
+        return f"n={self.institutions} {self.partition} {secagg} E={self.local_epochs}{mode}"
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,7 @@ class SweepSpec:
     partitions: tuple[str, ...] = ("iid",)
     secure_aggregation: tuple[bool, ...] = (True,)
     local_epochs: tuple[int, ...] = (2,)
+    dp_modes: tuple[str, ...] = ("local",)
     seeds: tuple[int, ...] = (0, 1, 2)
     settings: Mapping[str, Any] = field(default_factory=dict)
     ray_address: str = ""  # a Ray cluster's address: each task runs there as a Ray task ("": locally)
@@ -138,8 +145,11 @@ class SweepSpec:
 
     @property
     def setups(self) -> tuple[Setup, ...]:
-        product = itertools.product(self.institutions, self.partitions, self.secure_aggregation, self.local_epochs)
-        return tuple(Setup(*values) for values in product)
+        product = itertools.product(
+            self.institutions, self.partitions, self.secure_aggregation, self.local_epochs, self.dp_modes
+        )
+        # Distributed DP's noise shares protect nothing outside a secure sum: no plain setup has it.
+        return tuple(Setup(*v) for v in product if v[2] or v[4] == "local")
 
     def tasks(self) -> list[Task]:
         return [Task(s, lv, seed) for s in self.setups for lv in self.levels for seed in self.seeds]
@@ -152,7 +162,7 @@ class SweepSpec:
             rounds=self.rounds,
             seed=task.seed,
             train=replace(base.train, local_epochs=task.setup.local_epochs),
-            privacy=task.level.privacy(base.privacy, delta=self.delta),
+            privacy=replace(task.level.privacy(base.privacy, delta=self.delta), mode=task.setup.dp_mode),
             secagg=replace(base.secagg, enabled=task.setup.secure_aggregation),
             data=replace(base.data, dataset=self.dataset, partition=task.setup.partition),
             schema_path=self.schema,
@@ -223,6 +233,11 @@ def parse_sweep(values: Mapping[str, Any], source: str, *, folder: Path | str | 
             "engine would start its own actors inside each task. Leave 'engine' at inprocess, or run one "
             "federation on the cluster with fedsilo-simulate run --engine flower --ray-address"
         )
+    if not spec.setups:
+        raise ConfigError(
+            f"{source}: every setup is plain (secure-aggregation false) with dp-modes distributed, which needs "
+            "SecAgg+; add secure-aggregation = true or dp-modes local"
+        )
     if not spec.epsilons and not spec.noise_multipliers:
         raise ConfigError(f"{source}: give at least one of 'epsilons' or 'noise-multipliers'")
     return spec
@@ -255,6 +270,10 @@ def _axis_item(key: str, item: Any, fail: Any) -> Any:
         return _integer(key, item, fail, minimum=0)
     if key == "local-epochs":
         return _integer(key, item, fail, minimum=1)
+    if key == "dp-modes":
+        if item not in DP_MODES:
+            raise fail(key, item, f"must hold {' or '.join(map(repr, DP_MODES))}")
+        return item
     if key == "secure-aggregation":
         if isinstance(item, bool):
             return item

@@ -61,10 +61,10 @@ def test_a_restarted_institution_continues_from_its_ledger(tmp_path: Path) -> No
     one = fit_round(first, initial(first), SETTINGS, server_round=1, run_id="a")
     restarted = institution(tmp_path, max_epsilon=10.0)  # a new process: nothing kept in memory
     assert restarted.fingerprint == first.fingerprint
-    two = fit_round(restarted, one.weights, SETTINGS, server_round=1, run_id="b")
+    two = fit_round(restarted, one.weights, SETTINGS, server_round=2, run_id="a")
     assert two.metrics["epsilon"] > one.metrics["epsilon"]
     entries = PrivacyLedger.for_dataset(tmp_path, first.fingerprint).entries
-    assert [(e.run_id, e.round) for e in entries] == [("a", 1), ("b", 1)]
+    assert [(e.run_id, e.round) for e in entries] == [("a", 1), ("a", 2)]
 
 
 def test_refusal_at_the_budget_trains_nothing_and_spends_nothing(tmp_path: Path) -> None:
@@ -76,7 +76,7 @@ def test_refusal_at_the_budget_trains_nothing_and_spends_nothing(tmp_path: Path)
     before = ledger_file.read_text()
     out = fit_round(data, weights, SETTINGS, server_round=4, run_id="a")
     assert out.num_examples == 0
-    assert "refused round 4" in str(out.metrics["refused"]) and "budget of 2" in str(out.metrics["refused"])
+    assert "refused round 4" in str(out.metrics["refused"]) and "past its privacy budget" in str(out.metrics["refused"])
     assert all((a == b).all() for a, b in zip(out.weights, weights, strict=True))
     assert ledger_file.read_text() == before
     assert len(json.loads(before)["entries"]) == 3

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedsilo.common.aggregation import Contribution, WeightedMean, aggregation_for, may_unmask
-from fedsilo.common.settings import SecAggSettings
+from fedsilo.common.settings import Proposal, SecAggSettings
 
 
 def contributions(draw: st.DrawFn) -> list[Contribution]:
@@ -37,7 +37,7 @@ def run(query: WeightedMean, items: list[Contribution]) -> list[np.ndarray] | No
 @given(items=st.composite(contributions)())
 def test_the_weighted_mean_is_flowers_fedavg_bit_for_bit(items: list[Contribution]) -> None:
     # Prepare
-    query = aggregation_for(SecAggSettings())
+    query = aggregation_for(Proposal())
     results = [
         (None, SimpleNamespace(parameters=ndarrays_to_parameters(c.vector), num_examples=c.weight)) for c in items
     ]
@@ -52,7 +52,7 @@ def test_the_weighted_mean_is_flowers_fedavg_bit_for_bit(items: list[Contributio
 
 
 def test_an_institution_sends_its_model_weighted_by_its_records_up_to_the_maximum() -> None:
-    query = aggregation_for(SecAggSettings(max_weight=1000.0))
+    query = aggregation_for(Proposal(secagg=SecAggSettings(max_weight=1000.0)))
     model = [np.ones(2, dtype=np.float32)]
     assert [query.prepare(model, records=n).weight for n in (0, 8, 1000, 10**6)] == [0, 8, 1000, 1000]
     assert np.array_equal(query.prepare(model, records=8).vector[0], model[0])
@@ -71,7 +71,7 @@ def test_refusals_do_not_move_the_mean_and_a_round_without_trainers_has_none() -
 
 
 def test_a_secure_sum_is_finished_as_flowers_replies_carrying_it_were() -> None:
-    query = aggregation_for(SecAggSettings())
+    query = aggregation_for(Proposal())
     recovered = [np.array([0.1, -0.3], dtype=np.float32)]
     finished = query.finish_secure(recovered, [0, 300, 700])
     assert finished[0] == pytest.approx(recovered[0], abs=1e-7)

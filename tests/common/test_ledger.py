@@ -9,9 +9,9 @@ import pytest
 from dp_accounting import dp_event
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 
-from fedsilo.common.accounting import DPSGDEvent, epsilon_spent
+from fedsilo.common.accounting import DPSGDEvent, SkellamEvent, epsilon_spent
 from fedsilo.common.errors import LedgerError
-from fedsilo.common.ledger import LedgerEntry, PrivacyLedger
+from fedsilo.common.ledger import LedgerEntry, PrivacyLedger, composed_epsilon
 
 
 def entry(round_: int, run: str = "run-a") -> LedgerEntry:
@@ -113,3 +113,84 @@ def test_one_lock_covers_every_ledger_of_a_state_directory(tmp_path: Path) -> No
         assert not acquired.wait(0.5)
     thread.join(5)
     assert acquired.is_set()
+
+
+def skellam_entry(round_: int, *, variance: float = 4.0e7, own_variance: float = 1.0e7) -> LedgerEntry:
+    return LedgerEntry(
+        "run-d",
+        round_,
+        1.1,
+        0.02,
+        1,
+        1e-5,
+        "2026-11-30T00:00:00+00:00",
+        mechanism="skellam",
+        variance=variance,
+        own_variance=own_variance,
+        l2_sensitivity=5974.0,
+        l1_sensitivity=1.08e6,
+        scale=5793.0,
+        min_honest=4,
+        counted_honest=4,
+        sample=10,
+        threshold=7,
+    )
+
+
+def test_a_ledger_written_before_distributed_rounds_reads_as_gaussian_rounds(tmp_path: Path) -> None:
+    # Prepare: a file whose entries have only the fields of old
+    old = ("run_id", "round", "noise_multiplier", "sample_rate", "steps", "delta", "recorded_at")
+    ledger = PrivacyLedger.for_dataset(tmp_path, "abc").append(entry(1)).append(entry(2))
+    raw = json.loads(ledger.path.read_text())
+    raw["entries"] = [{k: e[k] for k in old} for e in raw["entries"]]
+    ledger.path.write_text(json.dumps(raw))
+    # Execute
+    reopened = PrivacyLedger.for_dataset(tmp_path, "abc")
+    # Assert
+    assert reopened.entries == ledger.entries
+    assert all(e.mechanism == "gaussian" and e.event() == e.worst_case_event() for e in reopened.entries)
+    assert reopened.epsilon(delta=1e-5) == epsilon_spent([DPSGDEvent(1.5, 0.2, 20)], delta=1e-5)
+    assert reopened.epsilon(delta=1e-5, worst_case=True) == reopened.epsilon(delta=1e-5)
+
+
+def test_a_distributed_round_round_trips_and_its_worst_case_costs_more(tmp_path: Path) -> None:
+    # Prepare
+    ledger = PrivacyLedger.for_dataset(tmp_path, "abc").append(entry(1))
+    for r in range(1, 6):
+        ledger = ledger.append(skellam_entry(r))
+    # Execute
+    reopened = PrivacyLedger.for_dataset(tmp_path, "abc")
+    raw = json.loads(reopened.path.read_text())
+    # Assert: every field needed to recompute epsilon is in the file
+    assert reopened.entries == ledger.entries
+    assert raw["entries"][1]["mechanism"] == "skellam"
+    assert raw["entries"][1]["variance"] == 4.0e7 and raw["entries"][1]["own_variance"] == 1.0e7
+    guaranteed = [DPSGDEvent(1.5, 0.2, 10)] + [SkellamEvent(0.02, 4.0e7, 5974.0, 1.08e6, 1)] * 5
+    alone = [DPSGDEvent(1.5, 0.2, 10)] + [SkellamEvent(0.02, 1.0e7, 5974.0, 1.08e6, 1)] * 5
+    assert reopened.epsilon(delta=1e-5) == epsilon_spent(guaranteed, delta=1e-5)
+    assert reopened.epsilon(delta=1e-5, worst_case=True) == epsilon_spent(alone, delta=1e-5)
+    assert reopened.epsilon(delta=1e-5, worst_case=True) > reopened.epsilon(delta=1e-5)
+    assert composed_epsilon([reopened], delta=1e-5, worst_case=True) == reopened.epsilon(delta=1e-5, worst_case=True)
+    assert reopened.distributed_rounds == 5
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("mechanism", "gausian", "mechanism must be one of 'gaussian', 'skellam'. Found 'gausian'."),
+        ("variance", -1.0, "a skellam round must record a variance >= 0 (0: no DP). Found -1.0."),
+    ],
+)
+def test_an_unaccountable_entry_is_an_error_naming_the_file_and_the_entry(
+    tmp_path: Path, field: str, value: object, message: str
+) -> None:
+    # Prepare
+    ledger = PrivacyLedger.for_dataset(tmp_path, "abc").append(entry(1)).append(skellam_entry(7))
+    raw = json.loads(ledger.path.read_text())
+    raw["entries"][1][field] = value
+    ledger.path.write_text(json.dumps(raw))
+    # Execute / Assert
+    with pytest.raises(LedgerError) as err:
+        PrivacyLedger.for_dataset(tmp_path, "abc")
+    assert str(ledger.path) in str(err.value)
+    assert f"entry 1 (run 'run-d', round 7): {message}" in str(err.value)

@@ -22,7 +22,7 @@ TRAINED = {"noise-multiplier": 1.1, "sample-rate": 0.1, "steps": 10, "epsilon": 
 def coordinator(path: Path, rows: list[dict[str, Any]]) -> Coordinator:
     settings = RunSettings().with_overrides({"num-server-rounds": 2, "out-dir": str(path)})
     directory = RunDirectory(path, settings, {"keys": ["w"]}, builtin_schema_path("breast-cancer"))
-    query = aggregation_for(settings.secagg)
+    query = aggregation_for(settings)
     return Coordinator(directory, query, [np.zeros(2, dtype=np.float32)], on_round=rows.append)
 
 

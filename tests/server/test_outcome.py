@@ -24,7 +24,7 @@ def finished_run(path: Path, rounds: list[list[tuple[str, int]]]) -> dict[str, A
     """A run directory whose rounds get fit replies (name, records; 0: refused), as the coordinator writes it."""
     settings = RunSettings().with_overrides({"num-server-rounds": len(rounds), "out-dir": str(path)})
     directory = RunDirectory(path, settings, {"keys": ["w"]}, builtin_schema_path("breast-cancer"))
-    coord = Coordinator(directory, aggregation_for(settings.secagg), [np.zeros(2, dtype=np.float32)])
+    coord = Coordinator(directory, aggregation_for(settings), [np.zeros(2, dtype=np.float32)])
     for server_round, replies in enumerate(rounds, start=1):
         fits = []
         for name, records in replies:

@@ -34,7 +34,7 @@ def admit(tmp_path: Path, run_dir: Path, names: dict[str, str]) -> None:
 def strategy(run_dir: Path) -> FedsiloStrategy:
     settings = RunSettings().with_overrides({"secure-aggregation": False, "out-dir": str(run_dir)})
     directory = RunDirectory(run_dir, settings, {"keys": ["w"]}, builtin_schema_path("breast-cancer"))
-    coordinator = Coordinator(directory, aggregation_for(settings.secagg), [np.zeros(2, dtype=np.float32)])
+    coordinator = Coordinator(directory, aggregation_for(settings), [np.zeros(2, dtype=np.float32)])
     return FedsiloStrategy(settings, coordinator, {})
 
 

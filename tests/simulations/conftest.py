@@ -24,6 +24,10 @@ POLICY = (
 )
 
 
+# Distributed DP: one aggregated DP-SGD step a round, evaluated every second round (and the last).
+DISTRIBUTED = {"dp-mode": "distributed", "num-server-rounds": 5, "eval-every": 2, "sample-rate": 0.3}
+
+
 class SpyStrategy(FedsiloStrategy):
     """Records every parameter set that reaches ``aggregate_fit``, per round."""
 
@@ -48,6 +52,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict
         ("secagg", {}),
         ("secagg-again", {}),
         ("plain", {"secure-aggregation": False}),
+        ("distributed", DISTRIBUTED),
     ):
         path = tmp_path_factory.mktemp(name)
         report, seen = simulate(path, **overrides)

@@ -273,6 +273,23 @@ def test_a_bad_schema_in_a_sweep_file_is_named(tmp_path: Path, text: str, words:
     assert str(err.value).startswith(str(path)) and words in str(err.value)
 
 
+def test_local_and_distributed_dp_stand_side_by_side_with_pooled_in_one_sweep(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    args = ["sweep", "--epsilons", "4", "--seeds", "0", "--rounds", "3", "--institutions", "3", "--jobs", "1"]
+    result = RUNNER.invoke(app, [*args, "--dp-modes", "local,distributed", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    results = pd.read_parquet(out / "results.parquet")
+    private = results[results["private"]]
+    assert sorted(set(zip(private["dp_mode"], private["method"], strict=True))) == [
+        (mode, method) for mode in ("distributed", "local") for method in ("alone", "federated", "pooled")
+    ]
+    federated = private[private["method"] == "federated"].set_index("dp_mode")
+    assert (federated["epsilon"] <= 4.0 + 1e-9).all() and (federated["epsilon"] > 0).all()
+    summary = pd.read_csv(out / "summary.csv")
+    assert set(summary["dp_mode"]) == {"local", "distributed"}
+    assert ">distributed<" in (out / "report.html").read_text()  # the trade-off table names the mode
+
+
 def test_sweep_writes_tables_plots_and_a_self_contained_report(tmp_path: Path) -> None:
     out = tmp_path / "results"
     args = ["sweep", "--epsilons", "2,inf", "--seeds", "0", "--rounds", "2", "--institutions", "3", "--jobs", "1"]
@@ -289,7 +306,7 @@ def test_sweep_writes_tables_plots_and_a_self_contained_report(tmp_path: Path) -
     assert len(pd.read_csv(out / "rounds.csv")) == 2 * 2
     assert len(pd.read_csv(out / "institutions.csv")) == (2 * 3 + 1) * 3
     summary = pd.read_csv(out / "summary.csv")
-    assert list(summary.columns[8:10]) == ["auc_mean", "auc_std"] and "majority_rate" in summary.columns
+    assert list(summary.columns[9:11]) == ["auc_mean", "auc_std"] and "majority_rate" in summary.columns
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 5 and "federated ROC AUC" in page
     assert "reference ROC AUC" in page and "majority-class rate" in page and "Shown: ROC AUC." in page

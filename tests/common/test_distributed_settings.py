@@ -1,0 +1,80 @@
+"""Distributed DP's settings, policy key, reply checks and sweep axis: each validated where people write them."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from fedsilo.client.mods import GUARD_STATE, secure_round
+from fedsilo.client.policy import PrivacyPolicy
+from fedsilo.common.errors import ConfigError
+from fedsilo.common.settings import RunSettings
+from fedsilo.server.replies import fit_problems
+from fedsilo.simulations.sweep_spec import parse_sweep
+
+TRAINED = {"delta": 1e-5, "epsilon": 1.0, "noise-multiplier": 2.0, "sample-rate": 0.1, "steps": 1, "records": 40}
+
+
+def test_the_mode_is_one_of_two_and_named_when_wrong() -> None:
+    assert RunSettings().privacy.mode == "local" and not RunSettings().distributed
+    assert RunSettings.from_config({"dp-mode": "distributed"}).distributed
+    expected = "'dp-mode' must be one of 'local', 'distributed'. Found 'central'"
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        RunSettings.from_config({"dp-mode": "central"})
+
+
+def test_the_sample_rate_is_the_setting_else_epochs_over_rounds() -> None:
+    assert RunSettings.from_config({"num-server-rounds": 100, "local-epochs": 2}).sample_rate == 0.02
+    assert RunSettings.from_config({"num-server-rounds": 1, "local-epochs": 2}).sample_rate == 1.0
+    assert RunSettings.from_config({"sample-rate": 0.3}).sample_rate == 0.3
+    with pytest.raises(ConfigError, match="'sample-rate' must be in"):
+        RunSettings.from_config({"sample-rate": 1.5})
+
+
+def test_eval_every_evaluates_every_k_rounds_and_the_last() -> None:
+    settings = RunSettings.from_config({"num-server-rounds": 7, "eval-every": 3})
+    assert [r for r in range(1, 8) if settings.evaluates(r)] == [3, 6, 7]
+    with pytest.raises(ConfigError, match="'eval-every' must be an integer >= 1"):
+        RunSettings.from_config({"eval-every": 0})
+
+
+def test_min_honest_is_a_policy_key_of_at_least_one() -> None:
+    assert PrivacyPolicy.from_mapping({"min-honest": 4}, "policy.toml").min_honest == 4
+    assert PrivacyPolicy().min_honest == 1
+    with pytest.raises(ConfigError, match=re.escape("policy.toml: 'min-honest' must be an integer >= 1")):
+        PrivacyPolicy.from_mapping({"min-honest": 0}, "policy.toml")
+
+
+def test_a_distributed_refusal_weighs_like_a_share_and_a_trained_reply_names_its_records() -> None:
+    refusal = {"delta": 1e-5, "epsilon": 0.5, "refused": "spent"}
+    assert fit_problems(1000, refusal, distributed=True) == []
+    assert fit_problems(1000, refusal) != []  # a local refusal must weigh nothing
+    assert fit_problems(1000, TRAINED, distributed=True) == []
+    problems = fit_problems(1000, {**TRAINED, "records": 0}, distributed=True)
+    assert problems == ["'records' must be an integer >= 1; found 0"]
+
+
+def test_the_fit_reads_the_secagg_setup_the_guard_checked() -> None:
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    assert secure_round(context) is None
+    context.state.config_records[GUARD_STATE] = ConfigRecord({"stage": "setup", "sample": 5, "threshold": 4})
+    assert secure_round(context) == (5, 4)
+    context.state.config_records[GUARD_STATE] = ConfigRecord({"stage": "refused"})
+    assert secure_round(context) is None
+
+
+def test_sweeps_take_the_mode_as_an_axis_and_skip_plain_distributed_setups() -> None:
+    spec = parse_sweep(
+        {"dp-modes": ["local", "distributed"], "secure-aggregation": [True, False], "epsilons": [1]}, "sweep.toml"
+    )
+    modes = sorted((s.secure_aggregation, s.dp_mode) for s in spec.setups)
+    assert modes == [(False, "local"), (True, "distributed"), (True, "local")]
+    task = next(t for t in spec.tasks() if t.setup.dp_mode == "distributed")
+    assert spec.run_settings(task).distributed and "distributed" in task.run_id
+    with pytest.raises(ConfigError, match="'dp-modes' must hold 'local' or 'distributed'"):
+        parse_sweep({"dp-modes": ["central"]}, "sweep.toml")
+    with pytest.raises(ConfigError, match="every setup is plain"):
+        parse_sweep({"dp-modes": ["distributed"], "secure-aggregation": [False]}, "sweep.toml")
