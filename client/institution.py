@@ -48,6 +48,10 @@ Weights = list[np.ndarray]
 # far below it (under SecAgg+ every weight stays inside secagg-clipping-range, 8 by default).
 # A crafted model near float32's maximum would make the per-record gradient of chosen records
 # overflow, and Opacus's clipping would turn the whole update into NaN that no noise hides.
+# Distributed DP: a round is refused when the institution's own noise share could push a value out
+# of SecAgg+'s range (where it would be clamped, a non-linear step the sum would show) with a
+# larger chance than this (``fedsilo.common.distributed_dp.out_of_range_probability``).
+MAX_OUT_OF_RANGE = 1e-12
 # With every weight at MAX_ABS_WEIGHT and inputs in [0, 1] (what a schema encodes), the
 # worst-case per-record squared gradient norm (``worst_case_gradient``) must stay below this,
 # far under float32's maximum (3.4e38): Opacus sums squares, ghost clipping products of them.
@@ -525,6 +529,16 @@ def fit_distributed_round(
             )
         elif trust := ddp.honest_problem(sample=sample, threshold=threshold, min_honest=policy.min_honest):
             reason = f"{data.name} refused round {server_round}: {trust}"
+        elif (
+            chance := ddp.out_of_range_probability(
+                variance=share.own_variance, bits=plan.bits, dim_padded=plan.dim_padded
+            )
+        ) > MAX_OUT_OF_RANGE:
+            reason = (
+                f"{data.name} refused round {server_round}: its noise share could leave SecAgg+'s range "
+                f"(2^{plan.bits}) with probability {chance:.2g}, above {MAX_OUT_OF_RANGE:g}; raise "
+                "secagg-quantization-range or lower the noise"
+            )
         elif violations:
             reason = (
                 f"{data.name} refused round {server_round}: the proposed training breaks its privacy policy: "

@@ -24,6 +24,7 @@ from flwr.client.mod import secaggplus_mod
 
 from fedsilo.client.policy import PrivacyPolicy, deployed_policy
 from fedsilo.common.errors import FedsiloError
+from fedsilo.common.settings import Proposal
 from fedsilo.runtime.flower.internals import RECORD_KEY_CONFIGS, ClientAppCallable
 from fedsilo.runtime.flower.internals import SecAggKey as Key
 
@@ -49,12 +50,46 @@ def secure_aggregation_mod(msg: Message, ctx: Context, call_next: ClientAppCalla
         fit_config = msg.content.config_records.get(FIT_CONFIG)
         if fit_config is None or "seed" not in fit_config:
             return secaggplus_mod(msg, ctx, call_next)
+        if str(fit_config.get("dp-mode", "")) == "distributed":
+            saved = ctx.state.config_records.get(GUARD_STATE)
+            if problems := distributed_setup_problems(dict(saved or {}), Proposal.from_config(dict(fit_config))):
+                logging.getLogger(__name__).warning("%s", "; ".join(problems))
+                raise SecAggRefused("the institution refused the distributed-DP round: " + "; ".join(problems))
         who = str(ctx.node_config.get("name", ctx.node_config.get("partition-id", "")))
         seed = quantization_seed(int(str(fit_config["seed"])), int(str(fit_config.get("server-round", 0))), who)
         with seeded_global_numpy(seed):
             return secaggplus_mod(msg, ctx, call_next)
     finally:
         UNDER_SECURE_AGGREGATION.reset(token)
+
+
+def distributed_setup_problems(guard: Mapping[str, Any], proposal: Proposal) -> list[str]:
+    """Why a SecAgg+ setup cannot carry this institution's distributed-DP integers unchanged (empty: it can).
+
+    Its encoding assumed the proposal's clipping range, quantization range and maximum
+    weight; a setup with others would quantize each institution's value through a
+    non-linear function of it (clipped, rescaled), so the sum would reveal more than the
+    sum of signal and noise. The modulus must exceed every contribution's range times
+    the sample (nothing wraps).
+    """
+    secagg = proposal.secagg
+    expected = {
+        Key.CLIPPING_RANGE: secagg.clipping_range,
+        Key.TARGET_RANGE: secagg.quantization_range,
+        Key.MAX_WEIGHT: secagg.max_weight,
+    }
+    problems = [
+        f"the SecAgg+ setup's {key} is {guard.get(key)!r}, not the proposal's {value!r}"
+        for key, value in expected.items()
+        if guard.get(key) is None or float(guard[key]) != float(value)
+    ]
+    modulus, sample = guard.get(Key.MOD_RANGE), int(guard.get("sample", 0) or 0)
+    if modulus is None or float(modulus) <= sample * float(secagg.quantization_range):
+        problems.append(
+            f"the SecAgg+ modulus {modulus!r} does not exceed {sample} x {secagg.quantization_range} "
+            "(the sum of the round's contributions would wrap)"
+        )
+    return problems
 
 
 def quantization_seed(run_seed: int, server_round: int, who: str) -> int:
@@ -160,6 +195,11 @@ def check_secagg_stage(
             sample, shares, threshold = (numbers[k] for k in (Key.SAMPLE_NUMBER, Key.SHARE_NUMBER, Key.THRESHOLD))
             problems += policy.secagg_violations(sample=sample, shares=shares, threshold=threshold)
             out = {"stage": SETUP, "sample": sample, "shares": shares, "threshold": threshold}
+            # What the masked values are quantized with: checked against the proposal at fit
+            # (``distributed_setup_problems``), where the proposal arrives.
+            for key in (Key.CLIPPING_RANGE, Key.TARGET_RANGE, Key.MOD_RANGE, Key.MAX_WEIGHT):
+                if isinstance(configs.get(key), int | float) and not isinstance(configs.get(key), bool):
+                    out[key] = configs[key]
     elif stage == SHARE_KEYS:
         try:
             neighbours = sorted(int(k) for k in configs if k != Key.STAGE)

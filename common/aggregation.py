@@ -247,8 +247,8 @@ def plan_distributed(settings: Proposal, dim: int) -> DistributedPlan:
 class DistributedSkellamSum(AggregationQuery[list[Contribution]]):
     """Distributed DP: one DP-SGD step over the union a round, the noise shared inside the SecAgg+ sum.
 
-    An institution sends its clipped gradient sum rotated, scaled, rounded and with its
-    Skellam noise share added, modulo ``2^bits`` (``fedsilo.common.distributed_dp.encode``),
+    An institution sends its clipped gradient sum rotated, scaled, rounded, bounded and with its
+    Skellam noise share and an offset added (``fedsilo.common.distributed_dp.encode``; never wrapped),
     as floats that Flower's SecAgg+ quantizes back into exactly those integers (its weight
     is ``secagg-max-weight``, so its ratio is exactly 1). The coordinator recovers the exact
     integer sum, decodes it into the union's noisy gradient sum, divides by the expected
@@ -328,10 +328,9 @@ class DistributedSkellamSum(AggregationQuery[list[Contribution]]):
             bits=plan.bits,
         )
         gradient_sum = ddp.decode(
-            integers,
+            ddp.remove_offsets(integers, contributors=len(weights), bits=plan.bits),
             seed=ddp.rotation_seed(self.settings.seed, server_round),
             scale=plan.scale,
-            bits=plan.bits,
             dim=dim,
         )
         gradient = gradient_sum / (plan.sample_rate * records)

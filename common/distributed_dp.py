@@ -11,12 +11,15 @@ Federated Learning", NeurIPS 2021, arXiv 2110.04995), as TensorFlow Federated's
 1. rotate the flat gradient sum with an orthonormal randomised Walsh-Hadamard
    transform ``H D_rho pad(x) / sqrt(d_p)`` (public per-round seed ``rho``), which
    spreads its norm evenly over the coordinates;
-2. scale by ``s`` and round with a uniform dither, ``e = floor(s * v + U)``;
+2. scale by ``s``, round with a uniform dither, ``e = floor(s * v + U)``, and clamp
+   each coordinate to ``[-2^(b-2), 2^(b-2)]``;
 3. add a symmetric Skellam share ``Z_i`` (``Pois(lam/2) - Pois(lam/2)``; sums of
-   independent ones are symmetric Skellam with the summed variance) and reduce
-   mod ``2^b``;
-4. after the secure sum: centre into ``[-2^(b-1), 2^(b-1))``, divide by ``s``,
-   un-rotate.
+   independent ones are symmetric Skellam with the summed variance) and the offset
+   ``2^(b-1)``. TFF reduces mod ``2^b`` here because its secure sum is taken mod
+   ``2^b``; Flower's SecAgg+ sums modulo a larger range (which its weight channel needs),
+   so a per-institution wrap would show in the sum: no value is wrapped, and one
+   the noise pushes out of ``[0, 2^b)`` (``out_of_range_probability``) is clamped;
+4. after the secure sum: remove the offsets, divide by ``s``, un-rotate.
 
 For one record (add/remove) with the same dither for both neighbours, the l2
 and l1 sensitivities of the integer vector are ``D2 = s*C + sqrt(d_p)`` and
@@ -27,8 +30,8 @@ Gaussian Mechanism", ICML 2021, arXiv 2102.06387).
 The integers travel through Flower's SecAgg+ (Bell et al., CCS 2020) unchanged:
 with a power-of-two clipping range ``c`` and quantization range ``Q``, the float
 ``z * 2c/Q - c`` sent at weight exactly 1 (``num_examples == max_weight``) is
-quantized back to exactly ``z``, and the coordinator recovers the integer sum
-mod ``2^b`` (``b = log2(Q)``) from the mean Flower dequantizes.
+quantized back to exactly ``z``, and the coordinator recovers the exact integer sum
+(``b = log2(Q)``) from the mean Flower dequantizes.
 
 Who must be honest: SecAgg+ lets at most ``n - t`` of the ``n`` sampled
 institutions drop out, so an institution counting on ``h`` honest ones can count
@@ -235,25 +238,20 @@ def encode(
     bits: int,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """What an institution sends: its gradient sum rotated, scaled, rounded, noised and reduced mod ``2^b``.
+    """What an institution sends: its gradient sum rotated, scaled, rounded, bounded, noised and offset.
 
-    ``e = floor(s * rotate(G) + U)`` with ``U`` uniform on [0, 1) (an unbiased
-    rounding), plus ``skellam_noise(noise_variance)``, mod ``2^b``.
+    ``e = floor(s * rotate(G) + U)`` with ``U`` uniform on [0, 1) (an unbiased rounding),
+    clamped to ``[-2^(b-2), 2^(b-2)]`` (a box projection: it never moves two vectors
+    apart, so the sensitivity stays ``sensitivities``'), plus ``skellam_noise(noise_variance)``,
+    plus the offset ``2^(b-1)``, so that the value lies in ``[0, 2^b)``.
 
-    Parameters
-    ----------
-    gradient_sum
-        The flat float vector ``G_i`` (the sum of the sample's clipped per-record gradients).
-    seed
-        The round's public rotation seed.
-    scale
-        The scale ``s``.
-    noise_variance
-        This institution's share of the noise variance, ``lam_i`` (``noise_share``).
-    bits
-        ``b`` (``secagg_bits``).
-    rng
-        The generator of the dither and the noise.
+    Nothing is reduced modulo anything: SecAgg+ adds the institutions' values as
+    integers (its modulus is larger than their sum), so what the coordinator learns must
+    be a function of the SUM of signal-plus-noise alone. A per-institution wrap would
+    add, per coordinate, how many institutions' values were negative: a fact each
+    protected only by its own share. The noise could push a value out of
+    ``[0, 2^b)``; it is then clamped, which happens with probability at most
+    ``out_of_range_probability`` (an institution refuses rounds where that is not negligible).
 
     Returns
     -------
@@ -268,24 +266,46 @@ def encode(
     largest = float(np.abs(scaled).max(initial=0.0))
     if largest >= 2.0**_MAX_BITS:
         raise ConfigError(f"a scaled coordinate reaches {largest:.3g}, beyond the integer range; lower the scale.")
-    rounded = np.floor(scaled).astype(np.int64)
-    noised = rounded + skellam_noise(noise_variance, rotated.size, rng)
-    return np.mod(noised, np.int64(1) << bits)
+    limit = np.int64(1) << (bits - 2)
+    rounded = np.clip(np.floor(scaled).astype(np.int64), -limit, limit)
+    noised = rounded + skellam_noise(noise_variance, rotated.size, rng) + (np.int64(1) << (bits - 1))
+    return np.clip(noised, 0, (np.int64(1) << bits) - 1)
 
 
-def decode(integer_sum: np.ndarray, *, seed: int, scale: float, bits: int, dim: int) -> np.ndarray:
-    """The float sum from the secure integer sum: centred into ``[-2^(b-1), 2^(b-1))``, divided by ``s``, un-rotated.
+def remove_offsets(integer_sum: np.ndarray, *, contributors: int, bits: int) -> np.ndarray:
+    """The sum of the contributions' signal and noise: the secure integer sum less every ``encode`` offset."""
+    _check_bits(bits)
+    return np.asarray(integer_sum, dtype=np.int64) - np.int64(contributors) * (np.int64(1) << (bits - 1))
+
+
+def out_of_range_probability(*, variance: float, bits: int, dim_padded: int) -> float:
+    """An upper bound on the chance that an institution's noise pushes any coordinate out of ``[0, 2^b)``.
+
+    The signal takes at most ``2^(b-2)`` of the ``2^(b-1)`` on either side of the offset,
+    so a coordinate leaves the range only if its Skellam noise exceeds ``t = 2^(b-2) - 1``
+    in magnitude: by Chernoff, ``P(|Z| >= t) <= 2 exp(lam (cosh u - 1) - u t)`` at
+    ``u = asinh(t / lam)`` (the Skellam moment generating function is
+    ``exp(lam (cosh u - 1))``), and a union bound over the ``d_p`` coordinates.
+    """
+    t = float((1 << (bits - 2)) - 1)
+    if variance <= 0:
+        return 0.0
+    u = math.asinh(t / variance)
+    log_tail = variance * (math.cosh(u) - 1) - u * t
+    return min(1.0, 2.0 * dim_padded * math.exp(log_tail))
+
+
+def decode(integer_sum: np.ndarray, *, seed: int, scale: float, dim: int) -> np.ndarray:
+    """The float sum from the sum of signal and noise (``remove_offsets``): divided by ``s``, un-rotated.
 
     Parameters
     ----------
     integer_sum
-        The sum of the institutions' ``encode`` outputs, any integers (taken mod ``2^b``), length ``d_p``.
+        The sum of the institutions' rounded signals and noise shares (offsets removed), length ``d_p``.
     seed
         The round's public rotation seed.
     scale
         The scale ``s``.
-    bits
-        ``b``.
     dim
         The flat gradient's length ``d``.
 
@@ -296,8 +316,7 @@ def decode(integer_sum: np.ndarray, *, seed: int, scale: float, bits: int, dim: 
     """
     if not (math.isfinite(scale) and scale > 0):
         raise ConfigError(f"the scale must be > 0. Found {scale!r}.")
-    centred = _centred(integer_sum, bits=bits)
-    return unrotate(centred.astype(np.float64) / scale, seed=seed, dim=dim)
+    return unrotate(np.asarray(integer_sum, dtype=np.int64).astype(np.float64) / scale, seed=seed, dim=dim)
 
 
 def overflow_margin(integer_sum: np.ndarray, *, bits: int) -> float:
@@ -346,7 +365,7 @@ def to_secagg_floats(values: np.ndarray, *, clipping_range: float, quantization_
 def integer_sum_from_secagg(
     mean: np.ndarray, *, contributors: int, clipping_range: float, quantization_range: int, bits: int
 ) -> np.ndarray:
-    """The exact integer sum mod ``2^b`` from the float mean Flower's ``SecAggPlusWorkflow`` recovers.
+    """The exact integer sum of the contributions from the float mean Flower's ``SecAggPlusWorkflow`` recovers.
 
     With every weight ``max_weight``, Flower returns ``(T * 2c/Q - n*c) / n`` for
     ``n = contributors`` vectors (refusals included) and ``T`` the sum mod
@@ -370,7 +389,8 @@ def integer_sum_from_secagg(
     Returns
     -------
     np.ndarray
-        int64 in ``[0, 2^b)``.
+        int64: the sum of the contributions' integers (each in ``[0, 2^b)``, ``n * Q`` below the modulus:
+        nothing wraps).
     """
     _check_bits(bits)
     if contributors < 1:
@@ -387,7 +407,7 @@ def integer_sum_from_secagg(
             f"the SecAgg+ mean is not a sum of integers (a coordinate is {off:.3g} away from one): "
             f"every contribution must weigh secagg-max-weight, and 'contributors' ({contributors}) count every vector"
         )
-    return np.mod(rounded.astype(np.int64), np.int64(1) << bits)
+    return rounded.astype(np.int64)
 
 
 @dataclass(frozen=True)

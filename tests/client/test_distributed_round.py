@@ -101,7 +101,10 @@ def test_without_noise_and_with_full_sampling_the_step_is_the_pooled_clipped_gra
         bits=plan.bits,
     )
     decoded = ddp.decode(
-        integers, seed=ddp.rotation_seed(NO_NOISE.seed, 1), scale=plan.scale, bits=plan.bits, dim=plan.dim
+        ddp.remove_offsets(integers, contributors=3, bits=plan.bits),
+        seed=ddp.rotation_seed(NO_NOISE.seed, 1),
+        scale=plan.scale,
+        dim=plan.dim,
     )
     model = build_model(NO_NOISE.train, members[0].schema, seed=NO_NOISE.seed)
     set_weights(model, weights)
@@ -154,7 +157,7 @@ def test_a_round_smaller_than_min_honest_is_refused_and_still_sends_its_noise_sh
     plan = DistributedSkellamSum(PRIVATE).plan(sum(w.size for w in weights))
     c, q = PRIVATE.secagg.clipping_range, PRIVATE.secagg.quantization_range
     z = np.rint((out.weights[0] + c) * q / (2 * c)).astype(np.int64)
-    centred = np.where(z >= 2 ** (plan.bits - 1), z - 2**plan.bits, z)
+    centred = z - 2 ** (plan.bits - 1)  # the offset every contribution carries
     assert abs(centred.mean()) < 4 * np.sqrt(plan.total_variance / centred.size) + 1
     # The share the others count on: the round's (3 sampled, none may drop), not the refused policy's.
     share = ddp.noise_share(total_variance=plan.total_variance, sample=3, threshold=3, min_honest=4)
@@ -181,3 +184,14 @@ def test_the_coordinator_cannot_lower_the_noise_below_the_budget(tmp_path: Path)
     weights = initial(members[0], lax)
     out = fit_round(members[0], weights, lax, server_round=1, run_id="r", secure_round=(3, 3))
     assert "past its privacy budget" in str(out.metrics["refused"])
+
+
+def test_noise_that_could_leave_secaggs_range_is_refused_before_anything_trains(tmp_path: Path) -> None:
+    # A coordinator proposing huge noise would make values leave [0, 2^b) and be clamped, a
+    # non-linear step the sum would show: the institution refuses from public numbers alone.
+    loud = RunSettings.from_config({**BASE, "noise-multiplier": 5000.0, "sample-rate": 0.5})
+    members = institutions(tmp_path, loud)
+    weights = initial(members[0], loud)
+    out = fit_round(members[0], weights, loud, server_round=1, run_id="r", secure_round=(3, 3))
+    assert "could leave SecAgg+'s range" in str(out.metrics["refused"])
+    assert PrivacyLedger.for_dataset(members[0].state_dir, members[0].fingerprint).entries == ()

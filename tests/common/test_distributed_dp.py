@@ -23,8 +23,10 @@ from fedsilo.common.distributed_dp import (
     honest_problem,
     integer_sum_from_secagg,
     noise_share,
+    out_of_range_probability,
     overflow_margin,
     padded_dimension,
+    remove_offsets,
     rotate,
     rotation_seed,
     scale_for,
@@ -175,7 +177,7 @@ def test_integers_pass_through_flowers_secagg_exactly(institutions: int) -> None
     recovered = through_secagg(vectors, seed=institutions)
     # Assert
     assert recovered.dtype == np.int64
-    assert np.array_equal(recovered, np.sum(vectors, axis=0) % (1 << BITS))
+    assert np.array_equal(recovered, np.sum(vectors, axis=0))  # exactly the sum: nothing wraps
 
 
 def test_a_sent_integer_is_quantized_to_itself_without_rounding() -> None:
@@ -276,8 +278,10 @@ def test_a_zero_signal_sum_carries_the_summed_noise_variance() -> None:
     dim = 1 << 17
     shares = zero_signal_shares(dim, seed=3)
     # Execute
-    noise = centred(np.sum(shares, axis=0))
-    decoded = decode(np.sum(shares, axis=0), seed=1, scale=1.0, bits=BITS, dim=dim)
+    noise = remove_offsets(np.sum(shares, axis=0), contributors=len(shares), bits=BITS)
+    decoded = decode(
+        remove_offsets(np.sum(shares, axis=0), contributors=len(shares), bits=BITS), seed=1, scale=1.0, dim=dim
+    )
     # Assert: mean 0 and variance sum(lam_j), in the integers and after un-rotating (orthonormal)
     total = sum(LAMBDAS)
     for values in (noise, decoded):
@@ -291,7 +295,8 @@ def test_dropping_a_share_lowers_the_variance_by_its_share() -> None:
     shares = zero_signal_shares(dim, seed=4)
     dropped = LAMBDAS.index(20.0)
     # Execute
-    survivors = centred(np.sum([s for i, s in enumerate(shares) if i != dropped], axis=0))
+    kept = [s for i, s in enumerate(shares) if i != dropped]
+    survivors = remove_offsets(np.sum(kept, axis=0), contributors=len(kept), bits=BITS)
     # Assert
     assert survivors.var() == pytest.approx(sum(LAMBDAS) - 20.0, rel=0.02)
 
@@ -310,7 +315,8 @@ def test_without_noise_the_decoded_sum_is_the_gradient_sum_within_rounding(insti
     seed = rotation_seed(42, 2)
     # Execute
     sent = [encode(g, seed=seed, scale=scale, noise_variance=0.0, bits=BITS, rng=rng) for g in gradients]
-    decoded = decode(np.sum(sent, axis=0), seed=seed, scale=scale, bits=BITS, dim=dim)
+    summed = remove_offsets(np.sum(sent, axis=0), contributors=institutions, bits=BITS)
+    decoded = decode(summed, seed=seed, scale=scale, dim=dim)
     # Assert
     assert all(s.dtype == np.int64 and s.min() >= 0 and s.max() < 1 << BITS for s in sent)
     assert np.linalg.norm(decoded - np.sum(gradients, axis=0)) <= institutions * math.sqrt(dim_padded) / scale
@@ -327,26 +333,53 @@ def test_the_whole_pipeline_through_flowers_secagg_decodes_what_the_integer_sum_
     # Execute
     recovered = through_secagg(sent, seed=1)
     # Assert: bit for bit the integer sum, and a decoded sum near the gradient sum (noise std ~ 1.1 * C)
-    assert np.array_equal(recovered, np.sum(sent, axis=0) % (1 << BITS))
-    decoded = decode(recovered, seed=9, scale=scale, bits=BITS, dim=dim)
-    assert np.array_equal(decoded, decode(np.sum(sent, axis=0), seed=9, scale=scale, bits=BITS, dim=dim))
+    assert np.array_equal(recovered, np.sum(sent, axis=0))  # the exact sum: nothing wraps
+    decoded = decode(remove_offsets(recovered, contributors=institutions, bits=BITS), seed=9, scale=scale, dim=dim)
     error = decoded - np.sum(gradients, axis=0)
     assert np.std(error) == pytest.approx(math.sqrt(institutions * share.own_variance) / scale, rel=0.2)
 
 
-def test_a_negative_heavy_vector_wraps_and_comes_back() -> None:
-    # Prepare: every coordinate negative, so most scaled coordinates are below 0 and wrap mod 2^b
+def test_a_negative_heavy_vector_comes_back_without_wrapping() -> None:
+    # Prepare: every coordinate negative, so most scaled coordinates are below 0
     rng = np.random.default_rng(5)
     dim = 77
     gradient = -np.abs(rng.normal(size=dim)) * 3
     scale = scale_for(dim_padded=padded_dimension(dim), max_grad_norm=1.0)
     # Execute
     sent = encode(gradient, seed=2, scale=scale, noise_variance=0.0, bits=BITS, rng=rng)
-    decoded = decode(sent, seed=2, scale=scale, bits=BITS, dim=dim)
-    # Assert
-    assert np.sum(sent >= 1 << (BITS - 1)) > 0
+    decoded = decode(remove_offsets(sent, contributors=1, bits=BITS), seed=2, scale=scale, dim=dim)
+    # Assert: below the offset, never wrapped to the top of the range
+    assert np.sum(sent < 1 << (BITS - 1)) > 0 and sent.max() < (1 << (BITS - 1)) + (1 << (BITS - 2))
     assert np.linalg.norm(decoded - gradient) <= math.sqrt(padded_dimension(dim)) / scale
-    assert 0 < overflow_margin(sent, bits=BITS) < 0.01
+
+
+def test_the_sum_shows_only_the_sum_of_signal_and_noise_never_how_many_were_negative() -> None:
+    # Prepare: two sets of two contributions with the same sum of signal plus noise per coordinate,
+    # one with both values small and positive, one with one large negative and one large positive
+    # value (a per-institution wrap mod 2^b would make their secure sums differ by 2^b).
+    rng = np.random.default_rng(0)
+    dim, scale = 64, 1.0
+    base = rng.normal(size=dim) * 100
+    pair_a = [base / 2, base / 2]
+    pair_b = [base - 5000.0, np.full(dim, 5000.0)]
+    seed = 3
+    # Execute: no noise, the same dither stream for both pairs
+    sums = []
+    for pair in (pair_a, pair_b):
+        stream = np.random.default_rng(11)
+        sums.append(
+            np.sum([encode(g, seed=seed, scale=scale, noise_variance=0.0, bits=BITS, rng=stream) for g in pair], axis=0)
+        )
+    # Assert: the secure sums differ by no multiple of 2^b: within the two roundings of each coordinate
+    assert np.abs(sums[0] - sums[1]).max() <= 2 * 64
+
+
+def test_the_chance_of_leaving_the_range_is_negligible_for_central_noise_and_large_for_huge_noise() -> None:
+    # sigma 13 at C = 1 on a 2^15-coordinate model: s*sigma*C = 32*181*13, far inside 2^20.
+    variance = (32 * math.sqrt(1 << 15) * 13) ** 2
+    assert out_of_range_probability(variance=variance, bits=BITS, dim_padded=1 << 15) < 1e-30
+    assert out_of_range_probability(variance=(1 << 20) ** 2, bits=BITS, dim_padded=1 << 15) == 1.0
+    assert out_of_range_probability(variance=0.0, bits=BITS, dim_padded=8) == 0.0
 
 
 def test_the_overflow_margin_is_the_largest_centred_coordinate() -> None:
@@ -371,7 +404,7 @@ def test_the_scale_adds_one_thirty_second_to_the_sensitivity() -> None:
 
 def test_decode_refuses_a_sum_of_the_wrong_length() -> None:
     with pytest.raises(ConfigError, match="1024"):
-        decode(np.zeros(512, dtype=np.int64), seed=1, scale=1.0, bits=BITS, dim=1000)
+        decode(np.zeros(512, dtype=np.int64), seed=1, scale=1.0, dim=1000)
 
 
 # --- who must be honest ----------------------------------------------------------------------

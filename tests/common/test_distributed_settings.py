@@ -78,3 +78,25 @@ def test_sweeps_take_the_mode_as_an_axis_and_skip_plain_distributed_setups() -> 
         parse_sweep({"dp-modes": ["central"]}, "sweep.toml")
     with pytest.raises(ConfigError, match="every setup is plain"):
         parse_sweep({"dp-modes": ["distributed"], "secure-aggregation": [False]}, "sweep.toml")
+
+
+def test_a_setup_whose_ranges_differ_from_the_proposal_is_refused_for_distributed_dp() -> None:
+    from fedsilo.client.mods import distributed_setup_problems
+    from fedsilo.runtime.flower.internals import SecAggKey as Key
+
+    proposal = RunSettings.from_config({"dp-mode": "distributed"}).proposal
+    honest = {
+        "sample": 3,
+        Key.CLIPPING_RANGE: 8.0,
+        Key.TARGET_RANGE: 4194304,
+        Key.MOD_RANGE: 4294967296,
+        Key.MAX_WEIGHT: 1000.0,
+    }
+    assert distributed_setup_problems(honest, proposal) == []
+    # A smaller clipping range would clip every institution's value to about one bit: its sign.
+    clipped = distributed_setup_problems({**honest, Key.CLIPPING_RANGE: 0.001}, proposal)
+    assert len(clipped) == 1 and "clipping_range" in clipped[0]
+    # A smaller maximum weight scales each value up past the range; a small modulus wraps the sum.
+    assert "max_weight" in distributed_setup_problems({**honest, Key.MAX_WEIGHT: 10.0}, proposal)[0]
+    assert "wrap" in distributed_setup_problems({**honest, Key.MOD_RANGE: 8388608}, proposal)[0]
+    assert len(distributed_setup_problems({"sample": 3}, proposal)) == 4  # a setup that says nothing
