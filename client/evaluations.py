@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fedsilo.common.atomic import write_text_atomically
 from fedsilo.common.errors import LedgerError
 from fedsilo.common.ledger import PrivacyLedger
 
@@ -86,13 +85,4 @@ def _read(path: Path, fingerprint: str) -> list[Evaluation]:
 
 def _write(path: Path, fingerprint: str, done: list[Evaluation]) -> None:
     payload = {"version": LOG_VERSION, "dataset_fingerprint": fingerprint, "evaluations": [asdict(e) for e in done]}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".evaluations-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomically(path, json.dumps(payload, indent=2))

@@ -401,13 +401,8 @@ def fit_round(
             reason = f"{data.name} refused round {server_round}: the received global model is unsafe: {problem}"
             # Nothing non-finite goes back: under SecAgg+ even a zero weight times NaN is NaN.
             weights = [np.zeros(np.shape(w), dtype=np.float32) for w in weights]
-        elif violations:
-            reason = (
-                f"{data.name} refused round {server_round}: the proposed training breaks its privacy policy: "
-                + "; ".join(violations)
-            )
-        elif after > budget * (1 + 1e-9):
-            reason = over_budget(data.name, server_round)
+        else:
+            reason = policy_or_budget_reason(data.name, server_round, violations, after=after, budget=budget)
         if reason is not None:
             refusal = aggregation_for(settings).prepare(weights, records=0)
             spent_here = run_epsilon(ledgers, run_id, delta=delta)
@@ -437,6 +432,19 @@ def fit_round(
         # Its aggregation weight is sent in the clear: the record count, capped at secagg-max-weight.
         update = aggregation_for(settings).prepare(get_weights(model), records=len(data.train_y))
         return FitOutcome(update.vector, update.weight, metrics)
+
+
+def policy_or_budget_reason(
+    name: str, server_round: int, violations: Sequence[str], *, after: float, budget: float
+) -> str | None:
+    """The refusal for a proposal that breaks the policy, or for a round past the budget; None: neither."""
+    if violations:
+        return f"{name} refused round {server_round}: the proposed training breaks its privacy policy: " + "; ".join(
+            violations
+        )
+    if after > budget * (1 + 1e-9):
+        return over_budget(name, server_round)
+    return None
 
 
 def _round_seed(data: InstitutionData, settings: RunSettings, server_round: int) -> int:
@@ -520,7 +528,8 @@ def fit_distributed_round(
         reason = None
         round_plan = RoundPlan(sample_rate=plan.sample_rate, steps=1, noise_multiplier=plan.noise_multiplier)
         violations = policy.violations(settings, round_plan, secure_aggregation=secure_aggregation)
-        if (problem := weights_problem(weights, settings, data.schema, bound=MAX_ABS_WEIGHT)) is not None:
+        bound = weight_bound(settings, secure_aggregation=secure_aggregation)
+        if (problem := weights_problem(weights, settings, data.schema, bound=bound)) is not None:
             reason = f"{data.name} refused round {server_round}: the received global model is unsafe: {problem}"
         elif not secure_aggregation:
             reason = (
@@ -539,13 +548,8 @@ def fit_distributed_round(
                 f"(2^{plan.bits}) with probability {chance:.2g}, above {MAX_OUT_OF_RANGE:g}; raise "
                 "secagg-quantization-range or lower the noise"
             )
-        elif violations:
-            reason = (
-                f"{data.name} refused round {server_round}: the proposed training breaks its privacy policy: "
-                + "; ".join(violations)
-            )
-        elif after > budget * (1 + 1e-9):
-            reason = over_budget(data.name, server_round)
+        else:
+            reason = policy_or_budget_reason(data.name, server_round, violations, after=after, budget=budget)
         noise = NoiseInput(share.own_variance, rng)
         if reason is not None:
             zeros = [np.zeros(np.shape(w), dtype=np.float64) for w in weights]

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -34,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsilo.common.accounting import ACCOUNTANT_OF_RECORD, DPSGDEvent, SkellamEvent, epsilon_spent, get_accountant
+from fedsilo.common.atomic import write_text_atomically
 from fedsilo.common.errors import LedgerError
 
 LEDGER_VERSION = 1
@@ -186,17 +185,7 @@ class PrivacyLedger:
         text = (
             json.dumps(head, indent=2)[:-2] + ',\n  "entries": [\n' + entries + ("\n  ]\n}\n" if entries else "]\n}\n")
         )
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomically(self.path, text)
 
 
 def _row(entry: LedgerEntry) -> dict[str, Any]:

@@ -16,8 +16,6 @@ keys that differ.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fedsilo.common.atomic import write_text_atomically
 from fedsilo.common.errors import ConfigError
 from fedsilo.simulations.sweep_spec import SweepSpec, Task
 
@@ -52,17 +51,7 @@ def _plain(value: Any) -> Any:
 
 def write_json_atomically(path: Path, content: Any) -> None:
     """Write ``content`` as JSON to ``path`` whole or not at all (temp file, fsync, os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(content, stream, default=_plain, indent=1)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_text_atomically(path, json.dumps(content, default=_plain, indent=1))
 
 
 class SweepStore:

@@ -41,7 +41,7 @@ def test_a_crash_mid_write_leaves_the_previous_ledger_intact(tmp_path: Path, mon
     with pytest.raises(OSError):
         ledger.append(entry(2))
     assert ledger.path.read_bytes() == before
-    assert list(ledger.path.parent.glob(".ledger-*")) == []
+    assert list(ledger.path.parent.glob(".*.tmp")) == []
 
 
 def test_a_corrupt_ledger_is_an_error_not_a_fresh_budget(tmp_path: Path) -> None:
