@@ -339,13 +339,23 @@ class DistributedSkellamSum(AggregationQuery[list[Contribution]]):
         self.velocity = gradient if self.velocity is None else momentum * self.velocity + gradient
         rate = server_learning_rate(self.settings, plan, records=records)
         flat = np.concatenate([np.asarray(w, dtype=np.float64).reshape(-1) for w in current])
-        flat = np.clip(flat - rate * self.velocity, -MAX_ABS_WEIGHT, MAX_ABS_WEIGHT)
+        bound = model_weight_bound(self.settings)
+        flat = np.clip(flat - rate * self.velocity, -bound, bound)
         out, start = [], 0
         for w in current:
             size = int(np.size(w))
             out.append(flat[start : start + size].reshape(np.shape(w)).astype(np.asarray(w).dtype))
             start += size
         return out
+
+
+def model_weight_bound(settings: Proposal) -> float:
+    """The largest magnitude any global weight may take: ``secagg-clipping-range``, at most ``MAX_ABS_WEIGHT``.
+
+    Institutions refuse a received model outside it and train inside it; distributed DP's server
+    step projects onto it. Public: it follows from the proposal alone.
+    """
+    return float(min(settings.secagg.clipping_range, MAX_ABS_WEIGHT))
 
 
 def server_learning_rate(settings: Proposal, plan: DistributedPlan, *, records: int) -> float:

@@ -14,11 +14,14 @@ from fedsilo.client.institution import (
     evaluate_round,
     fit_round,
     split_holdout,
+    weight_bound,
     weights_problem,
     worst_case_gradient,
 )
 from fedsilo.client.policy import PrivacyPolicy
+from fedsilo.common.datasets import builtin_schema_path
 from fedsilo.common.ledger import PrivacyLedger
+from fedsilo.common.schema import Schema
 from fedsilo.common.models import build_model, get_weights, set_weights
 from fedsilo.common.settings import RunSettings
 from fedsilo.common.training import plan_round, train_round
@@ -117,15 +120,16 @@ def test_more_records_than_secagg_max_weight_train_at_the_largest_weight(tmp_pat
     assert [e.round for e in PrivacyLedger.for_dataset(tmp_path, data.fingerprint).entries] == [1]
 
 
-def test_an_update_under_secagg_stays_inside_its_clipping_range(tmp_path: Path) -> None:
+def test_an_update_stays_inside_the_runs_weight_bound_with_or_without_secagg(tmp_path: Path) -> None:
     # A learning rate far too large would push weights past secagg-clipping-range, where SecAgg+
-    # would clip them silently; the institution keeps them inside it (plain FedAvg has no such limit).
+    # would clip them silently; the institution keeps them inside it (projected SGD), and without
+    # SecAgg+ too: one bound keeps every received model within what the overflow check covers.
     loud = SETTINGS.with_overrides({"learning-rate": 200.0, "secagg-clipping-range": 2.0})
     data = institution(tmp_path)
     masked = fit_round(data, initial(data), loud, server_round=1, run_id="a", secure_aggregation=True)
     plain = fit_round(data, initial(data), loud, server_round=1, run_id="b", secure_aggregation=False)
-    assert max(float(np.abs(w).max()) for w in masked.weights) <= 2.0
-    assert max(float(np.abs(w).max()) for w in plain.weights) > 2.0
+    for out in (masked, plain):
+        assert max(float(np.abs(w).max()) for w in out.weights) == pytest.approx(2.0)  # reached, not passed
 
 
 def crafted_overflow_model(data: InstitutionData, target: int) -> list[np.ndarray]:
@@ -204,6 +208,22 @@ def sides(inputs: np.ndarray, labels: np.ndarray, settings: RunSettings, key: by
     out = {np.append(x, y).tobytes(): False for x, y in zip(train_x, train_y, strict=True)}
     return {**out, **{np.append(x, y).tobytes(): True for x, y in zip(test_x, test_y, strict=True)}}
 
+
+
+@pytest.mark.parametrize(
+    ("overrides", "secure"),
+    [({}, True), ({}, False), ({"dp-mode": "distributed"}, True)],
+    ids=["local-secagg", "local-plain", "distributed"],
+)
+def test_the_shipped_cnn_is_accepted_in_every_mode(overrides: dict[str, str], secure: bool) -> None:
+    # Fashion-MNIST's CNN: with weights up to 1000 its worst-case gradient (1.9e43) would overflow
+    # float32, so a bound that large refused every distributed round of the shipped image model
+    settings = RunSettings.from_config({"dataset": "fashion-mnist-train", "model": "cnn", **overrides})
+    schema = Schema.load(builtin_schema_path("fashion-mnist"))
+    bound = weight_bound(settings, secure_aggregation=secure)
+    assert bound == settings.secagg.clipping_range
+    assert weights_problem([], settings, schema, bound=bound) is None
+    assert "use a smaller model" in str(weights_problem([], settings, schema, bound=MAX_ABS_WEIGHT))
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_adding_one_record_moves_no_other_record_between_train_and_held_out(seed: int) -> None:
