@@ -21,8 +21,8 @@ from fedsilo.client.institution import (
 from fedsilo.client.policy import PrivacyPolicy
 from fedsilo.common.datasets import builtin_schema_path
 from fedsilo.common.ledger import PrivacyLedger
-from fedsilo.common.schema import Schema
 from fedsilo.common.models import build_model, get_weights, set_weights
+from fedsilo.common.schema import Schema
 from fedsilo.common.settings import RunSettings
 from fedsilo.common.training import plan_round, train_round
 
