@@ -256,12 +256,19 @@ def clipped_gradient_sum(
         rows = chosen[start : start + GRADIENT_CHUNK]
         x = torch.as_tensor(inputs[rows], dtype=torch.float32)
         y = torch.as_tensor(labels[rows])
-        grads = per_record(params, x, y)
-        flat = torch.cat([grads[k].reshape(len(rows), -1) for k in names], dim=1).double()
-        flat = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
-        flat[~torch.isfinite(flat.norm(dim=1))] = 0.0
-        factor = (max_grad_norm / (flat.norm(dim=1) + 1e-12)).clamp(max=1.0)
-        total += (flat * factor[:, None]).sum(dim=0)
+        per_name = per_record(params, x, y)
+        grads = [per_name[k].reshape(len(rows), -1) for k in names]
+        # Each record's norm over every parameter, in float64 (a non-finite entry makes it non-finite)
+        squared = sum(torch.linalg.vector_norm(g, dim=1, dtype=torch.float64) ** 2 for g in grads)
+        finite = torch.isfinite(squared)
+        norm = torch.where(finite, squared, torch.zeros_like(squared)).sqrt()
+        factor = torch.where(finite, (max_grad_norm / (norm + 1e-12)).clamp(max=1.0), torch.zeros_like(norm))
+        offset = 0
+        for g in grads:
+            if not bool(finite.all()):
+                g = torch.where(finite[:, None], g, torch.zeros_like(g))  # a non-finite record counts as zero
+            total[offset : offset + g.shape[1]] += factor @ g.double()
+            offset += g.shape[1]
     return total.numpy(), len(chosen)
 
 
