@@ -128,3 +128,21 @@ def test_budget_json_shows_both_figures_and_enforces_the_policys(tmp_path: Path)
     (tmp_path / "policy.toml").write_text('max-epsilon = 10.0\nneighbouring = "add-remove"\n')
     summary = json.loads(CliRunner().invoke(app, ["budget", "--state-dir", str(tmp_path), "--json"]).output)
     assert summary["neighbouring"] == ADD_REMOVE and summary["epsilon"] == pytest.approx(add_remove)
+
+
+def test_a_distributed_round_is_accounted_and_reported_under_the_policys_relation(tmp_path: Path) -> None:
+    # Prepare: distributed DP, calibrated by the coordinator for add/remove; the policy says replace-one
+    settings = RunSettings.from_config(
+        {"num-server-rounds": 4, "dp-mode": "distributed", "target-epsilon": 2.0, "sample-rate": 0.5, "seed": 3}
+    )
+    data = institution(tmp_path, PrivacyPolicy(max_epsilon=50.0, neighbouring=REPLACE_ONE), settings)
+    # Execute
+    out = fit_round(data, initial(data, settings), settings, server_round=1, run_id="run", secure_round=(3, 3))
+    # Assert: the reply's epsilon and worst case are the ledger's replace-one figures, above add/remove
+    assert "refused" not in out.metrics and out.metrics["neighbouring"] == REPLACE_ONE
+    ledger = PrivacyLedger.for_dataset(tmp_path, data.fingerprint)
+    assert ledger.distributed_rounds == 1
+    assert out.metrics["epsilon"] == pytest.approx(ledger.epsilon(delta=DELTA, neighbouring=REPLACE_ONE))
+    worst = ledger.epsilon(delta=DELTA, worst_case=True, neighbouring=REPLACE_ONE)
+    assert out.metrics["epsilon-worst-case"] == pytest.approx(worst)
+    assert out.metrics["epsilon"] > ledger.epsilon(delta=DELTA)
