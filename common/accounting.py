@@ -45,8 +45,10 @@ accounted differs:
   smaller of that and the unsampled mechanism's replace-one RDP (sensitivity 2C for the
   Gaussian, ``skellam_sensitivity(..., replace_one=True)`` for Skellam), and never below
   the add/remove RDP at that order. dp_accounting's RDP accountant refuses
-  ``PoissonSampledDpEvent`` under ``REPLACE_ONE``, and no subsampling theorem for the
-  Skellam mechanism under replace-one is implemented here.
+  ``PoissonSampledDpEvent`` under ``REPLACE_ONE`` (and gives an unsampled
+  ``GaussianDpEvent`` its add/remove figure there, reading the noise as relative to the
+  replace-one sensitivity), and no subsampling theorem for the Skellam mechanism under
+  replace-one is implemented here.
 """
 
 from __future__ import annotations
@@ -367,8 +369,10 @@ def epsilon_spent(
         any ``SkellamEvent``, either composes everything by RDP at ``SKELLAM_ORDERS``
         (see the module docstring).
     neighbouring
-        ``"add-remove"`` (default) or ``"replace-one"`` (see the module docstring): the
-        replace-one figure of the same events is never below the add/remove one.
+        ``"add-remove"`` (default) or ``"replace-one"`` (see the module docstring). The
+        replace-one figure of the same events is never below the add/remove one: by
+        construction on the RDP routes, and for PLD's sampled Gaussian because its
+        replace-one pair is the wider (``tests/common/test_replace_one.py`` checks both).
 
     Returns
     -------
