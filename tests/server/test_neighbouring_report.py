@@ -37,3 +37,14 @@ def test_a_new_federation_proposes_noise_calibrated_for_replace_one(tmp_path: Pa
     assert 'neighbouring = "replace-one"' in fed.config_path.read_text()
     assert fed.load().proposal.privacy.neighbouring == REPLACE_ONE
     assert fed.new_run().privacy.neighbouring == REPLACE_ONE
+
+
+def test_fedsilo_server_report_shows_the_relation_beside_the_epsilon() -> None:
+    from rich.console import Console
+
+    from fedsilo.common.cli import institutions_table
+
+    report = {"institutions": [InstitutionRecord("bank", delta=1e-5, neighbouring=REPLACE_ONE).as_report()]}
+    console = Console(width=200, record=True)
+    console.print(institutions_table(report))
+    assert "replace-one" in console.export_text()
