@@ -75,7 +75,8 @@ def budget(
 
     The budget covers every dataset's ledger in the state directory together, so the
     total and what remains are of the composition; each dataset's own figure is shown
-    beside it, marked as alone.
+    beside it, marked as alone. Figures are for the policy's neighbouring relation
+    (default replace-one); the total is also shown under the other one.
     """
     with exit_on_error(console):
         summary = budget_summary(state_dir, policy)
@@ -96,7 +97,10 @@ def budget(
             )
     console.print(table)
     for row in summary["datasets"]:
-        console.print(f"dataset {row['dataset']} alone: epsilon {row['epsilon']:.3f} at delta {summary['delta']:g}")
+        console.print(
+            f"dataset {row['dataset']} alone: epsilon {row['epsilon']:.3f} at delta {summary['delta']:g} "
+            f"({summary['neighbouring']})"
+        )
         if row["distributed_rounds"]:
             console.print(
                 f"  of which {row['distributed_rounds']} distributed round(s); with its own noise share alone "
@@ -108,8 +112,13 @@ def budget(
         else "remaining: unknown (pass --policy)"
     )
     console.print(
-        f"spent: epsilon {summary['epsilon']:.3f} at delta {summary['delta']:g}, every ledger composed "
-        f"({len(summary['datasets'])} dataset(s)), as the budget is enforced; {left}"
+        f"spent: epsilon {summary['epsilon']:.3f} at delta {summary['delta']:g} ({summary['neighbouring']} "
+        f"neighbours), every ledger composed ({len(summary['datasets'])} dataset(s)), as the budget is enforced; "
+        f"{left}"
+    )
+    console.print(
+        f"by neighbouring relation: add-remove epsilon {summary['epsilon_add_remove']:.3f}, "
+        f"replace-one epsilon {summary['epsilon_replace_one']:.3f} (the record count is public: replace-one holds)"
     )
     if summary["distributed_rounds"]:
         console.print(

@@ -31,7 +31,7 @@ from fedsilo.client.evaluations import claim_evaluation
 from fedsilo.client.policy import PrivacyPolicy, deployed_policy
 from fedsilo.client.simulated_data import SimulatedTables
 from fedsilo.common import distributed_dp as ddp
-from fedsilo.common.accounting import epsilon_spent
+from fedsilo.common.accounting import ADD_REMOVE, epsilon_spent
 from fedsilo.common.aggregation import (
     MAX_ABS_WEIGHT,
     DistributedSkellamSum,
@@ -322,6 +322,7 @@ def run_epsilon(
     delta: float,
     then: LedgerEntry | None = None,
     worst_case: bool = False,
+    neighbouring: str = ADD_REMOVE,
 ) -> float:
     """This run's share of the institution's spend: its rounds of run ``run_id`` (and ``then``), composed.
 
@@ -329,11 +330,13 @@ def run_epsilon(
     its state directory, every run and federation it took part in; reporting that figure
     would tell this coordinator what the institution spent elsewhere. The rounds of this
     run are the ones this coordinator received (it mirrors them from the clear metrics),
-    so their composition tells it nothing new.
+    so their composition tells it nothing new. ``neighbouring``: the relation accounted for
+    (the institution's, ``PrivacyPolicy.accounting_relation``), which the reply names.
     """
     entries = [e for ledger in ledgers for e in ledger.entries if e.run_id == run_id]
     entries += [then] if then is not None else []
-    return epsilon_spent([e.worst_case_event() if worst_case else e.event() for e in entries], delta=delta)
+    events = [e.worst_case_event() if worst_case else e.event() for e in entries]
+    return epsilon_spent(events, delta=delta, neighbouring=neighbouring)
 
 
 def fit_round(
@@ -378,11 +381,12 @@ def fit_round(
         )
     privacy, policy = settings.privacy, data.policy
     budget, delta = policy.budget(settings), policy.accounting_delta(settings)
-    base: dict[str, bool | int | float | str] = {"institution": data.name, "delta": delta}
+    relation = policy.accounting_relation(settings)  # the institution's; a coordinator cannot weaken it
+    base: dict[str, bool | int | float | str] = {"institution": data.name, "delta": delta, "neighbouring": relation}
     if (mismatch := schema_problem(data, settings)) is not None:  # before any model is built
         zeros = [np.zeros(np.shape(w), dtype=np.float32) for w in weights]  # nothing received goes back
         refusal = aggregation_for(settings).prepare(zeros, records=0)
-        spent_here = run_epsilon(PrivacyLedger.all(data.state_dir), run_id, delta=delta)
+        spent_here = run_epsilon(PrivacyLedger.all(data.state_dir), run_id, delta=delta, neighbouring=relation)
         why = f"{data.name} refused round {server_round}: {mismatch}"
         return FitOutcome(refusal.vector, refusal.weight, {**base, "epsilon": spent_here, "refused": why})
     with PrivacyLedger.locked(data.state_dir, data.fingerprint) as ledger:  # check, train, record
@@ -400,7 +404,8 @@ def fit_round(
         )
         ledgers = [*PrivacyLedger.others(data.state_dir, data.fingerprint), ledger]
         # The budget is enforced over every ledger (every run and federation); only this run's share is reported.
-        after = epsilon_spent([*(e.event() for other in ledgers for e in other.entries), entry.event()], delta=delta)
+        events = [*(e.event() for other in ledgers for e in other.entries), entry.event()]
+        after = epsilon_spent(events, delta=delta, neighbouring=relation)
         reason = None
         violations = policy.violations(settings, plan, secure_aggregation=secure)
         bound = weight_bound(settings, secure_aggregation=secure)
@@ -412,7 +417,7 @@ def fit_round(
             reason = policy_or_budget_reason(data.name, server_round, violations, after=after, budget=budget)
         if reason is not None:
             refusal = aggregation_for(settings).prepare(weights, records=0)
-            spent_here = run_epsilon(ledgers, run_id, delta=delta)
+            spent_here = run_epsilon(ledgers, run_id, delta=delta, neighbouring=relation)
             return FitOutcome(refusal.vector, refusal.weight, {**base, "epsilon": spent_here, "refused": reason})
         model = _model_with(data, settings, weights)
         seed = _round_seed(data, settings, server_round)
@@ -431,7 +436,7 @@ def fit_round(
         ledger.append(entry)  # before the update leaves: a released update is spent privacy
         metrics = {
             **base,
-            "epsilon": run_epsilon(ledgers, run_id, delta=delta, then=entry),
+            "epsilon": run_epsilon(ledgers, run_id, delta=delta, then=entry, neighbouring=relation),
             "steps": plan.steps,
             "noise-multiplier": plan.noise_multiplier,
             "sample-rate": plan.sample_rate,
@@ -492,6 +497,7 @@ def fit_distributed_round(
     """
     privacy, policy = settings.privacy, data.policy
     budget, delta = policy.budget(settings), policy.accounting_delta(settings)
+    relation = policy.accounting_relation(settings)  # the institution's; a coordinator cannot weaken it
     query = aggregation_for(settings)
     assert isinstance(query, DistributedSkellamSum)
     plan = query.plan(sum(int(np.size(w)) for w in weights))
@@ -500,13 +506,13 @@ def fit_distributed_round(
         total_variance=plan.total_variance, sample=sample, threshold=threshold, min_honest=policy.min_honest
     )
     rng = np.random.default_rng(_round_seed(data, settings, server_round))
-    base: dict[str, bool | int | float | str] = {"institution": data.name, "delta": delta}
+    base: dict[str, bool | int | float | str] = {"institution": data.name, "delta": delta, "neighbouring": relation}
     if (mismatch := schema_problem(data, settings)) is not None:  # before any model is built
         # Still its noise share, with zero signal: the sum's noise must not depend on who refused.
         zeros = [np.zeros(np.shape(w), dtype=np.float64) for w in weights]
         noise_only = NoiseInput(share.own_variance, rng)
         share_only = query.prepare(zeros, records=0, server_round=server_round, noise=noise_only)
-        spent_here = run_epsilon(PrivacyLedger.all(data.state_dir), run_id, delta=delta)
+        spent_here = run_epsilon(PrivacyLedger.all(data.state_dir), run_id, delta=delta, neighbouring=relation)
         why = f"{data.name} refused round {server_round}: {mismatch}"
         return FitOutcome(share_only.vector, share_only.weight, {**base, "epsilon": spent_here, "refused": why})
     with PrivacyLedger.locked(data.state_dir, data.fingerprint) as ledger:  # check, train, record
@@ -531,7 +537,8 @@ def fit_distributed_round(
         )
         ledgers = [*PrivacyLedger.others(data.state_dir, data.fingerprint), ledger]
         # The budget is enforced over every ledger (every run and federation); only this run's share is reported.
-        after = epsilon_spent([*(e.event() for other in ledgers for e in other.entries), entry.event()], delta=delta)
+        events = [*(e.event() for other in ledgers for e in other.entries), entry.event()]
+        after = epsilon_spent(events, delta=delta, neighbouring=relation)
         reason = None
         round_plan = RoundPlan(sample_rate=plan.sample_rate, steps=1, noise_multiplier=plan.noise_multiplier)
         violations = policy.violations(settings, round_plan, secure_aggregation=secure_aggregation)
@@ -561,7 +568,7 @@ def fit_distributed_round(
         if reason is not None:
             zeros = [np.zeros(np.shape(w), dtype=np.float64) for w in weights]
             refusal = query.prepare(zeros, records=0, server_round=server_round, noise=noise)
-            spent_here = run_epsilon(ledgers, run_id, delta=delta)
+            spent_here = run_epsilon(ledgers, run_id, delta=delta, neighbouring=relation)
             return FitOutcome(refusal.vector, refusal.weight, {**base, "epsilon": spent_here, "refused": reason})
         model = _model_with(data, settings, weights)
         gradient_sum, _ = clipped_gradient_sum(
@@ -576,8 +583,10 @@ def fit_distributed_round(
         update = query.prepare([gradient_sum], records=len(data.train_y), server_round=server_round, noise=noise)
         metrics = {
             **base,
-            "epsilon": run_epsilon(ledgers, run_id, delta=delta, then=entry),
-            "epsilon-worst-case": run_epsilon(ledgers, run_id, delta=delta, then=entry, worst_case=True),
+            "epsilon": run_epsilon(ledgers, run_id, delta=delta, then=entry, neighbouring=relation),
+            "epsilon-worst-case": run_epsilon(
+                ledgers, run_id, delta=delta, then=entry, worst_case=True, neighbouring=relation
+            ),
             "steps": 1,
             "noise-multiplier": plan.noise_multiplier,
             "sample-rate": plan.sample_rate,

@@ -21,6 +21,7 @@ A policy file::
     test-fraction = 0.2          # the share of its records it holds out for evaluation (deployed default 0.2)
     min-eval-records = 50        # share no evaluation over fewer held-out records (deployed default 50)
     one-evaluation-per-trained-round = true  # evaluate once per round, only a round it trained in (deployed default)
+    neighbouring = "replace-one" # the neighbouring relation epsilon is accounted for (deployed default replace-one)
 
     [institutions.hospital-2]    # simulations only: overrides for one institution
     max-epsilon = 1.0
@@ -71,6 +72,16 @@ answers: at most once per round of a run (``fedsilo.client.evaluations``), and o
 round its ledger shows it trained in, so every evaluation follows a round it trained
 and recorded, and a new run name or round number alone buys none (its budget bounds
 those rounds only as far as each costs epsilon: very noisy rounds are cheap).
+
+``neighbouring`` is the relation every epsilon the institution computes is accounted for:
+its budget check, the epsilon in its replies and ``fedsilo-client budget``'s headline
+figure. ``"replace-one"`` (one record replaced by another; the deployed default) is what
+holds when the record count is public, as it is in fedsilo (the aggregation weight, the
+sample rate and steps, distributed DP's ``records``); ``"add-remove"`` (one record added or
+removed) is the figure Opacus reports, smaller for the same noise. Without the key (in a
+simulation) the institution accounts for the proposal's ``neighbouring``; with it, the
+proposal's is ignored, so a coordinator cannot make a replace-one institution account
+add/remove. The coordinator's proposal only calibrates the noise (``PrivacySettings``).
 """
 
 from __future__ import annotations
@@ -81,6 +92,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedsilo.common.accounting import NEIGHBOURING, REPLACE_ONE
 from fedsilo.common.errors import ConfigError
 from fedsilo.common.settings import PrivacySettings, Proposal, coerce
 from fedsilo.common.tomlfile import read_toml
@@ -103,6 +115,7 @@ KEYS = {
     "test-fraction": "test_fraction",
     "min-eval-records": "min_eval_records",
     "one-evaluation-per-trained-round": "one_evaluation_per_trained_round",
+    "neighbouring": "neighbouring",
 }
 # A deployed institution's defaults where its policy is silent (``deployed_policy``).
 DEPLOYED_DEFAULTS = {
@@ -116,6 +129,8 @@ DEPLOYED_DEFAULTS = {
     "test-fraction": 0.2,
     "min-eval-records": 50,
     "one-evaluation-per-trained-round": True,
+    # The record count is public (see the module's docstring): account for replace-one neighbours.
+    "neighbouring": REPLACE_ONE,
 }
 
 
@@ -142,6 +157,9 @@ class PrivacyPolicy:
     test_fraction: float | None = None
     min_eval_records: int = 1
     one_evaluation_per_trained_round: bool = False
+    # The neighbouring relation it accounts for ("add-remove" or "replace-one"; deployed default
+    # "replace-one"); None: the proposal's (simulations only).
+    neighbouring: str | None = None
     source: str = "policy"
 
     def __post_init__(self) -> None:
@@ -168,6 +186,8 @@ class PrivacyPolicy:
             raise bad("min-round-size", self.min_round_size, "an integer >= 2 (a secure sum needs two institutions)")
         if self.test_fraction is not None and not (0 < self.test_fraction < 1):
             raise bad("test-fraction", self.test_fraction, "in (0, 1), the share of its records held out")
+        if self.neighbouring is not None and self.neighbouring not in NEIGHBOURING:
+            raise bad("neighbouring", self.neighbouring, " or ".join(map(repr, NEIGHBOURING)))
         if self.min_eval_records < 1:
             raise bad("min-eval-records", self.min_eval_records, "an integer >= 1 (no scores over fewer records)")
 
@@ -266,6 +286,10 @@ class PrivacyPolicy:
     def accounting_delta(self, settings: Proposal) -> float:
         """The delta epsilon is accounted at: the institution's own, else the run's."""
         return self.delta if self.delta is not None else settings.privacy.delta
+
+    def accounting_relation(self, settings: Proposal) -> str:
+        """The neighbouring relation epsilon is accounted for: the institution's own, else (simulations) the run's."""
+        return self.neighbouring if self.neighbouring is not None else settings.privacy.neighbouring
 
     def violations(self, settings: Proposal, plan: RoundPlan, *, secure_aggregation: bool) -> list[str]:
         """What in the coordinator's proposal breaks this policy (empty: nothing).

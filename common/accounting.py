@@ -28,6 +28,27 @@ composed by RDP at the integer orders ``SKELLAM_ORDERS``, its Gaussian rounds by
 RDP of the sampled Gaussian at the same orders, and converted to epsilon as Opacus's
 ``get_privacy_spent`` does, whichever accountant is named: a valid upper bound, looser
 than PLD for the Gaussian rounds. A history without one is accounted as before.
+
+Neighbouring relation (``NEIGHBOURING``): every function that turns events into epsilon
+takes ``neighbouring``, ``"add-remove"`` (the default: one record added or removed, the
+figure Opacus and TensorFlow Privacy report) or ``"replace-one"`` (one record replaced by
+another: what holds when the record count is public, as it is in fedsilo). The events are
+the same under both (a ledger records mechanisms, not the relation); only how they are
+accounted differs:
+
+- sampled Gaussian rounds under PLD: dp_accounting's own ``NeighborRel.REPLACE_ONE``,
+  the exact dominating pair ``q N(-1, s^2) + (1-q) N(0, s^2)`` against
+  ``q N(1, s^2) + (1-q) N(0, s^2)`` (tight; at ``q = 1`` the Gaussian with sensitivity 2);
+- every RDP route (Opacus's accountant, PLD's switch above ``PLD_MAX_EPSILON``, and a
+  history with Skellam rounds): ``replace_one_rdp``, RDP group privacy for the two
+  add/remove steps a replacement is (remove, then add), taken at each order with the
+  smaller of that and the unsampled mechanism's replace-one RDP (sensitivity 2C for the
+  Gaussian, ``skellam_sensitivity(..., replace_one=True)`` for Skellam), and never below
+  the add/remove RDP at that order. dp_accounting's RDP accountant refuses
+  ``PoissonSampledDpEvent`` under ``REPLACE_ONE`` (and gives an unsampled
+  ``GaussianDpEvent`` its add/remove figure there, reading the noise as relative to the
+  replace-one sensitivity), and no subsampling theorem for the Skellam mechanism under
+  replace-one is implemented here.
 """
 
 from __future__ import annotations
@@ -38,6 +59,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Protocol
 
 from fedsilo.common.errors import ConfigError
 
@@ -76,6 +98,11 @@ CALIBRATION_TOLERANCE = 0.01
 # Noise beyond this is no model update at all (Opacus's own limit, opacus.accountants.utils).
 MAX_NOISE_MULTIPLIER = 1e6
 
+# The neighbouring relations epsilon can be accounted for (see the module docstring).
+ADD_REMOVE = "add-remove"
+REPLACE_ONE = "replace-one"
+NEIGHBOURING: tuple[str, ...] = (ADD_REMOVE, REPLACE_ONE)
+
 # (noise multiplier, sample rate, steps) of each event, in order; every noise and step count > 0.
 History = tuple[tuple[float, float, int], ...]
 
@@ -106,68 +133,95 @@ class SkellamEvent:
     steps: int
 
 
+class EpsilonOf(Protocol):
+    """How an accountant turns a history into epsilon at ``delta``, under a neighbouring relation."""
+
+    def __call__(self, history: History, delta: float, *, neighbouring: str = ADD_REMOVE) -> float: ...
+
+
 @dataclass(frozen=True)
 class Accountant:
     """One way of turning composed DP-SGD events into epsilon, by name.
 
-    ``epsilon(history, delta)`` is pure. ``parameters`` are whatever else fixes its
-    numbers. ``coarse``, if any, is a cheaper approximation of ``epsilon`` (not necessarily
-    an upper bound) that calibration searches first.
+    ``epsilon(history, delta, neighbouring=...)`` is pure. ``parameters`` are whatever else
+    fixes its numbers. ``coarse``, if any, is a cheaper approximation of ``epsilon`` (not
+    necessarily an upper bound) that calibration searches first.
     """
 
     name: str
-    epsilon: Callable[[History, float], float]
+    epsilon: EpsilonOf
     parameters: Mapping[str, float | str] = field(default_factory=dict)
-    coarse: Callable[[History, float], float] | None = None
+    coarse: EpsilonOf | None = None
 
     def record(self) -> dict[str, float | str]:
         """What identifies this accountant's numbers wherever they are kept (the ledger file)."""
         return {"name": self.name, **self.parameters}
 
 
-def _pld_epsilon(history: History, delta: float, *, interval: float = PLD_VALUE_DISCRETIZATION_INTERVAL) -> float:
-    """PLD epsilon of ``history`` (RDP's above ``PLD_MAX_EPSILON``).
+def _pld_epsilon(
+    history: History,
+    delta: float,
+    *,
+    interval: float = PLD_VALUE_DISCRETIZATION_INTERVAL,
+    neighbouring: str = ADD_REMOVE,
+) -> float:
+    """PLD epsilon of ``history`` (RDP's above ``PLD_MAX_EPSILON``) under ``neighbouring``.
 
     The events of one (noise, sample rate) are composed as one: the same epsilon as
     composing them one by one, in one self-composition.
     """
-    if _rdp_epsilon(history, delta, orders=_SWITCH_ORDERS) > PLD_MAX_EPSILON:
-        return _rdp_epsilon(history, delta)
+    if _rdp_epsilon(history, delta, orders=_SWITCH_ORDERS, neighbouring=neighbouring) > PLD_MAX_EPSILON:
+        return _rdp_epsilon(history, delta, neighbouring=neighbouring)
     steps: dict[tuple[float, float], int] = {}
     for sigma, sample_rate, n in history:
         steps[sigma, sample_rate] = steps.get((sigma, sample_rate), 0) + n
     groups = tuple(sorted((sigma, sample_rate, n) for (sigma, sample_rate), n in steps.items()))
-    return _pld_composed(groups, delta, interval)
+    return _pld_composed(groups, delta, interval, neighbouring)
 
 
 @lru_cache(maxsize=1024)
-def _pld_composed(groups: History, delta: float, interval: float) -> float:
-    """Epsilon of ``groups`` (each a self-composed sampled Gaussian) by dp_accounting's PLD (pure)."""
+def _pld_composed(groups: History, delta: float, interval: float, neighbouring: str = ADD_REMOVE) -> float:
+    """Epsilon of ``groups`` (each a self-composed sampled Gaussian) by dp_accounting's PLD (pure).
+
+    ``"replace-one"``: dp_accounting's ``NeighborRel.REPLACE_ONE``, whose sampled Gaussian is
+    the pair ``q N(-1, s^2) + (1-q) N(0, s^2)`` against ``q N(1, s^2) + (1-q) N(0, s^2)``
+    (``privacy_loss_mechanism.AdditiveNoisePrivacyLoss``, REPLACE adjacency), and whose
+    unsampled Gaussian has sensitivity 2.
+    """
     from dp_accounting import dp_event
-    from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+    from dp_accounting.pld.pld_privacy_accountant import NeighborRel, PLDAccountant
 
     def step(sigma: float, sample_rate: float) -> dp_event.DpEvent:
         gaussian = dp_event.GaussianDpEvent(sigma)
         return gaussian if sample_rate >= 1 else dp_event.PoissonSampledDpEvent(sample_rate, gaussian)
 
-    accountant = PLDAccountant(value_discretization_interval=interval)  # pessimistic estimate
+    relation = NeighborRel.REPLACE_ONE if neighbouring == REPLACE_ONE else NeighborRel.ADD_OR_REMOVE_ONE
+    accountant = PLDAccountant(relation, value_discretization_interval=interval)  # pessimistic estimate
     accountant.compose(dp_event.ComposedDpEvent([dp_event.SelfComposedDpEvent(step(s, q), n) for s, q, n in groups]))
     return float(accountant.get_epsilon(delta))
 
 
-def _pld_coarse(history: History, delta: float) -> float:
+def _pld_coarse(history: History, delta: float, *, neighbouring: str = ADD_REMOVE) -> float:
     """The PLD epsilon at a coarser discretization: cheaper, and a little higher."""
-    return _pld_epsilon(history, delta, interval=_COARSE_FACTOR * PLD_VALUE_DISCRETIZATION_INTERVAL)
+    return _pld_epsilon(
+        history, delta, interval=_COARSE_FACTOR * PLD_VALUE_DISCRETIZATION_INTERVAL, neighbouring=neighbouring
+    )
 
 
-def _rdp_epsilon(history: History, delta: float, *, orders: tuple[float, ...] = tuple(ALPHAS)) -> float:
-    """RDP epsilon of ``history``: what opacus.accountants.RDPAccountant computes, term for term."""
+def _rdp_epsilon(
+    history: History, delta: float, *, orders: tuple[float, ...] = tuple(ALPHAS), neighbouring: str = ADD_REMOVE
+) -> float:
+    """RDP epsilon of ``history``: add/remove, what opacus.accountants.RDPAccountant computes, term for term.
+
+    ``"replace-one"``: each step's RDP by ``replace_one_rdp`` (see ``_rdp_per_step_replace_one``).
+    """
     import numpy as np
     from opacus.accountants.analysis import rdp as rdp_analysis
 
     # The per-step RDP curve of each (noise, sample rate) is memoized: a ledger repeats the
     # same round many times, and recomputing it made accounting quadratic in the rounds.
-    rdp = sum([np.array(_rdp_per_step(sample_rate, sigma, orders)) * steps for sigma, sample_rate, steps in history])
+    per_step = _rdp_per_step_replace_one if neighbouring == REPLACE_ONE else _rdp_per_step
+    rdp = sum([np.array(per_step(sample_rate, sigma, orders)) * steps for sigma, sample_rate, steps in history])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "optimal order is the largest alpha": bound still valid
         eps, _ = rdp_analysis.get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta)
@@ -184,12 +238,75 @@ def _rdp_per_step(sample_rate: float, noise_multiplier: float, orders: tuple[flo
     )
 
 
+@lru_cache(maxsize=1024)
+def _rdp_per_step_replace_one(
+    sample_rate: float, noise_multiplier: float, orders: tuple[float, ...]
+) -> tuple[float, ...]:
+    """Replace-one RDP of one step of the sampled Gaussian mechanism at every order in ``orders`` (pure).
+
+    ``replace_one_rdp`` of Opacus's add/remove RDP (Mironov, Talwar and Zhang 2019), with
+    the unsampled Gaussian's replace-one RDP ``a * 2^2 / (2 sigma^2)`` (sensitivity 2C).
+    """
+    needed = tuple(sorted({*orders, *(2 * a for a in orders), *(2 * a - 1 for a in orders)}))
+    add_remove = dict(zip(needed, _rdp_per_step(sample_rate, noise_multiplier, needed), strict=True))
+    return tuple(
+        replace_one_rdp(
+            orders,
+            add_remove.__getitem__,
+            unsampled=lambda a: 2 * a / noise_multiplier**2,
+        )
+    )
+
+
+def replace_one_rdp(
+    orders: Iterable[float], add_remove: Callable[[float], float], *, unsampled: Callable[[float], float]
+) -> list[float]:
+    """Replace-one RDP at each order ``a > 1`` from a mechanism's add/remove RDP, for one release.
+
+    A replacement of record x by x' in D is two add/remove steps through D'' = D without
+    x: P = M(D), Q = M(D''), R = M(D'). Hoelder's inequality with exponents 2 and 2 on
+    ``E_R[(P/R)^a] = E_Q[(P/Q)^a (Q/R)^(a-1)]`` gives the weak triangle inequality of Renyi
+    divergence (Mironov, "Renyi Differential Privacy", CSF 2017, arXiv 1702.07476: the weak
+    triangle inequality with p = q = 2 behind its group privacy for 2-stable
+    transformations, ``(a/2, 3 eps(a))``, which is this bound loosened)::
+
+        D_a(P || R) <= (a - 1/2) / (a - 1) * D_2a(P || Q) + D_(2a-1)(Q || R)
+                    <= (a - 1/2) / (a - 1) * eps(2a) + eps(2a - 1)
+
+    with ``eps = add_remove`` (an add/remove RDP bound holds for removal and addition
+    alike). Each order takes the smaller of that and ``unsampled(a)``, the replace-one RDP
+    of the mechanism run on all records (Poisson subsampling never costs more under
+    replace-one: the replaced record's coin is the same in D and D', and Renyi divergence
+    is quasi-convex), and never less than ``add_remove(a)`` (a larger upper bound is still
+    one; so the replace-one epsilon is never below the add/remove one at the same orders).
+
+    How loose: for the unsampled Gaussian the triangle gives ``(2a-1)^2 / (2 (a-1) s^2)``
+    against the exact ``2a / s^2``, a factor ``1 + 1/(4a(a-1))``; at small sample rates,
+    where the sampled Gaussian's RDP is about linear in the order, it is about 4 times the
+    add/remove RDP, as the exact replace-one RDP is (its chi-square divergence is 4 times
+    the add/remove one as q goes to 0). Pure.
+    """
+    out = []
+    for a in orders:
+        if not a > 1:
+            raise ConfigError(f"RDP order must be > 1. Found {a}.")
+        triangle = (a - 0.5) / (a - 1) * add_remove(2 * a) + add_remove(2 * a - 1)
+        out.append(max(min(triangle, unsampled(a)), add_remove(a)))
+    return out
+
+
 ACCOUNTANT_OF_RECORD = "pld"
 # How a history with distributed-DP rounds is accounted, whichever accountant is named: part
 # of each accountant's record (the ledger file's), so its epsilon can be recomputed from it.
 _DISTRIBUTED = (
     "RDP: Skellam by Agarwal et al. Cor. 3.6 under the Zhu-Wang general Poisson subsampling bound, "
     "composed with Opacus's sampled-Gaussian RDP at integer orders 2 to 256, 320, 384, 512, 768, 1024"
+)
+# How a history is accounted under replace-one neighbours (the relation is chosen when the
+# ledger is composed, not recorded in it).
+_REPLACE_ONE = (
+    "PLD: dp_accounting NeighborRel.REPLACE_ONE; RDP: Mironov's weak triangle inequality (p = q = 2) over the "
+    "add/remove RDP at orders 2a and 2a-1, at most the unsampled mechanism's with doubled sensitivity"
 )
 ACCOUNTANTS: dict[str, Accountant] = {
     "pld": Accountant(
@@ -201,6 +318,7 @@ ACCOUNTANTS: dict[str, Accountant] = {
             "rdp-above-epsilon": PLD_MAX_EPSILON,
             "rdp-switch-orders": ", ".join(map(str, _SWITCH_ORDERS)),
             "with-distributed-rounds": _DISTRIBUTED,
+            "replace-one": _REPLACE_ONE,
         },
         coarse=_pld_coarse,
     ),
@@ -210,6 +328,7 @@ ACCOUNTANTS: dict[str, Accountant] = {
         {
             "orders": "1.1 to 10.9 by 0.1, 11 to 63, 64 to 4096 by powers of 2",
             "with-distributed-rounds": _DISTRIBUTED,
+            "replace-one": _REPLACE_ONE,
         },
     ),
 }
@@ -222,8 +341,19 @@ def get_accountant(name: str) -> Accountant:
     return ACCOUNTANTS[name]
 
 
+def check_neighbouring(neighbouring: str) -> str:
+    """``neighbouring`` if it is one of ``NEIGHBOURING``; else a ``ConfigError`` naming it."""
+    if neighbouring not in NEIGHBOURING:
+        raise ConfigError(f"neighbouring must be one of {', '.join(map(repr, NEIGHBOURING))}. Found {neighbouring!r}.")
+    return neighbouring
+
+
 def epsilon_spent(
-    events: Iterable[DPSGDEvent | SkellamEvent], *, delta: float, accountant: str = ACCOUNTANT_OF_RECORD
+    events: Iterable[DPSGDEvent | SkellamEvent],
+    *,
+    delta: float,
+    accountant: str = ACCOUNTANT_OF_RECORD,
+    neighbouring: str = ADD_REMOVE,
 ) -> float:
     """Epsilon at ``delta`` of all ``events`` composed.
 
@@ -238,6 +368,11 @@ def epsilon_spent(
         ``"pld"`` (the accountant of record, tight) or ``"rdp"`` (Opacus's Renyi DP). With
         any ``SkellamEvent``, either composes everything by RDP at ``SKELLAM_ORDERS``
         (see the module docstring).
+    neighbouring
+        ``"add-remove"`` (default) or ``"replace-one"`` (see the module docstring). The
+        replace-one figure of the same events is never below the add/remove one: by
+        construction on the RDP routes, and for PLD's sampled Gaussian because its
+        replace-one pair is the wider (``tests/common/test_replace_one.py`` checks both).
 
     Returns
     -------
@@ -246,6 +381,7 @@ def epsilon_spent(
         ``variance == 0``: no DP guarantee), 0.0 if there are no events (or none with a step).
     """
     method = get_accountant(accountant)
+    check_neighbouring(neighbouring)
     if not 0 < delta < 1:
         raise ConfigError(f"delta must be in (0, 1). Found {delta}.")
     taken = [e for e in events if e.steps > 0]
@@ -260,8 +396,8 @@ def epsilon_spent(
     if any(sigma <= 0 for sigma, _, _ in history) or any(variance <= 0 for _, variance, _, _, _ in skellam):
         return math.inf
     if skellam:
-        return _rdp_composed_epsilon(history, skellam, delta)
-    return method.epsilon(history, delta)
+        return _rdp_composed_epsilon(history, skellam, delta, neighbouring)
+    return method.epsilon(history, delta, neighbouring=neighbouring)
 
 
 def skellam_rdp(order: int, *, variance: float, l2_sensitivity: float, l1_sensitivity: float) -> float:
@@ -342,10 +478,34 @@ def _skellam_rdp_per_step(
     return tuple(subsampled_rdp(orders, rdp_of, sample_rate))
 
 
+@lru_cache(maxsize=1024)
+def _skellam_rdp_per_step_replace_one(
+    sample_rate: float, variance: float, l2: float, l1: float, orders: tuple[int, ...]
+) -> tuple[float, ...]:
+    """Replace-one RDP of one round of the subsampled Skellam mechanism at every order in ``orders`` (pure).
+
+    ``replace_one_rdp`` of the add/remove bound (Zhu-Wang over Cor. 3.6) at the integer
+    orders ``2a`` and ``2a - 1``, and, unsampled, Cor. 3.6 with both sensitivities doubled:
+    with the same dither, the encoding with x' differs from the one with x by at most the
+    sum of the two add/remove differences through the encoding without either (triangle
+    inequality, in L2 and in L1), so ``2 D2`` and ``2 D1`` bound one replacement.
+    """
+    needed = tuple(sorted({*orders, *(2 * a for a in orders), *(2 * a - 1 for a in orders)}))
+    add_remove = dict(zip(needed, _skellam_rdp_per_step(sample_rate, variance, l2, l1, needed), strict=True))
+
+    def unsampled(order: float) -> float:
+        return skellam_rdp(int(order), variance=variance, l2_sensitivity=2 * l2, l1_sensitivity=2 * l1)
+
+    return tuple(replace_one_rdp(orders, lambda a: add_remove[int(a)], unsampled=unsampled))
+
+
 def _rdp_composed_epsilon(
-    history: History, skellam: tuple[tuple[float, float, float, float, int], ...], delta: float
+    history: History,
+    skellam: tuple[tuple[float, float, float, float, int], ...],
+    delta: float,
+    neighbouring: str = ADD_REMOVE,
 ) -> float:
-    """RDP epsilon of Gaussian ``history`` and Skellam rounds together, at ``SKELLAM_ORDERS``."""
+    """RDP epsilon of Gaussian ``history`` and Skellam rounds together at ``SKELLAM_ORDERS``, under ``neighbouring``."""
     import numpy as np
     from opacus.accountants.analysis import rdp as rdp_analysis
 
@@ -356,11 +516,14 @@ def _rdp_composed_epsilon(
     shared: Counter[tuple[float, float, float, float]] = Counter()
     for sample_rate, variance, l2, l1, steps in skellam:
         shared[sample_rate, variance, l2, l1] += steps
+    replace_one = neighbouring == REPLACE_ONE
+    gaussian_step = _rdp_per_step_replace_one if replace_one else _rdp_per_step
+    skellam_step = _skellam_rdp_per_step_replace_one if replace_one else _skellam_rdp_per_step
     rdp = np.zeros(len(SKELLAM_ORDERS))
     for (sigma, sample_rate), steps in gaussian.items():
-        rdp += np.array(_rdp_per_step(sample_rate, sigma, SKELLAM_ORDERS)) * steps
+        rdp += np.array(gaussian_step(sample_rate, sigma, SKELLAM_ORDERS)) * steps
     for (sample_rate, variance, l2, l1), steps in shared.items():
-        rdp += np.array(_skellam_rdp_per_step(sample_rate, variance, l2, l1, SKELLAM_ORDERS)) * steps
+        rdp += np.array(skellam_step(sample_rate, variance, l2, l1, SKELLAM_ORDERS)) * steps
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "optimal order is the largest alpha": bound still valid
         eps, _ = rdp_analysis.get_privacy_spent(orders=list(SKELLAM_ORDERS), rdp=list(rdp), delta=delta)
@@ -392,15 +555,22 @@ def skellam_event(
 
 @lru_cache(maxsize=256)
 def calibrate_noise(
-    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = ACCOUNTANT_OF_RECORD
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = ACCOUNTANT_OF_RECORD,
+    neighbouring: str = ADD_REMOVE,
 ) -> float:
     """Smallest noise multiplier whose ``steps`` steps spend at most ``target_epsilon``.
 
     The noise returned spends between ``(1 - CALIBRATION_TOLERANCE) * target_epsilon``
-    and ``target_epsilon``, by the ``accountant`` named (see ``epsilon_spent``). Pure, and
-    memoized because a round recomputes it for every institution.
+    and ``target_epsilon``, by the ``accountant`` named under the ``neighbouring`` relation
+    (see ``epsilon_spent``). Pure, and memoized because a round recomputes it for every institution.
     """
     method = get_accountant(accountant)
+    check_neighbouring(neighbouring)
     if not math.isfinite(target_epsilon) or target_epsilon <= 0:
         raise ConfigError(f"target epsilon must be finite and > 0. Found {target_epsilon}.")
     if not 0 < delta < 1:
@@ -408,8 +578,8 @@ def calibrate_noise(
     if not 0 < sample_rate <= 1 or steps < 1:
         raise ConfigError(f"sample rate must be in (0, 1] and steps >= 1. Found {sample_rate:.4g} and {steps}.")
 
-    def by(epsilon: Callable[[History, float], float]) -> Callable[[float], float]:
-        return lambda sigma: epsilon(((sigma, sample_rate, steps),), delta)
+    def by(epsilon: EpsilonOf) -> Callable[[float], float]:
+        return lambda sigma: epsilon(((sigma, sample_rate, steps),), delta, neighbouring=neighbouring)
 
     # A coarse approximation is searched to half the tolerance: if it is as close to the
     # accountant as that, its noise is the answer, and one evaluation of the accountant confirms it.
@@ -421,7 +591,7 @@ def calibrate_noise(
     if sigma is None:
         raise ConfigError(
             f"no noise multiplier up to {MAX_NOISE_MULTIPLIER:g} reaches epsilon {target_epsilon} at delta {delta} "
-            f"with sample rate {sample_rate:.4g} over {steps} steps ({accountant} accountant); "
+            f"with sample rate {sample_rate:.4g} over {steps} steps ({accountant} accountant, {neighbouring}); "
             "raise target-epsilon or delta, or lower the rounds or local epochs"
         )
     return sigma
@@ -437,6 +607,7 @@ def calibrate_skellam_noise(
     scale: float,
     max_grad_norm: float,
     dim_padded: int,
+    neighbouring: str = ADD_REMOVE,
 ) -> float:
     """Smallest noise multiplier whose ``steps`` distributed-DP rounds spend at most ``target_epsilon``.
 
@@ -444,9 +615,11 @@ def calibrate_skellam_noise(
     ``(scale * sigma * max_grad_norm)^2`` in the integer domain; see ``skellam_event``).
     The noise returned spends between ``(1 - CALIBRATION_TOLERANCE) * target_epsilon`` and
     ``target_epsilon`` by RDP (Cor. 3.6 of Agarwal et al. under the Zhu-Wang subsampling
-    bound). Pure, and memoized.
+    bound; under ``"replace-one"`` neighbours, ``replace_one_rdp`` of it). Pure, and memoized.
     """
     problems = []
+    if neighbouring not in NEIGHBOURING:
+        problems.append(f"neighbouring must be one of {', '.join(map(repr, NEIGHBOURING))}. Found {neighbouring!r}.")
     if not math.isfinite(target_epsilon) or target_epsilon <= 0:
         problems.append(f"target epsilon must be finite and > 0. Found {target_epsilon}.")
     if not 0 < delta < 1:
@@ -469,13 +642,13 @@ def calibrate_skellam_noise(
             max_grad_norm=max_grad_norm,
             dim_padded=dim_padded,
         )
-        return epsilon_spent([event], delta=delta)
+        return epsilon_spent([event], delta=delta, neighbouring=neighbouring)
 
     sigma = _search(epsilon_of, target_epsilon, start=1.0, tolerance=CALIBRATION_TOLERANCE)
     if sigma is None:
         raise ConfigError(
             f"no noise multiplier up to {MAX_NOISE_MULTIPLIER:g} reaches epsilon {target_epsilon} at delta {delta} "
-            f"with sample rate {sample_rate:.4g} over {steps} distributed rounds (Skellam, RDP); "
+            f"with sample rate {sample_rate:.4g} over {steps} distributed rounds (Skellam, RDP, {neighbouring}); "
             "raise target-epsilon or delta, or lower the rounds"
         )
     return sigma

@@ -238,6 +238,7 @@ def plan_distributed(settings: Proposal, dim: int) -> DistributedPlan:
             scale=scale,
             max_grad_norm=privacy.max_grad_norm,
             dim_padded=dim_padded,
+            neighbouring=privacy.neighbouring,
         )
     else:
         sigma = 0.0

@@ -42,15 +42,16 @@ def fmt(value: Any, digits: int = 4) -> str:
 
 
 def institutions_table(report: Mapping[str, Any]) -> Table:
-    """A run's institutions (``report.json``): weight, privacy spent, rounds trained and refused."""
+    """A run's institutions (``report.json``): weight, privacy spent and its neighbours, rounds trained and refused."""
     table = Table(title="Institutions")
-    for column in ("institution", "weight", "epsilon", "delta", "rounds trained", "rounds refused"):
+    for column in ("institution", "weight", "epsilon", "neighbours", "delta", "rounds trained", "rounds refused"):
         table.add_column(column, justify="left" if column == "institution" else "right")
     for inst in report["institutions"]:
         table.add_row(
             inst["name"],
             str(inst["num_examples"]),
             fmt(inst["epsilon"], 3),
+            str(inst.get("neighbouring", "add-remove")),  # reports written before it was named: add/remove
             f"{inst['delta']:g}",
             str(len(inst["ledger"])),
             str(len(inst["refusals"])),

@@ -19,6 +19,10 @@ PLD); the file names it and its parameters under "accountant", so that its
 epsilon can be recomputed from the file alone. The name is informative: reading
 a ledger (one written before it was recorded, say) always uses the accountant of
 record.
+
+The neighbouring relation (add/remove or replace-one) is not recorded: an entry records
+the mechanism, and the relation is chosen when the ledger is composed (``neighbouring``;
+an institution's is its policy's, ``fedsilo.client.policy``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fedsilo.common.accounting import ACCOUNTANT_OF_RECORD, DPSGDEvent, SkellamEvent, epsilon_spent, get_accountant
+from fedsilo.common.accounting import (
+    ACCOUNTANT_OF_RECORD,
+    ADD_REMOVE,
+    DPSGDEvent,
+    SkellamEvent,
+    epsilon_spent,
+    get_accountant,
+)
 from fedsilo.common.atomic import write_text_atomically
 from fedsilo.common.errors import LedgerError
 
@@ -156,12 +167,13 @@ class PrivacyLedger:
         paths = sorted((Path(state_dir) / "ledgers").glob("*.json"))
         return [cls.for_dataset(state_dir, p.stem) for p in paths]
 
-    def epsilon(self, *, delta: float, worst_case: bool = False) -> float:
+    def epsilon(self, *, delta: float, worst_case: bool = False, neighbouring: str = ADD_REMOVE) -> float:
         """Epsilon spent on this dataset over every recorded round, by the accountant of record.
 
         ``worst_case``: each distributed round with the institution's own noise share alone.
+        ``neighbouring``: the relation accounted for (``"add-remove"`` or ``"replace-one"``).
         """
-        return composed_epsilon([self], delta=delta, worst_case=worst_case)
+        return composed_epsilon([self], delta=delta, worst_case=worst_case, neighbouring=neighbouring)
 
     @property
     def distributed_rounds(self) -> int:
@@ -193,11 +205,14 @@ def _row(entry: LedgerEntry) -> dict[str, Any]:
     return {f.name: getattr(entry, f.name) for f in fields(entry)}
 
 
-def composed_epsilon(ledgers: list[PrivacyLedger], *, delta: float, worst_case: bool = False) -> float:
+def composed_epsilon(
+    ledgers: list[PrivacyLedger], *, delta: float, worst_case: bool = False, neighbouring: str = ADD_REMOVE
+) -> float:
     """Epsilon of every round in ``ledgers`` composed: what an institution's budget is checked against.
 
     ``worst_case``: each distributed round accounted with the institution's own noise share
     alone (no other institution honest), instead of the guaranteed total it counted on.
+    ``neighbouring``: the relation accounted for (the institution's policy's when enforced).
     """
     events = [e.worst_case_event() if worst_case else e.event() for ledger in ledgers for e in ledger.entries]
-    return epsilon_spent(events, delta=delta, accountant=ACCOUNTANT_OF_RECORD)
+    return epsilon_spent(events, delta=delta, accountant=ACCOUNTANT_OF_RECORD, neighbouring=neighbouring)

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
-from fedsilo.common.accounting import ACCOUNTANT_OF_RECORD, ACCOUNTANTS
+from fedsilo.common.accounting import ACCOUNTANT_OF_RECORD, ACCOUNTANTS, ADD_REMOVE, NEIGHBOURING
 from fedsilo.common.errors import ConfigError
 from fedsilo.common.registry import ACTIVATIONS, DATASETS, MODELS, PARTITIONERS, TABLE_SUFFIXES
 
@@ -127,7 +127,8 @@ class PrivacySettings:
     that the planned rounds spend ``target_epsilon``. ``target_epsilon = inf`` with
     no noise multiplier turns DP off (a non-private baseline, epsilon = inf).
     ``max_epsilon`` is the lifetime budget of a dataset; 0 means "the target".
-    ``accountant`` calibrates the noise to the target (see ``fedsilo.common.accounting``).
+    ``accountant`` calibrates the noise to the target (see ``fedsilo.common.accounting``),
+    for the neighbouring relation ``neighbouring``.
     """
 
     target_epsilon: float = field(default=2.0, metadata=_key("target-epsilon"))
@@ -142,6 +143,11 @@ class PrivacySettings:
     # "distributed": each round is one DP-SGD step over the union, each institution adding only its
     # share of the noise inside the SecAgg+ sum (Skellam; see fedsilo.common.distributed_dp).
     mode: str = field(default="local", metadata=_key("dp-mode"))
+    # The neighbouring relation the noise is calibrated for: "add-remove" (one record added or
+    # removed; the figure Opacus reports) or "replace-one" (one record replaced: what holds with
+    # the record count public). `fedsilo-server init` writes "replace-one" (DEPLOYED_RUN_DEFAULTS).
+    # An institution accounts by its own policy's relation where it has one.
+    neighbouring: str = field(default=ADD_REMOVE, metadata=_key("neighbouring"))
 
     def __post_init__(self) -> None:
         _check(self.mode in DP_MODES, "dp-mode", self.mode, _one_of(DP_MODES))
@@ -151,6 +157,7 @@ class PrivacySettings:
         _check(self.max_grad_norm > 0, "max-grad-norm", self.max_grad_norm, "> 0")
         _check(self.max_epsilon >= 0, "max-epsilon", self.max_epsilon, ">= 0 (0: the target)")
         _check(self.accountant in ACCOUNTANTS, "accountant", self.accountant, _one_of(tuple(ACCOUNTANTS)))
+        _check(self.neighbouring in NEIGHBOURING, "neighbouring", self.neighbouring, _one_of(NEIGHBOURING))
 
     @property
     def enabled(self) -> bool:

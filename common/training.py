@@ -124,6 +124,7 @@ def plan_round(*, num_examples: int, train: TrainSettings, privacy: PrivacySetti
             sample_rate=sample_rate,
             steps=steps * planned_rounds,
             accountant=privacy.accountant,
+            neighbouring=privacy.neighbouring,
         )
     else:
         noise = 0.0

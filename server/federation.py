@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fedsilo.common.accounting import REPLACE_ONE
 from fedsilo.common.datasets import builtin_schema_path
 from fedsilo.common.errors import ConfigError
 from fedsilo.common.schema import Schema
@@ -33,6 +34,17 @@ from fedsilo.runtime.keys import DEFAULT_HOSTS, fingerprint, issue_server_certif
 from fedsilo.server.run_naming import new_run_dir
 
 DEFAULT_PORT = 9092
+
+
+def deployed_proposal() -> Proposal:
+    """What a new federation's runs propose unless federation.toml says otherwise (``fedsilo-server init``).
+
+    fedsilo's defaults, with the noise calibrated for replace-one neighbours: in a deployment
+    each institution's record count is public. Simulations keep the add-remove default, so
+    their figures stay comparable with published ones.
+    """
+    defaults = Proposal()
+    return replace(defaults, privacy=replace(defaults.privacy, neighbouring=REPLACE_ONE))
 
 
 @dataclass(frozen=True)
@@ -110,7 +122,8 @@ class Federation:
     ) -> Federation:
         """Create a federation directory; refuse to touch an existing one.
 
-        ``proposal`` (default: fedsilo's) becomes federation.toml's ``[run]``, with ``dataset``.
+        ``proposal`` (default: fedsilo's, with the deployed coordinator's defaults
+        ``deployed_proposal``) becomes federation.toml's ``[run]``, with ``dataset``.
         """
         fed = cls(root)
         if fed.config_path.exists():
@@ -127,7 +140,7 @@ class Federation:
         hosts = tuple(dict.fromkeys((*hosts, *DEFAULT_HOSTS)))
         source = schema if schema is not None else builtin_schema_path(dataset)
         Schema.load(source)  # a malformed schema fails here, before anything is written
-        run = proposal or Proposal()
+        run = proposal or deployed_proposal()
         run = replace(run, data=replace(run.data, dataset=dataset))
         # Everything is written in a scratch folder beside DIR and moved in at the end, so a
         # failure part-way leaves no DIR, or DIR as it was.

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from fedsilo.common.accounting import NEIGHBOURING
 from fedsilo.common.metrics import MODEL_METRICS
 
 __all__ = ["evaluate_problems", "fit_problems", "vector_problems"]
@@ -72,6 +73,8 @@ def fit_problems(weight: object, metrics: Mapping[str, Any], *, distributed: boo
     >= 0, ``sample-rate`` in (0, 1] and an integer ``steps`` >= 0; its epsilon may be
     infinite only when its noise multiplier is 0 (it trained without DP). A
     refusal's epsilon may be infinite: an earlier round of this run trained without DP.
+    ``neighbouring``, if present, names the relation the epsilon is for (``NEIGHBOURING``;
+    absent: add-remove, what institutions reported before they named it).
 
     With ``distributed`` (dp-mode distributed), every reply, a refusal too, weighs
     ``secagg-max-weight`` (it sends its noise share), and one that trained carries its
@@ -99,6 +102,8 @@ def fit_problems(weight: object, metrics: Mapping[str, Any], *, distributed: boo
     no_dp = refused or noise == 0
     expected = "a number >= 0 (inf only without DP)" if no_dp else "a finite number >= 0 (the reply used DP)"
     _number(metrics, "epsilon", expected, lambda v: v >= 0, problems, inf_ok=no_dp)
+    if "neighbouring" in metrics and metrics["neighbouring"] not in NEIGHBOURING:
+        problems.append(f"'neighbouring' must be one of {', '.join(NEIGHBOURING)}; found {metrics['neighbouring']!r}")
     return problems
 
 

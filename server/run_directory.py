@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsilo.common.accounting import DPSGDEvent, SkellamEvent, epsilon_spent
+from fedsilo.common.accounting import ADD_REMOVE, DPSGDEvent, SkellamEvent, epsilon_spent
 from fedsilo.common.errors import ConfigError
 from fedsilo.common.settings import RunSettings
 
@@ -46,26 +46,30 @@ class InstitutionRecord:
     ``epsilon`` is what the institution last reported: its spend in this run (its rounds of
     this run composed, at its own delta), not what it spent in other runs or federations,
     which its budget also counts. ``epsilon_this_run`` in the report is the coordinator's
-    own composition of the rounds it booked.
+    own composition of the rounds it booked, for the neighbouring relation the institution
+    names in its replies (``neighbouring``; its policy's, replace-one by default when deployed).
     """
 
     name: str
     num_examples: int = 0
     epsilon: float = 0.0
     delta: float = 0.0
+    neighbouring: str = ADD_REMOVE  # the relation its epsilon is for, as its last reply named it
     ledger: list[dict[str, Any]] = field(default_factory=list)
     refusals: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)  # malformed replies, dropped unused
 
     def as_report(self) -> dict[str, Any]:
         events = [_event(e) for e in self.ledger]
-        run_epsilon = epsilon_spent(events, delta=self.delta) if self.delta > 0 else 0.0
+        relation = self.neighbouring
+        run_epsilon = epsilon_spent(events, delta=self.delta, neighbouring=relation) if self.delta > 0 else 0.0
         return {
             "name": self.name,
             "num_examples": self.num_examples,
             "epsilon": self.epsilon,
             "epsilon_this_run": run_epsilon,
             "delta": self.delta,
+            "neighbouring": relation,
             "ledger": self.ledger,
             "refusals": self.refusals,
             "rejected": self.rejected,
@@ -185,6 +189,7 @@ class RunDirectory:
         record = self.institution(name)
         record.epsilon = float(metrics.get("epsilon", record.epsilon))
         record.delta = float(metrics.get("delta", record.delta))
+        record.neighbouring = str(metrics.get("neighbouring", record.neighbouring))
         if "refused" in metrics:
             record.refusals.append({"round": server_round, "reason": str(metrics["refused"])})
             return
@@ -278,6 +283,8 @@ class RunDirectory:
             else None,
             "final_metrics": {k: final[k] for k in SCORE_COLUMNS if k in final},
             "max_epsilon": max((i.epsilon for i in self.institutions.values()), default=0.0),
+            # The relation the noise was calibrated for; each institution's epsilon is for its own (below).
+            "neighbouring": self.settings.privacy.neighbouring,
             "institutions": [self.institutions[n].as_report() for n in sorted(self.institutions)],
             "rounds": self.rounds,
             "model": {k: v for k, v in self.model_spec.items() if k != "keys"},

@@ -8,6 +8,7 @@ from fedsilo.client.budget import budget_summary
 from fedsilo.common.ledger import LedgerEntry, PrivacyLedger, composed_epsilon
 
 RECORDED = "2026-11-30T00:00:00+00:00"
+RO = "replace-one"
 
 
 def local_round(round_: int) -> LedgerEntry:
@@ -48,14 +49,19 @@ def test_budget_shows_the_worst_case_epsilon_of_distributed_rounds(tmp_path: Pat
     # Assert
     ledgers = PrivacyLedger.all(tmp_path)
     assert summary["distributed_rounds"] == 30
-    assert summary["epsilon"] == pytest.approx(composed_epsilon(ledgers, delta=1e-5))
-    assert summary["epsilon_worst_case"] == pytest.approx(composed_epsilon(ledgers, delta=1e-5, worst_case=True))
+    assert summary["neighbouring"] == RO  # no policy: the deployed default
+    assert summary["epsilon"] == pytest.approx(composed_epsilon(ledgers, delta=1e-5, neighbouring=RO))
+    assert summary["epsilon_worst_case"] == pytest.approx(
+        composed_epsilon(ledgers, delta=1e-5, worst_case=True, neighbouring=RO)
+    )
     assert summary["epsilon_worst_case"] > summary["epsilon"]
     rows = {row["dataset"]: row for row in summary["datasets"]}
     assert rows["a" * 24]["distributed_rounds"] == 0
-    assert rows["a" * 24]["epsilon_worst_case"] == rows["a" * 24]["epsilon"] == local.epsilon(delta=1e-5)
+    assert (
+        rows["a" * 24]["epsilon_worst_case"] == rows["a" * 24]["epsilon"] == local.epsilon(delta=1e-5, neighbouring=RO)
+    )
     assert rows["b" * 24]["distributed_rounds"] == 30
-    assert rows["b" * 24]["epsilon_worst_case"] == mixed.epsilon(delta=1e-5, worst_case=True)
+    assert rows["b" * 24]["epsilon_worst_case"] == mixed.epsilon(delta=1e-5, worst_case=True, neighbouring=RO)
     assert rows["b" * 24]["epsilon_worst_case"] > rows["b" * 24]["epsilon"]
 
 

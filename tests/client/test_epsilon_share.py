@@ -107,7 +107,8 @@ def test_the_coordinators_report_shows_each_institutions_share_of_this_run(tmp_p
 
 def test_the_replace_one_figure_readme_gives_for_a_public_count_is_dp_accountings() -> None:
     # README, "What the accounting assumes": with the record count public, replace-one neighbours
-    # are what holds; the same noise costs more under them, and at most twice the add/remove figure.
+    # are what holds; the same noise costs more under them (dp-accounting's own REPLACE_ONE figure,
+    # which epsilon_spent(..., neighbouring="replace-one") gives: tests/common/test_replace_one.py).
     from dp_accounting import dp_event
     from dp_accounting.pld.pld_privacy_accountant import NeighborRel, PLDAccountant
 

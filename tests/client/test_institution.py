@@ -56,7 +56,16 @@ def test_each_round_is_recorded_and_epsilon_grows_to_the_target(tmp_path: Path) 
 def test_clear_text_metrics_carry_nothing_computed_from_records(tmp_path: Path) -> None:
     data = institution(tmp_path)
     out = fit_round(data, initial(data), SETTINGS, server_round=1, run_id="a")
-    assert set(out.metrics) == {"institution", "delta", "epsilon", "steps", "noise-multiplier", "sample-rate"}
+    assert set(out.metrics) == {
+        "institution",
+        "delta",
+        "neighbouring",
+        "epsilon",
+        "steps",
+        "noise-multiplier",
+        "sample-rate",
+    }
+    assert out.metrics["neighbouring"] == "add-remove"  # the proposal's: this simulated policy names none
 
 
 def test_a_restarted_institution_continues_from_its_ledger(tmp_path: Path) -> None:

@@ -196,7 +196,8 @@ def test_budget_shows_each_run_the_total_and_what_remains(tmp_path: Path) -> Non
     for run_id, rounds in (("run-a", (1, 2)), ("run-b", (1,))):
         for r in rounds:
             weights = fit_round(data, weights, SETTINGS, server_round=r, run_id=run_id).weights
-    (tmp_path / "policy.toml").write_text("max-epsilon = 5.0\n")
+    # The policy's relation is the one the simulated rounds were checked under (the proposal's default)
+    (tmp_path / "policy.toml").write_text('max-epsilon = 5.0\nneighbouring = "add-remove"\n')
     result = CliRunner().invoke(app, ["budget", "--state-dir", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
@@ -244,7 +245,7 @@ def test_budget_shows_every_ledger_composed_as_enforced(tmp_path: Path) -> None:
     data = institution(tmp_path, PrivacyPolicy(max_epsilon=5.0))
     for d in (data, replace(data, fingerprint="0" * 24)):
         fit_round(d, initial(d), SETTINGS, server_round=1, run_id="a")
-    (tmp_path / "policy.toml").write_text("max-epsilon = 5.0\n")
+    (tmp_path / "policy.toml").write_text('max-epsilon = 5.0\nneighbouring = "add-remove"\n')
     summary = json.loads(CliRunner().invoke(app, ["budget", "--state-dir", str(tmp_path), "--json"]).output)
     composed = composed_epsilon(PrivacyLedger.all(tmp_path), delta=1e-5)
     assert len(summary["datasets"]) == 2 and all(row["epsilon"] < composed for row in summary["datasets"])
