@@ -21,6 +21,7 @@ A policy file::
     test-fraction = 0.2          # the share of its records it holds out for evaluation (deployed default 0.2)
     min-eval-records = 50        # share no evaluation over fewer held-out records (deployed default 50)
     one-evaluation-per-trained-round = true  # evaluate once per round, only a round it trained in (deployed default)
+    secure-evaluation = true     # false: add no counts to a secure evaluation (its noise share still goes)
 
     [institutions.hospital-2]    # simulations only: overrides for one institution
     max-epsilon = 1.0
@@ -71,6 +72,14 @@ answers: at most once per round of a run (``fedsilo.client.evaluations``), and o
 round its ledger shows it trained in, so every evaluation follows a round it trained
 and recorded, and a new run name or round number alone buys none (its budget bounds
 those rounds only as far as each costs epsilon: very noisy rounds are cheap).
+
+``secure-evaluation`` (default true) decides whether the institution's held-out counts
+enter a run's private federation-wide evaluation (``secure-evaluation`` in the proposal;
+``fedsilo.common.secure_evaluation``): noisy counts summed under SecAgg+, each evaluation
+booked in its ledger and checked against its budget. With false it adds zero counts, books
+nothing and still sends its noise share, so the others' sum stays as noisy as planned.
+``min-eval-records`` applies there too (below it: zero counts, the evaluation still booked,
+so what it reports does not show its held-out set's size).
 """
 
 from __future__ import annotations
@@ -103,6 +112,7 @@ KEYS = {
     "test-fraction": "test_fraction",
     "min-eval-records": "min_eval_records",
     "one-evaluation-per-trained-round": "one_evaluation_per_trained_round",
+    "secure-evaluation": "secure_evaluation",
 }
 # A deployed institution's defaults where its policy is silent (``deployed_policy``).
 DEPLOYED_DEFAULTS = {
@@ -142,6 +152,8 @@ class PrivacyPolicy:
     test_fraction: float | None = None
     min_eval_records: int = 1
     one_evaluation_per_trained_round: bool = False
+    # Whether its held-out counts enter a secure (noisy, summed) federation-wide evaluation.
+    secure_evaluation: bool = True
     source: str = "policy"
 
     def __post_init__(self) -> None:

@@ -110,7 +110,9 @@ class Federation:
     ) -> Federation:
         """Create a federation directory; refuse to touch an existing one.
 
-        ``proposal`` (default: fedsilo's) becomes federation.toml's ``[run]``, with ``dataset``.
+        ``proposal`` (default: fedsilo's, with ``secure-evaluation = true``: a deployed coordinator
+        sees no clear scores by default, so it gets the private federation-wide estimate instead)
+        becomes federation.toml's ``[run]``, with ``dataset``.
         """
         fed = cls(root)
         if fed.config_path.exists():
@@ -127,7 +129,7 @@ class Federation:
         hosts = tuple(dict.fromkeys((*hosts, *DEFAULT_HOSTS)))
         source = schema if schema is not None else builtin_schema_path(dataset)
         Schema.load(source)  # a malformed schema fails here, before anything is written
-        run = proposal or Proposal()
+        run = proposal or Proposal(secure_evaluation=True)
         run = replace(run, data=replace(run.data, dataset=dataset))
         # Everything is written in a scratch folder beside DIR and moved in at the end, so a
         # failure part-way leaves no DIR, or DIR as it was.
