@@ -31,7 +31,8 @@ from fedsilo.client.evaluations import claim_evaluation
 from fedsilo.client.policy import PrivacyPolicy, deployed_policy
 from fedsilo.client.simulated_data import SimulatedTables
 from fedsilo.common import distributed_dp as ddp
-from fedsilo.common.accounting import ADD_REMOVE, epsilon_spent
+from fedsilo.common import secure_evaluation as seval
+from fedsilo.common.accounting import ADD_REMOVE, DPSGDEvent, SkellamEvent, epsilon_spent
 from fedsilo.common.aggregation import (
     MAX_ABS_WEIGHT,
     DistributedSkellamSum,
@@ -45,7 +46,14 @@ from fedsilo.common.ledger import LedgerEntry, PrivacyLedger
 from fedsilo.common.models import build_model, get_weights, set_weights
 from fedsilo.common.schema import Schema
 from fedsilo.common.settings import RunSettings
-from fedsilo.common.training import RoundPlan, clipped_gradient_sum, evaluate, plan_round, train_round
+from fedsilo.common.training import (
+    RoundPlan,
+    clipped_gradient_sum,
+    evaluate,
+    plan_round,
+    predict_proba,
+    train_round,
+)
 
 Weights = list[np.ndarray]
 
@@ -388,10 +396,15 @@ def fit_round(
         refusal = aggregation_for(settings).prepare(zeros, records=0)
         spent_here = run_epsilon(PrivacyLedger.all(data.state_dir), run_id, delta=delta, neighbouring=relation)
         why = f"{data.name} refused round {server_round}: {mismatch}"
-        return FitOutcome(refusal.vector, refusal.weight, {**base, "epsilon": spent_here, "refused": why})
+        vector = [*refusal.vector, *_no_counts(data, settings, server_round)]
+        return FitOutcome(vector, refusal.weight, {**base, "epsilon": spent_here, "refused": why})
     with PrivacyLedger.locked(data.state_dir, data.fingerprint) as ledger:  # check, train, record
         plan = plan_round(
-            num_examples=len(data.train_y), train=settings.train, privacy=privacy, planned_rounds=settings.rounds
+            num_examples=len(data.train_y),
+            train=settings.train,
+            privacy=privacy,
+            planned_rounds=settings.rounds,
+            alongside=seval.evaluation_events(settings.proposal),
         )
         entry = LedgerEntry(
             run_id=run_id,
@@ -418,7 +431,9 @@ def fit_round(
         if reason is not None:
             refusal = aggregation_for(settings).prepare(weights, records=0)
             spent_here = run_epsilon(ledgers, run_id, delta=delta, neighbouring=relation)
-            return FitOutcome(refusal.vector, refusal.weight, {**base, "epsilon": spent_here, "refused": reason})
+            vector = [*refusal.vector, *_no_counts(data, settings, server_round)]  # weight 0: nothing of it counts
+            return FitOutcome(vector, refusal.weight, {**base, "epsilon": spent_here, "refused": reason})
+        evaluated = _received_model(data, settings, weights, server_round)  # scored before training changes it
         model = _model_with(data, settings, weights)
         seed = _round_seed(data, settings, server_round)
         train_round(
@@ -433,17 +448,33 @@ def fit_round(
             # SecAgg+, inside the clipping range that SecAgg+ would otherwise clip silently.
             weight_bound=bound,
         )
-        ledger.append(entry)  # before the update leaves: a released update is spent privacy
+        ledger = ledger.append(entry)  # before the update leaves: a released update is spent privacy
+        # Its aggregation weight is sent in the clear: the record count, capped at secagg-max-weight.
+        update = aggregation_for(settings).prepare(get_weights(model), records=len(data.train_y))
+        release = secure_counts(
+            data,
+            evaluated,
+            settings,
+            server_round=server_round,
+            run_id=run_id,
+            spent=[e.event() for other in [*ledgers[:-1], ledger] for e in other.entries],
+            weight=update.weight,
+            secure_aggregation=secure,
+            secure_round=None,  # local DP: its own noise alone (a refusal's weight 0 sends none)
+        )
+        if release is not None and release.entry is not None:
+            ledger = ledger.append(release.entry)  # before the counts leave
+        ledgers = [*ledgers[:-1], ledger]
         metrics = {
             **base,
-            "epsilon": run_epsilon(ledgers, run_id, delta=delta, then=entry, neighbouring=relation),
+            "epsilon": run_epsilon(ledgers, run_id, delta=delta, neighbouring=relation),
             "steps": plan.steps,
             "noise-multiplier": plan.noise_multiplier,
             "sample-rate": plan.sample_rate,
+            **(release.metrics if release is not None else {}),
         }
-        # Its aggregation weight is sent in the clear: the record count, capped at secagg-max-weight.
-        update = aggregation_for(settings).prepare(get_weights(model), records=len(data.train_y))
-        return FitOutcome(update.vector, update.weight, metrics)
+        vector = [*update.vector, *([release.floats] if release is not None else [])]
+        return FitOutcome(vector, update.weight, metrics)
 
 
 def policy_or_budget_reason(
@@ -514,7 +545,20 @@ def fit_distributed_round(
         share_only = query.prepare(zeros, records=0, server_round=server_round, noise=noise_only)
         spent_here = run_epsilon(PrivacyLedger.all(data.state_dir), run_id, delta=delta, neighbouring=relation)
         why = f"{data.name} refused round {server_round}: {mismatch}"
-        return FitOutcome(share_only.vector, share_only.weight, {**base, "epsilon": spent_here, "refused": why})
+        counts_only = secure_counts(
+            data,
+            None,
+            settings,
+            server_round=server_round,
+            run_id=run_id,
+            spent=[],
+            weight=share_only.weight,
+            secure_aggregation=secure_aggregation,
+            secure_round=(sample, threshold),
+        )
+        vector = [*share_only.vector, *([counts_only.floats] if counts_only is not None else [])]
+        extra = counts_only.metrics if counts_only is not None else {}
+        return FitOutcome(vector, share_only.weight, {**base, **extra, "epsilon": spent_here, "refused": why})
     with PrivacyLedger.locked(data.state_dir, data.fingerprint) as ledger:  # check, train, record
         entry = LedgerEntry(
             run_id=run_id,
@@ -569,7 +613,22 @@ def fit_distributed_round(
             zeros = [np.zeros(np.shape(w), dtype=np.float64) for w in weights]
             refusal = query.prepare(zeros, records=0, server_round=server_round, noise=noise)
             spent_here = run_epsilon(ledgers, run_id, delta=delta, neighbouring=relation)
-            return FitOutcome(refusal.vector, refusal.weight, {**base, "epsilon": spent_here, "refused": reason})
+            # Its counts' noise share still goes, with zero counts: the sum's noise must not depend on who refused.
+            counts_share = secure_counts(
+                data,
+                None,
+                settings,
+                server_round=server_round,
+                run_id=run_id,
+                spent=[],
+                weight=refusal.weight,
+                secure_aggregation=secure_aggregation,
+                secure_round=(sample, threshold),
+            )
+            vector = [*refusal.vector, *([counts_share.floats] if counts_share is not None else [])]
+            extra = counts_share.metrics if counts_share is not None else {}
+            return FitOutcome(vector, refusal.weight, {**base, **extra, "epsilon": spent_here, "refused": reason})
+        evaluated = _received_model(data, settings, weights, server_round)  # the received model, scored before the step
         model = _model_with(data, settings, weights)
         gradient_sum, _ = clipped_gradient_sum(
             model,
@@ -579,21 +638,152 @@ def fit_distributed_round(
             max_grad_norm=privacy.max_grad_norm,
             rng=rng,
         )
-        ledger.append(entry)  # before the update leaves: a released update is spent privacy
+        ledger = ledger.append(entry)  # before the update leaves: a released update is spent privacy
         update = query.prepare([gradient_sum], records=len(data.train_y), server_round=server_round, noise=noise)
+        release = secure_counts(
+            data,
+            evaluated,
+            settings,
+            server_round=server_round,
+            run_id=run_id,
+            spent=[e.event() for other in [*ledgers[:-1], ledger] for e in other.entries],
+            weight=update.weight,
+            secure_aggregation=secure_aggregation,
+            secure_round=(sample, threshold),
+        )
+        if release is not None and release.entry is not None:
+            ledger = ledger.append(release.entry)  # before the counts leave
+        ledgers = [*ledgers[:-1], ledger]
         metrics = {
             **base,
-            "epsilon": run_epsilon(ledgers, run_id, delta=delta, then=entry, neighbouring=relation),
-            "epsilon-worst-case": run_epsilon(
-                ledgers, run_id, delta=delta, then=entry, worst_case=True, neighbouring=relation
-            ),
+            **(release.metrics if release is not None else {}),
+            "epsilon": run_epsilon(ledgers, run_id, delta=delta, neighbouring=relation),
+            "epsilon-worst-case": run_epsilon(ledgers, run_id, delta=delta, worst_case=True, neighbouring=relation),
             "steps": 1,
             "noise-multiplier": plan.noise_multiplier,
             "sample-rate": plan.sample_rate,
             "records": len(data.train_y),
             "counted-honest": share.counted_honest,
         }
-        return FitOutcome(update.vector, update.weight, metrics)
+        vector = [*update.vector, *([release.floats] if release is not None else [])]
+        return FitOutcome(vector, update.weight, metrics)
+
+
+@dataclass(frozen=True)
+class CountRelease:
+    """A round's secure-evaluation vector: floats SecAgg+ turns into the noisy counts, and what it books."""
+
+    floats: np.ndarray
+    entry: LedgerEntry | None  # the evaluation's ledger entry (None: it released no counts)
+    metrics: dict[str, bool | int | float | str]
+
+
+def secure_counts(
+    data: InstitutionData,
+    model: nn.Module | None,
+    settings: RunSettings,
+    *,
+    server_round: int,
+    run_id: str,
+    spent: Sequence[DPSGDEvent | SkellamEvent],
+    weight: int,
+    secure_aggregation: bool,
+    secure_round: tuple[int, int] | None,
+) -> CountRelease | None:
+    """This round's noisy held-out counts for the secure evaluation (None: the round carries none).
+
+    ``model`` is the received global model (None: the round was refused; zero counts).
+    The noise is the institution's share of the evaluation's variance: with
+    ``secure_round`` (distributed DP: sampled ``n``, threshold ``t``) as its policy's
+    ``min-honest`` counts on (``noise_share``), without it (local DP) the whole variance,
+    because a refusal there weighs 0 and adds nothing to the sum. Its counts enter only if
+    its policy's ``secure-evaluation`` allows, the evaluation fits its budget composed with
+    ``spent`` (the ledgers' events, this round's training included) and its held-out set
+    reaches ``min-eval-records``; otherwise zero counts with the same noise. The evaluation is
+    booked (the returned ``entry``, to append before the vector leaves) whenever its policy
+    takes part and the budget allows, so whether it booked shows nothing about its records.
+    Nothing is added outside SecAgg+, and a zero weight ratio (a local-DP refusal) sends zeros.
+    """
+    if seval.evaluated_round(settings, server_round) is None:
+        return None
+    plan = seval.evaluation_plan(settings.proposal)
+    assert plan is not None
+    policy, secagg = data.policy, settings.secagg
+    size = seval.cells(data.schema.num_classes)
+    sample, threshold = secure_round if secure_round is not None else (1, 1)
+    share = ddp.noise_share(
+        total_variance=plan.variance,
+        sample=sample,
+        threshold=threshold,
+        min_honest=policy.min_honest if secure_round is not None else 1,
+    )
+    zeros = np.zeros(size, dtype=np.float64)
+    if not secure_aggregation or weight <= 0:
+        return CountRelease(zeros, None, {})
+    if problem := seval.range_problem(
+        variance=share.own_variance, records=len(data.test_y), quantization_range=secagg.quantization_range
+    ):
+        return CountRelease(zeros, None, {"secure-evaluation": f"withheld: {problem}"})
+    delta = policy.accounting_delta(settings)
+    entry = LedgerEntry(
+        run_id=run_id,
+        round=server_round,
+        noise_multiplier=math.sqrt(plan.variance),
+        sample_rate=1.0,
+        steps=1,
+        delta=delta,
+        recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        mechanism=seval.MECHANISM,
+        variance=share.total_variance,
+        own_variance=share.own_variance,
+        l2_sensitivity=1.0,
+        l1_sensitivity=1.0,
+        scale=1.0,
+        min_honest=policy.min_honest,
+        counted_honest=share.counted_honest,
+        sample=sample,
+        threshold=threshold,
+    )
+    status = "booked"
+    if model is None:
+        status, booked = "withheld: the round was refused", None
+    elif not policy.secure_evaluation:
+        status, booked = "withheld: its policy's secure-evaluation is false", None
+    elif epsilon_spent(
+        [*spent, entry.event()], delta=delta, neighbouring=policy.accounting_relation(settings)
+    ) > policy.budget(settings) * (1 + 1e-9):
+        status, booked = "refused: it would take the institution past its privacy budget", None
+    else:
+        booked = entry
+    values = np.zeros(size, dtype=np.int64)
+    if booked is not None and model is not None and len(data.test_y) >= policy.min_eval_records:
+        values = seval.counts(predict_proba(model, data.test_x), data.test_y, data.schema.num_classes)
+    seed = np.random.SeedSequence([_round_seed(data, settings, server_round), 0x5EC])  # apart from training's
+    noisy = seval.noisy(values, variance=share.own_variance, rng=np.random.default_rng(seed))
+    floats = seval.to_secagg_floats(
+        noisy,
+        weight=weight,
+        clipping_range=secagg.clipping_range,
+        quantization_range=secagg.quantization_range,
+        max_weight=secagg.max_weight,
+    )
+    return CountRelease(floats, booked, {"secure-evaluation": status, "evaluation-variance": share.own_variance})
+
+
+def _no_counts(data: InstitutionData, settings: RunSettings, server_round: int) -> list[np.ndarray]:
+    """A local-DP refusal's place for the counts (it weighs 0: nothing of it reaches the sum)."""
+    if seval.evaluated_round(settings, server_round) is None:
+        return []
+    return [np.zeros(seval.cells(data.schema.num_classes), dtype=np.float64)]
+
+
+def _received_model(
+    data: InstitutionData, settings: RunSettings, weights: Sequence[np.ndarray], server_round: int
+) -> nn.Module | None:
+    """The received global model, when this round's secure evaluation scores it (None: it scores none)."""
+    if seval.evaluated_round(settings, server_round) is None:
+        return None
+    return _model_with(data, settings, weights)
 
 
 def _model_with(data: InstitutionData, settings: RunSettings, weights: Sequence[np.ndarray]) -> nn.Module:

@@ -22,6 +22,7 @@ A policy file::
     min-eval-records = 50        # share no evaluation over fewer held-out records (deployed default 50)
     one-evaluation-per-trained-round = true  # evaluate once per round, only a round it trained in (deployed default)
     neighbouring = "replace-one" # the neighbouring relation epsilon is accounted for (deployed default replace-one)
+    secure-evaluation = true     # false: add no counts to a secure evaluation (its noise share still goes)
 
     [institutions.hospital-2]    # simulations only: overrides for one institution
     max-epsilon = 1.0
@@ -82,6 +83,13 @@ removed) is the figure Opacus reports, smaller for the same noise. Without the k
 simulation) the institution accounts for the proposal's ``neighbouring``; with it, the
 proposal's is ignored, so a coordinator cannot make a replace-one institution account
 add/remove. The coordinator's proposal only calibrates the noise (``PrivacySettings``).
+``secure-evaluation`` (default true) decides whether the institution's held-out counts
+enter a run's private federation-wide evaluation (``secure-evaluation`` in the proposal;
+``fedsilo.common.secure_evaluation``): noisy counts summed under SecAgg+, each evaluation
+booked in its ledger and checked against its budget. With false it adds zero counts, books
+nothing and still sends its noise share, so the others' sum stays as noisy as planned.
+``min-eval-records`` applies there too (below it: zero counts, the evaluation still booked,
+so what it reports does not show its held-out set's size).
 """
 
 from __future__ import annotations
@@ -116,6 +124,7 @@ KEYS = {
     "min-eval-records": "min_eval_records",
     "one-evaluation-per-trained-round": "one_evaluation_per_trained_round",
     "neighbouring": "neighbouring",
+    "secure-evaluation": "secure_evaluation",
 }
 # A deployed institution's defaults where its policy is silent (``deployed_policy``).
 DEPLOYED_DEFAULTS = {
@@ -160,6 +169,8 @@ class PrivacyPolicy:
     # The neighbouring relation it accounts for ("add-remove" or "replace-one"; deployed default
     # "replace-one"); None: the proposal's (simulations only).
     neighbouring: str | None = None
+    # Whether its held-out counts enter a secure (noisy, summed) federation-wide evaluation.
+    secure_evaluation: bool = True
     source: str = "policy"
 
     def __post_init__(self) -> None:

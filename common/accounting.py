@@ -562,13 +562,25 @@ def calibrate_noise(
     steps: int,
     accountant: str = ACCOUNTANT_OF_RECORD,
     neighbouring: str = ADD_REMOVE,
+    alongside: tuple[SkellamEvent, ...] = (),
 ) -> float:
     """Smallest noise multiplier whose ``steps`` steps spend at most ``target_epsilon``.
 
     The noise returned spends between ``(1 - CALIBRATION_TOLERANCE) * target_epsilon``
     and ``target_epsilon``, by the ``accountant`` named under the ``neighbouring`` relation
-    (see ``epsilon_spent``). Pure, and memoized because a round recomputes it for every institution.
+    (see ``epsilon_spent``). Pure, and memoized because a round recomputes it for every
+    institution. With ``alongside`` (secure evaluations' events,
+    ``fedsilo.common.secure_evaluation``), the steps composed with them spend the target (by
+    RDP, as ``epsilon_spent`` composes them).
     """
+    if alongside:
+        return _calibrate_alongside(
+            lambda sigma: [DPSGDEvent(sigma, sample_rate, steps), *alongside],
+            target_epsilon=target_epsilon,
+            delta=delta,
+            neighbouring=neighbouring,
+            what=f"sample rate {sample_rate:.4g} over {steps} steps with the planned secure evaluations",
+        )
     method = get_accountant(accountant)
     check_neighbouring(neighbouring)
     if not math.isfinite(target_epsilon) or target_epsilon <= 0:
@@ -608,8 +620,11 @@ def calibrate_skellam_noise(
     max_grad_norm: float,
     dim_padded: int,
     neighbouring: str = ADD_REMOVE,
+    alongside: tuple[SkellamEvent, ...] = (),
 ) -> float:
     """Smallest noise multiplier whose ``steps`` distributed-DP rounds spend at most ``target_epsilon``.
+
+    With ``alongside`` (secure evaluations' events), the rounds composed with them spend it.
 
     The total Skellam noise is ``sigma * max_grad_norm`` in gradient units (variance
     ``(scale * sigma * max_grad_norm)^2`` in the integer domain; see ``skellam_event``).
@@ -644,6 +659,24 @@ def calibrate_skellam_noise(
         )
         return epsilon_spent([event], delta=delta, neighbouring=neighbouring)
 
+    if alongside:
+        return _calibrate_alongside(
+            lambda sigma: [
+                skellam_event(
+                    noise_multiplier=sigma,
+                    sample_rate=sample_rate,
+                    steps=steps,
+                    scale=scale,
+                    max_grad_norm=max_grad_norm,
+                    dim_padded=dim_padded,
+                ),
+                *alongside,
+            ],
+            target_epsilon=target_epsilon,
+            delta=delta,
+            neighbouring=neighbouring,
+            what=f"sample rate {sample_rate:.4g} over {steps} distributed rounds with the planned secure evaluations",
+        )
     sigma = _search(epsilon_of, target_epsilon, start=1.0, tolerance=CALIBRATION_TOLERANCE)
     if sigma is None:
         raise ConfigError(
@@ -652,6 +685,58 @@ def calibrate_skellam_noise(
             "raise target-epsilon or delta, or lower the rounds"
         )
     return sigma
+
+
+def _calibrate_alongside(
+    events_of: Callable[[float], list[DPSGDEvent | SkellamEvent]],
+    *,
+    target_epsilon: float,
+    delta: float,
+    what: str,
+    neighbouring: str = ADD_REMOVE,
+) -> float:
+    """Training noise whose events (``events_of(sigma)``, other events included) spend ``target_epsilon``."""
+    if not math.isfinite(target_epsilon) or target_epsilon <= 0 or not 0 < delta < 1:
+        raise ConfigError(
+            f"target epsilon must be finite and > 0 and delta in (0, 1). Found {target_epsilon} and {delta}."
+        )
+    sigma = _search(
+        lambda s: epsilon_spent(events_of(s), delta=delta, neighbouring=neighbouring),
+        target_epsilon,
+        start=1.0,
+        tolerance=CALIBRATION_TOLERANCE,
+    )
+    if sigma is None:
+        raise ConfigError(
+            f"no noise multiplier up to {MAX_NOISE_MULTIPLIER:g} reaches epsilon {target_epsilon} at delta {delta} "
+            f"with {what}; raise target-epsilon or delta, or lower the rounds"
+        )
+    return sigma
+
+
+@lru_cache(maxsize=256)
+def calibrate_count_noise(
+    *, target_epsilon: float, delta: float, releases: int, neighbouring: str = ADD_REMOVE
+) -> float:
+    """Skellam standard deviation for ``releases`` count vectors of sensitivity 1 spending ``target_epsilon``.
+
+    Each release is one Skellam mechanism on integer counts (sample rate 1), composed by RDP
+    (Agarwal et al. Cor. 3.6); used by private federation-wide evaluation
+    (``fedsilo.common.secure_evaluation``). Pure, and memoized.
+    """
+    if not math.isfinite(target_epsilon) or target_epsilon <= 0 or not 0 < delta < 1 or releases < 1:
+        raise ConfigError(
+            f"target epsilon must be finite and > 0, delta in (0, 1) and releases >= 1. "
+            f"Found {target_epsilon}, {delta} and {releases}."
+        )
+
+    def epsilon_of(std: float) -> float:
+        return epsilon_spent([SkellamEvent(1.0, std * std, 1.0, 1.0, releases)], delta=delta, neighbouring=neighbouring)
+
+    std = _search(epsilon_of, target_epsilon, start=10.0, tolerance=CALIBRATION_TOLERANCE)
+    if std is None:
+        raise ConfigError(f"no count noise reaches epsilon {target_epsilon} over {releases} evaluations")
+    return std
 
 
 def _search(epsilon_of: Callable[[float], float], target: float, *, start: float, tolerance: float) -> float | None:

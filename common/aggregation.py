@@ -212,6 +212,7 @@ def plan_distributed(settings: Proposal, dim: int) -> DistributedPlan:
     (``fedsilo.common.accounting.calibrate_skellam_noise``); infinite epsilon: none.
     """
     from fedsilo.common.accounting import calibrate_skellam_noise
+    from fedsilo.common.secure_evaluation import evaluation_events
 
     privacy, secagg = settings.privacy, settings.secagg
     if not float(secagg.max_weight).is_integer():
@@ -239,6 +240,7 @@ def plan_distributed(settings: Proposal, dim: int) -> DistributedPlan:
             max_grad_norm=privacy.max_grad_norm,
             dim_padded=dim_padded,
             neighbouring=privacy.neighbouring,
+            alongside=evaluation_events(settings),
         )
     else:
         sigma = 0.0

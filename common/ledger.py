@@ -48,7 +48,8 @@ from fedsilo.common.errors import LedgerError
 
 LEDGER_VERSION = 1
 BUDGET_LOCK = ".budget.lock"  # one lock over every ledger of a state directory
-MECHANISMS = ("gaussian", "skellam")
+MECHANISMS = ("gaussian", "skellam", "secure-evaluation")
+SKELLAM_MECHANISMS = ("skellam", "secure-evaluation")  # accounted as Skellam releases
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,9 @@ class LedgerEntry:
     steps: int
     delta: float
     recorded_at: str
-    mechanism: str = "gaussian"  # "gaussian": local DP-SGD rounds; "skellam": a distributed-DP round
+    # "gaussian": local DP-SGD rounds; "skellam": a distributed-DP round; "secure-evaluation": one
+    # release of noisy held-out counts (fedsilo.common.secure_evaluation: sample rate 1, sensitivities 1)
+    mechanism: str = "gaussian"
     # distributed DP only (mechanism "skellam"): steps == 1 per round, noise_multiplier = proposed total sigma
     variance: float = 0.0  # the Skellam variance accounted (guaranteed total: own share + honest others counted on)
     own_variance: float = 0.0  # this institution's own share alone (the worst case: nobody else honest)
@@ -76,13 +79,13 @@ class LedgerEntry:
 
     def event(self) -> DPSGDEvent | SkellamEvent:
         """The event this round represents, for the accountant (a distributed round: its guaranteed variance)."""
-        if self.mechanism == "skellam":
+        if self.mechanism in SKELLAM_MECHANISMS:
             return SkellamEvent(self.sample_rate, self.variance, self.l2_sensitivity, self.l1_sensitivity, self.steps)
         return DPSGDEvent(self.noise_multiplier, self.sample_rate, self.steps)
 
     def worst_case_event(self) -> DPSGDEvent | SkellamEvent:
         """The event if no other institution was honest: a distributed round's own share alone; else ``event()``."""
-        if self.mechanism == "skellam":
+        if self.mechanism in SKELLAM_MECHANISMS:
             return SkellamEvent(
                 self.sample_rate, self.own_variance, self.l2_sensitivity, self.l1_sensitivity, self.steps
             )
@@ -92,8 +95,8 @@ class LedgerEntry:
         """What makes this entry unaccountable, if anything."""
         if self.mechanism not in MECHANISMS:
             return f"mechanism must be one of {', '.join(map(repr, MECHANISMS))}. Found {self.mechanism!r}."
-        if self.mechanism == "skellam" and not (isinstance(self.variance, int | float) and self.variance >= 0):
-            return f"a skellam round must record a variance >= 0 (0: no DP). Found {self.variance}."
+        if self.mechanism in SKELLAM_MECHANISMS and not (isinstance(self.variance, int | float) and self.variance >= 0):
+            return f"a {self.mechanism} round must record a variance >= 0 (0: no DP). Found {self.variance}."
         return None
 
 

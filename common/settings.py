@@ -298,6 +298,10 @@ class Proposal:
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     secagg: SecAggSettings = field(default_factory=SecAggSettings)
     data: DataSettings = field(default_factory=DataSettings)
+    # Private federation-wide evaluation (fedsilo.common.secure_evaluation): held-out counts summed
+    # under SecAgg+ with Skellam noise, at a tenth of target-epsilon. Off by default here (simulations
+    # keep their numbers); `fedsilo-server init` writes it on into a deployed federation's [run].
+    secure_evaluation: bool = field(default=False, metadata=_key("secure-evaluation"))
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "num-server-rounds", self.rounds, "an integer >= 1")
@@ -310,6 +314,11 @@ class Proposal:
             raise ConfigError(
                 "'dp-mode' = \"distributed\" needs 'secure-aggregation' = true: each institution adds only a share "
                 "of the noise, which protects its records only inside the secure sum"
+            )
+        if self.secure_evaluation and not self.secagg.enabled:
+            raise ConfigError(
+                "'secure-evaluation' = true needs 'secure-aggregation' = true: the institutions' counts are "
+                "protected only inside the secure sum"
             )
 
     @property

@@ -17,7 +17,7 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedsilo.common.accounting import calibrate_noise
+from fedsilo.common.accounting import SkellamEvent, calibrate_noise
 from fedsilo.common.errors import ConfigError
 from fedsilo.common.metrics import MODEL_METRICS, classification_metrics
 from fedsilo.common.settings import PrivacySettings, TrainSettings
@@ -103,11 +103,20 @@ def step_size(
     )
 
 
-def plan_round(*, num_examples: int, train: TrainSettings, privacy: PrivacySettings, planned_rounds: int) -> RoundPlan:
+def plan_round(
+    *,
+    num_examples: int,
+    train: TrainSettings,
+    privacy: PrivacySettings,
+    planned_rounds: int,
+    alongside: tuple[SkellamEvent, ...] = (),
+) -> RoundPlan:
     """Plan a round; calibrate noise so ``planned_rounds`` rounds spend the target epsilon.
 
     ``train.batch_size = 0`` takes the recipe's expected batch (``auto_batch_size``),
-    which depends only on the record count.
+    which depends only on the record count. ``alongside``: the run's planned secure
+    evaluations (``fedsilo.common.secure_evaluation.evaluation_events``), which the
+    rounds compose with to spend the target.
     """
     if num_examples < 1:
         raise ConfigError("an institution needs at least one training record")
@@ -125,6 +134,7 @@ def plan_round(*, num_examples: int, train: TrainSettings, privacy: PrivacySetti
             steps=steps * planned_rounds,
             accountant=privacy.accountant,
             neighbouring=privacy.neighbouring,
+            alongside=alongside,
         )
     else:
         noise = 0.0

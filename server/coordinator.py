@@ -16,9 +16,12 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
+import numpy as np
 from flwr.common import log
 
+from fedsilo.common import secure_evaluation as seval
 from fedsilo.common.aggregation import AggregationQuery, Contribution, DistributedSkellamSum, Weights
+from fedsilo.common.errors import ConfigError
 from fedsilo.common.metrics import LABELS, MODEL_METRICS
 from fedsilo.server.replies import evaluate_problems, fit_problems, vector_problems
 from fedsilo.server.run_directory import RunDirectory
@@ -75,6 +78,7 @@ class Coordinator:
         self.started = time.monotonic()
         self.distributed = isinstance(query, DistributedSkellamSum)
         self._counts: dict[int, tuple[int, int]] = {}  # round -> (trained, refused or failed)
+        self._estimates: dict[int, dict[str, Any]] = {}  # round -> the secure evaluation's estimate
 
     def book_fit(
         self, server_round: int, replies: Sequence[FitReply], failures: Sequence[object], *, updates: bool = False
@@ -105,6 +109,7 @@ class Coordinator:
                 int(reply.metrics.get("records", 0)) if self.distributed else reply.contribution.weight,
                 dict(reply.metrics),
                 skellam=self._skellam(),
+                evaluation=self._evaluation(server_round),
             )
             if "refused" in reply.metrics:
                 log(WARNING, "%s", reply.metrics["refused"])
@@ -125,6 +130,49 @@ class Coordinator:
             "l2_sensitivity": plan.l2_sensitivity,
             "l1_sensitivity": plan.l1_sensitivity,
         }
+
+    def _evaluation(self, server_round: int) -> dict[str, float] | None:
+        """The round's secure evaluation's public accounting (None: the round carries none)."""
+        settings = self.run_dir.settings
+        plan = seval.evaluation_plan(settings.proposal)
+        if plan is None or seval.evaluated_round(settings, server_round) is None:
+            return None
+        return {"variance": plan.variance, "l2_sensitivity": 1.0, "l1_sensitivity": 1.0}
+
+    def _secure_estimate(self, server_round: int, secure_sum: Weights, replies: Sequence[FitReply]) -> Weights:
+        """The model's part of the secure sum; the counts' part becomes the round's federation-wide estimate.
+
+        The counts are the last array (``fedsilo.common.secure_evaluation``): the exact noisy sum
+        is recovered with the summed weight ratio of the replies (their weights are in the clear),
+        and only the estimate derived from it is kept (post-processing).
+        """
+        settings = self.run_dir.settings
+        model_round = seval.evaluated_round(settings, server_round)
+        if model_round is None:
+            return secure_sum
+        secagg = settings.secagg
+        ratios = [
+            seval.weight_ratio(
+                r.contribution.weight, max_weight=secagg.max_weight, quantization_range=secagg.quantization_range
+            )
+            for r in replies
+        ]
+        contributing = [r for r, q in zip(replies, ratios, strict=True) if q > 0]
+        try:
+            summed = seval.integer_sum(
+                np.asarray(secure_sum[-1]),
+                total_ratio=sum(ratios),
+                contributors=len(contributing),
+                clipping_range=secagg.clipping_range,
+                quantization_range=secagg.quantization_range,
+            )
+        except ConfigError as err:
+            log(WARNING, "round %s: the secure evaluation's sum is unusable: %s", server_round, err)
+            return list(secure_sum[:-1])
+        variance = sum(float(r.metrics.get("evaluation-variance", 0.0)) for r in contributing)
+        found = seval.estimate(summed, num_classes=seval.classes_of(summed.size), variance=variance)
+        self._estimates[server_round] = {"model_round": model_round, **found}
+        return list(secure_sum[:-1])
 
     def _reject(self, server_round: int, institution: str, stage: str, problems: Sequence[str]) -> None:
         reason = "; ".join(problems)
@@ -150,6 +198,8 @@ class Coordinator:
         the model stays unchanged, as in a round whose sum stays masked.
         """
         ordered = self.book_fit(server_round, replies, failures, updates=secure_sum is None)
+        if secure_sum is not None and len(ordered) == len(replies):
+            secure_sum = self._secure_estimate(server_round, secure_sum, ordered)
         if secure_sum is not None and len(ordered) < len(replies):
             log(
                 WARNING,
@@ -211,6 +261,7 @@ class Coordinator:
                 metrics[key] = sum(float(r.metrics[key]) * r.num_examples for r in reporting) / weight
         trained, refused = self._counts.get(server_round, (0, 0))
         epsilons = [rec.epsilon for rec in self.run_dir.institutions.values()]
+        estimate = self._estimates.get(server_round, {})
         row: dict[str, Any] = {
             "round": server_round,
             **{key: metrics.get(key) for key in MODEL_METRICS if key != "loss"},
@@ -219,15 +270,17 @@ class Coordinator:
             "institutions_trained": trained,
             "institutions_refused": refused,
             "elapsed_s": round(time.monotonic() - self.started, 3),
+            **({f"dp_{key}": estimate.get(key) for key in ESTIMATE_KEYS} if estimate else {}),
         }
         self.run_dir.record_round(row)
         scores = ", ".join(f"{LABELS[k]} {_fmt(row[k])}" for k in MODEL_METRICS if row[k] is not None)
         log(
             INFO,
-            "[fedsilo] round %s/%s: %s, max epsilon %.3f, %s trained, %s refused",
+            "[fedsilo] round %s/%s: %s%s, max epsilon %.3f, %s trained, %s refused",
             server_round,
             self.run_dir.settings.rounds,
             scores or "no evaluation metrics",
+            _estimate_text(estimate),
             row["max_epsilon"],
             trained,
             refused,
@@ -243,3 +296,20 @@ class Coordinator:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+# A round's secure-evaluation estimate, as metrics.csv / progress.json columns (each prefixed "dp_").
+ESTIMATE_KEYS = ("model_round", "accuracy", "accuracy_sd", "auc", "noise_sd")
+
+
+def _estimate_text(estimate: Mapping[str, Any]) -> str:
+    """The printed round line's federation-wide DP estimate ('' when the round carries none)."""
+    if not estimate:
+        return ""
+    auc = "" if estimate.get("auc") is None else f", AUC {estimate['auc']:.4f}"
+    accuracy = estimate.get("accuracy")
+    spread = "" if accuracy is None else f" +- {estimate['accuracy_sd']:.4f}"
+    return (
+        f"; federation-wide DP estimate (model of round {estimate['model_round']}, noise sd "
+        f"{estimate['noise_sd']:.3g} per count): accuracy {_fmt(accuracy)}{spread}{auc}"
+    )

@@ -39,11 +39,13 @@ DEFAULT_PORT = 9092
 def deployed_proposal() -> Proposal:
     """What a new federation's runs propose unless federation.toml says otherwise (``fedsilo-server init``).
 
-    fedsilo's defaults, with the noise calibrated for replace-one neighbours: in a deployment
-    each institution's record count is public. Simulations keep the add-remove default, so
-    their figures stay comparable with published ones.
+    fedsilo's defaults, with the noise calibrated for replace-one neighbours (in a deployment
+    each institution's record count is public) and ``secure-evaluation = true`` (a deployed
+    coordinator sees no clear scores by default, so it gets the private federation-wide
+    estimate instead). Simulations keep add-remove and no secure evaluation, so their figures
+    stay comparable with published ones.
     """
-    defaults = Proposal()
+    defaults = Proposal(secure_evaluation=True)
     return replace(defaults, privacy=replace(defaults.privacy, neighbouring=REPLACE_ONE))
 
 
@@ -122,8 +124,8 @@ class Federation:
     ) -> Federation:
         """Create a federation directory; refuse to touch an existing one.
 
-        ``proposal`` (default: fedsilo's, with the deployed coordinator's defaults
-        ``deployed_proposal``) becomes federation.toml's ``[run]``, with ``dataset``.
+        ``proposal`` (default: ``deployed_proposal``, the deployed coordinator's defaults)
+        becomes federation.toml's ``[run]``, with ``dataset``.
         """
         fed = cls(root)
         if fed.config_path.exists():

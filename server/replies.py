@@ -99,6 +99,10 @@ def fit_problems(weight: object, metrics: Mapping[str, Any], *, distributed: boo
             _weight(metrics["steps"], "steps", problems)
         if distributed and not (_count(metrics.get("records")) or 0) >= 1:
             problems.append(f"'records' must be an integer >= 1; found {metrics.get('records')!r}")
+    if "evaluation-variance" in metrics:  # the noise its secure-evaluation counts carry
+        _number(metrics, "evaluation-variance", "a finite number >= 0", lambda v: v >= 0, problems)
+    if "secure-evaluation" in metrics and not isinstance(metrics["secure-evaluation"], str):
+        problems.append(f"'secure-evaluation' must be a text status; found {metrics['secure-evaluation']!r}")
     no_dp = refused or noise == 0
     expected = "a number >= 0 (inf only without DP)" if no_dp else "a finite number >= 0 (the reply used DP)"
     _number(metrics, "epsilon", expected, lambda v: v >= 0, problems, inf_ok=no_dp)

@@ -36,6 +36,13 @@ METRIC_COLUMNS = (
     "institutions_trained",
     "institutions_refused",
     "elapsed_s",
+    # The secure evaluation's federation-wide DP estimate (fedsilo.common.secure_evaluation), of the
+    # model of round dp_model_round (the previous round's): noisy counts summed under SecAgg+.
+    "dp_model_round",
+    "dp_accuracy",
+    "dp_accuracy_sd",
+    "dp_auc",
+    "dp_noise_sd",
 )
 
 
@@ -78,7 +85,7 @@ class InstitutionRecord:
 
 def _event(row: Mapping[str, Any]) -> DPSGDEvent | SkellamEvent:
     """The accounting event of one booked round: local DP-SGD, or a distributed (Skellam) round."""
-    if row.get("mechanism") == "skellam":
+    if row.get("mechanism") in ("skellam", "secure-evaluation"):
         return SkellamEvent(
             row["sample_rate"], row["variance"], row["l2_sensitivity"], row["l1_sensitivity"], row["steps"]
         )
@@ -180,11 +187,13 @@ class RunDirectory:
         metrics: dict[str, Any],
         *,
         skellam: Mapping[str, float] | None = None,
+        evaluation: Mapping[str, float] | None = None,
     ) -> None:
         """Book one institution's well-formed fit reply (trained or refused; see ``fedsilo.server.replies``).
 
         ``skellam``: a distributed-DP round's public accounting (variance and sensitivities),
-        which the coordinator knows from the proposal and the model's size.
+        which the coordinator knows from the proposal and the model's size. ``evaluation``: the
+        round's secure evaluation's (booked when the reply says its evaluation was booked).
         """
         record = self.institution(name)
         record.epsilon = float(metrics.get("epsilon", record.epsilon))
@@ -203,6 +212,17 @@ class RunDirectory:
                 **({"mechanism": "skellam", **skellam} if skellam is not None else {}),
             }
         )
+        if evaluation is not None and metrics.get("secure-evaluation") == "booked":
+            record.ledger.append(
+                {
+                    "round": server_round,
+                    "noise_multiplier": 0.0,
+                    "sample_rate": 1.0,
+                    "steps": 1,
+                    "mechanism": "secure-evaluation",
+                    **evaluation,
+                }
+            )
 
     def record_rejected(self, server_round: int, name: str, stage: str, reason: str) -> None:
         """Book a malformed ``stage`` ("fit" or "evaluate") reply, dropped unused, with why."""
@@ -270,6 +290,24 @@ class RunDirectory:
         done.extend(json.dumps(_json_safe(row), allow_nan=False) for row in rows[len(done) :])
         return "[" + ",".join(done) + "]"
 
+    def _secure_evaluation(self) -> dict[str, Any] | None:
+        """report.json's secure evaluation: its plan and the latest federation-wide DP estimate (None: off)."""
+        from fedsilo.common.secure_evaluation import EVAL_EPSILON_FRACTION, evaluation_plan
+
+        plan = evaluation_plan(self.settings.proposal)
+        if plan is None:
+            return None
+        estimates = [r for r in self.rounds if r.get("dp_model_round") is not None]
+        latest = estimates[-1] if estimates else {}
+        return {
+            "what": "federation-wide accuracy and binned ROC AUC estimated from held-out counts summed under "
+            "SecAgg+ with Skellam noise (DP estimates; each of the model of dp_model_round)",
+            "epsilon_fraction": EVAL_EPSILON_FRACTION,
+            "evaluations_planned": plan.evaluations,
+            "noise_sd_per_count": math.sqrt(plan.variance),
+            "latest": {k.removeprefix("dp_"): v for k, v in latest.items() if k.startswith("dp_")},
+        }
+
     def finish(self, weights: list[np.ndarray], elapsed_s: float) -> dict[str, Any]:
         """Write the final model and report.json; return the report as written (non-finite floats as text)."""
         self.save_model(weights, "model.pt")
@@ -282,6 +320,7 @@ class RunDirectory:
             if self.settings.secagg.enabled
             else None,
             "final_metrics": {k: final[k] for k in SCORE_COLUMNS if k in final},
+            "secure_evaluation": self._secure_evaluation(),
             "max_epsilon": max((i.epsilon for i in self.institutions.values()), default=0.0),
             # The relation the noise was calibrated for; each institution's epsilon is for its own (below).
             "neighbouring": self.settings.privacy.neighbouring,

@@ -177,7 +177,11 @@ def test_a_distributed_round_round_trips_and_its_worst_case_costs_more(tmp_path:
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("mechanism", "gausian", "mechanism must be one of 'gaussian', 'skellam'. Found 'gausian'."),
+        (
+            "mechanism",
+            "gausian",
+            "mechanism must be one of 'gaussian', 'skellam', 'secure-evaluation'. Found 'gausian'.",
+        ),
         ("variance", -1.0, "a skellam round must record a variance >= 0 (0: no DP). Found -1.0."),
     ],
 )

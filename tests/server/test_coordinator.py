@@ -140,3 +140,52 @@ def test_a_malformed_evaluate_reply_is_dropped_from_the_scores(tmp_path: Path) -
     assert loss == pytest.approx(0.5) and metrics["accuracy"] == pytest.approx(0.75)
     rejected = {i["name"]: i["rejected"] for i in report["institutions"]}["b"]
     assert rejected[0]["stage"] == "evaluate" and "'accuracy' must be" in rejected[0]["reason"]
+
+
+def test_the_secure_evaluations_sum_becomes_a_noisy_estimate_and_a_crafted_one_is_dropped(tmp_path: Path) -> None:
+    from fedsilo.common import secure_evaluation as seval
+    from fedsilo.simulations.inprocess import secure_sum
+
+    # Prepare: round 2 of a secure-evaluation run carries each institution's counts after its model.
+    settings = RunSettings().with_overrides(
+        {"num-server-rounds": 2, "out-dir": str(tmp_path), "secure-evaluation": True}
+    )
+    directory = RunDirectory(tmp_path, settings, {"keys": ["w"]}, builtin_schema_path("breast-cancer"))
+    coord = Coordinator(directory, aggregation_for(settings), [np.zeros(2, dtype=np.float32)])
+    secagg = settings.secagg
+    counts = {"a": np.arange(20, dtype=np.int64), "b": np.full(20, 3, dtype=np.int64)}
+    replies = []
+    for name, records in (("a", 40), ("b", 25)):
+        floats = seval.to_secagg_floats(
+            counts[name],
+            weight=records,
+            clipping_range=secagg.clipping_range,
+            quantization_range=secagg.quantization_range,
+            max_weight=secagg.max_weight,
+        )
+        contribution = coord.query.prepare([np.full(2, 1.0, dtype=np.float32)], records=records)
+        metrics = {"institution": name, **TRAINED, "secure-evaluation": "booked", "evaluation-variance": 0.0}
+        replies.append(FitReply(name, type(contribution)([*contribution.vector, floats], contribution.weight), metrics))
+    summed = secure_sum([r.contribution for r in replies], secagg, seeds=[1, 2])
+    # Execute
+    model = coord.aggregate_fit(2, replies, [], secure_sum=summed)
+    row = coord.aggregate_evaluate(2, [])[1]
+    estimate = directory.rounds[-1]
+    # Assert: the model is the model's part alone; the estimate is that of the exact summed counts.
+    assert model is not None and len(model) == 1 and np.allclose(model[0], 1.0, atol=1e-4)
+    assert row == {}  # no institution shared a clear score
+    expected = seval.estimate(counts["a"] + counts["b"], num_classes=2, variance=0.0)
+    assert estimate["dp_model_round"] == 1 and estimate["dp_accuracy"] == pytest.approx(expected["accuracy"])
+    assert estimate["dp_auc"] == pytest.approx(expected["auc"])
+    # A count sum that is not a sum of integers (a crafted reply) is dropped; the model still aggregates.
+    total_ratio = sum(
+        seval.weight_ratio(
+            r.contribution.weight, max_weight=secagg.max_weight, quantization_range=secagg.quantization_range
+        )
+        for r in replies
+    )
+    crafted = [summed[0], summed[1] + 0.5 * 2 * secagg.clipping_range / total_ratio]  # half a count off
+    again = Coordinator(directory, aggregation_for(settings), [np.zeros(2, dtype=np.float32)])
+    assert again.aggregate_fit(2, replies, [], secure_sum=crafted) is not None
+    again.aggregate_evaluate(2, [])
+    assert directory.rounds[-1].get("dp_accuracy") is None

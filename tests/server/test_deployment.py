@@ -167,6 +167,10 @@ def test_two_secure_rounds_survive_a_superlink_restart_and_resume(deployment: di
     assert f"rounds {ROUNDS} to {ROUNDS}" in resumed.stdout
     assert report["rounds_completed"] == ROUNDS and report["secure_aggregation"] is True
     assert 0 < report["final_metrics"]["accuracy"] <= 1  # the banks' policy shares evaluation metrics
+    # A deployed federation's secure evaluation (on by default): round 2 scored round 1's model, pooled and noisy.
+    # (At this size and epsilon the noise swamps ~200 held-out records: the figure is there, not its precision.)
+    assert report["rounds"][-1]["dp_model_round"] == 1 and report["rounds"][-1]["dp_noise_sd"] > 0
+    assert "accuracy" in report["secure_evaluation"]["latest"]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0001.pt", "round-0002.pt"]
     final, last = torch.load(run_dir / "model.pt"), torch.load(run_dir / "checkpoints" / "round-0002.pt")
     assert list(final) == list(last) and all(torch.equal(final[k], last[k]) for k in final)

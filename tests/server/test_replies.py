@@ -27,6 +27,7 @@ def test_well_formed_replies_have_no_problems() -> None:
     assert fit_problems(0, REFUSED) == []
     assert fit_problems(0, {**REFUSED, "epsilon": math.inf}) == []  # spent by an earlier run without DP
     assert fit_problems(10, {**TRAINED, "noise-multiplier": 0.0, "epsilon": math.inf}) == []  # no DP
+    assert fit_problems(10, {**TRAINED, "secure-evaluation": "booked", "evaluation-variance": 2.5}) == []
     assert evaluate_problems(0.4, 10, {"accuracy": 0.75, "auc": 1.0}) == []
     assert evaluate_problems(0.0, 0, {"withheld": True}) == []
 
@@ -50,6 +51,9 @@ def test_well_formed_replies_have_no_problems() -> None:
         ({"epsilon": -1.0}, 10, "'epsilon' must be"),
         ({"epsilon": math.inf}, 10, "'epsilon' must be a finite number"),  # inf although it used DP
         ({"epsilon": None}, 10, "'epsilon' is missing"),
+        ({"evaluation-variance": -1.0}, 10, "'evaluation-variance' must be"),  # secure evaluation's noise
+        ({"evaluation-variance": math.inf}, 10, "'evaluation-variance' must be"),
+        ({"secure-evaluation": 3}, 10, "'secure-evaluation' must be a text status"),
         ({}, -3, "'num_examples' must be"),
         ({}, 2.5, "'num_examples' must be"),
     ],
