@@ -41,6 +41,7 @@ COMMON = {"num-server-rounds": 3, "seed": 7, "secure-evaluation": True, "target-
 CLEAR_KEYS = {
     "institution",
     "delta",
+    "neighbouring",  # the relation its epsilon is accounted for: its policy's, not its records'
     "epsilon",
     "epsilon-worst-case",
     "steps",
