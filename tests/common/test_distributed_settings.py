@@ -8,8 +8,10 @@ import pytest
 
 from fedsilo.client.mods import GUARD_STATE, secure_round
 from fedsilo.client.policy import PrivacyPolicy
+from fedsilo.common import distributed_dp as ddp
+from fedsilo.common.accounting import calibrate_noise, calibrate_skellam_noise
 from fedsilo.common.errors import ConfigError
-from fedsilo.common.settings import RunSettings
+from fedsilo.common.settings import DISTRIBUTED_SAMPLE_RATES, RunSettings
 from fedsilo.server.replies import fit_problems
 from fedsilo.simulations.sweep_spec import parse_sweep
 
@@ -30,6 +32,51 @@ def test_the_sample_rate_is_the_setting_else_epochs_over_rounds() -> None:
     assert RunSettings.from_config({"sample-rate": 0.3}).sample_rate == 0.3
     with pytest.raises(ConfigError, match="'sample-rate' must be in"):
         RunSettings.from_config({"sample-rate": 1.5})
+
+
+def _noise_per_record(*, sample_rate: float, epsilon: float, rounds: int, dim: int = 62) -> float:
+    """The Skellam accountant's noise for this rate, over the expected batch (in units of C / records)."""
+    dim_padded = ddp.padded_dimension(dim)
+    sigma = calibrate_skellam_noise(
+        target_epsilon=epsilon,
+        delta=1e-5,
+        sample_rate=sample_rate,
+        steps=rounds,
+        scale=ddp.scale_for(dim_padded=dim_padded, max_grad_norm=1.0),
+        max_grad_norm=1.0,
+        dim_padded=dim_padded,
+    )
+    return sigma / sample_rate
+
+
+@pytest.mark.parametrize(("epsilon", "rounds"), [(2.0, 256), (8.0, 64)])
+def test_the_distributed_default_rate_carries_the_least_noise_per_record(epsilon: float, rounds: int) -> None:
+    # Prepare: a distributed proposal that leaves sample-rate at 0
+    settings = RunSettings.from_config(
+        {"dp-mode": "distributed", "num-server-rounds": rounds, "local-epochs": 2, "target-epsilon": epsilon}
+    )
+    epochs_over_rounds = settings.train.local_epochs / rounds  # the old default
+    # Execute
+    rate = settings.sample_rate
+    # Assert: a candidate, not the old rule, and no rate a person might pick (the old rule's, pooled's 1/16,
+    # the small ones) gives a step less noise per record, at a real model's size
+    assert rate in DISTRIBUTED_SAMPLE_RATES and rate != epochs_over_rounds
+    ours = _noise_per_record(sample_rate=rate, epsilon=epsilon, rounds=rounds)
+    for other in (epochs_over_rounds, 1 / 16, 1 / 32, 1 / 64, 1 / 256):
+        assert ours <= _noise_per_record(sample_rate=other, epsilon=epsilon, rounds=rounds)
+    # and the Skellam accounting's price over the Gaussian (PLD) is small there
+    gaussian = calibrate_noise(target_epsilon=epsilon, delta=1e-5, sample_rate=rate, steps=rounds)
+    assert ours * rate / gaussian < 1.2
+
+
+def test_the_distributed_default_is_public_facts_only_and_local_mode_keeps_its_rule() -> None:
+    distributed = {"dp-mode": "distributed", "num-server-rounds": 64}
+    rates = {RunSettings.from_config({**distributed, "dataset": d}).sample_rate for d in ("german-credit", "digits")}
+    assert len(rates) == 1  # the table never enters it
+    assert RunSettings.from_config({**distributed, "sample-rate": 0.3}).sample_rate == 0.3
+    assert RunSettings.from_config({**distributed, "noise-multiplier": 3.0}).sample_rate == 1.0
+    assert RunSettings.from_config({**distributed, "target-epsilon": "inf"}).sample_rate == 1.0
+    assert RunSettings.from_config({"num-server-rounds": 64, "local-epochs": 2}).sample_rate == 2 / 64
 
 
 def test_eval_every_evaluates_every_k_rounds_and_the_last() -> None:
