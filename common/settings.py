@@ -428,7 +428,7 @@ def distributed_sample_rate(*, target_epsilon: float, delta: float, rounds: int)
 
     For the Gaussian, ``sigma(q) / q`` falls as ``q`` grows (subsampling amplifies
     privacy at best linearly in ``q``); the Skellam bound's subsampling constant adds
-    1.2-1.3x at small ``q`` and up to 35x at moderate ones (1/16 to 1/2), and nothing at
+    1.2-1.7x at small ``q`` and up to 35x at moderate ones (1/32 to 1/2), and nothing at
     ``q = 1``, where only the Renyi-to-(epsilon, delta) conversion's 1.1x is left: for
     epsilon 0.5-8 and 8-2,048 rounds the choice is 1 (every record every round, so a
     round costs an epoch of gradients). Pure, memoized.

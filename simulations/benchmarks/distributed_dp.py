@@ -351,17 +351,17 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _summary_line(e: dict[str, Any]) -> str:
     def stat(key: str) -> str:
         if key not in e:
-            return f"{'-':>22}"
+            return f"{'-':>30}"
         v = e[key]
-        return f"{v['mean']:>7.3f} +-{v['std']:.3f} [{v['min']:.3f},{v['max']:.3f}]"[:22].rjust(22)
+        return f"{v['mean']:.3f} +-{v['std']:.3f} [{v['min']:.3f},{v['max']:.3f}]".rjust(30)
 
     def gap(key: str) -> str:
         g = e.get(f"{key}_gap_to_pooled")
         return f"{'-':>8}" if g is None else f"{g['mean']:>+8.3f}"
 
     return (
-        f"{e['dataset']:<15}{e['method']:<34}{_cell(e['min_honest'], 'd', 4)}{_cell(e['sample_rate'], '.4f', 8)}"
-        f"{e['rounds']:>6d}{stat('accuracy')}{gap('accuracy')}{stat('auc')}{gap('auc')}"
+        f"{e['dataset'][:14]:<15}{e['method']:<40}{_cell(e['min_honest'], 'd', 4)}{_cell(e['sample_rate'], '.4f', 8)}"
+        f"{e['rounds']:>7d}{stat('accuracy')}{gap('accuracy')}{stat('auc')}{gap('auc')}"
         f"{e['seconds']['mean']:>8.1f}"
     )
 
@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = summarize(results)
     print(f"\nover seeds {args.seeds}: mean +-sd [min,max]; gap: mean paired difference to pooled")
     print(
-        f"{'dataset':<15}{'method':<34}{'h':>4}{'q':>8}{'rounds':>6}{'accuracy':>22}{'gap':>8}{'AUC':>22}{'gap':>8}"
+        f"{'dataset':<15}{'method':<40}{'h':>4}{'q':>8}{'rounds':>7}{'accuracy':>30}{'gap':>8}{'AUC':>30}{'gap':>8}"
         f"{'s/run':>8}"
     )
     for entry in summary:
