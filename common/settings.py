@@ -314,9 +314,16 @@ class Proposal:
 
     @property
     def sample_rate(self) -> float:
+        """Distributed DP's per-round sample rate for a model of one coordinate (see ``sample_rate_for``)."""
+        return self.sample_rate_for(dim_padded=1, bits=62)
+
+    def sample_rate_for(self, *, dim_padded: int, bits: int) -> float:
         """Distributed DP's per-round sample rate: the setting, else ``distributed_sample_rate``'s.
 
-        Outside distributed mode (where no round reads it): local-epochs / num-server-rounds, at most 1.
+        ``dim_padded`` (the rotated model's length) and ``bits`` (SecAgg+'s integer width) bound
+        how much noise an institution's share can carry (``fedsilo.common.aggregation.plan_distributed``
+        passes them). Outside distributed mode (where no round reads it): local-epochs /
+        num-server-rounds, at most 1.
         """
         if self.train.sample_rate:
             return self.train.sample_rate
@@ -325,7 +332,13 @@ class Proposal:
         privacy = self.privacy
         if privacy.noise_multiplier > 0 or not math.isfinite(privacy.target_epsilon):
             return 1.0  # nothing to calibrate: every record every round, the least noise per record
-        return distributed_sample_rate(target_epsilon=privacy.target_epsilon, delta=privacy.delta, rounds=self.rounds)
+        return distributed_sample_rate(
+            target_epsilon=privacy.target_epsilon,
+            delta=privacy.delta,
+            rounds=self.rounds,
+            dim_padded=dim_padded,
+            bits=bits,
+        )
 
     def evaluates(self, server_round: int) -> bool:
         """Whether the global model is evaluated after ``server_round`` (every eval-every rounds, and the last)."""
@@ -412,7 +425,9 @@ DISTRIBUTED_SAMPLE_RATES = tuple(2.0**-k for k in range(11))
 
 
 @lru_cache(maxsize=64)
-def distributed_sample_rate(*, target_epsilon: float, delta: float, rounds: int) -> float:
+def distributed_sample_rate(
+    *, target_epsilon: float, delta: float, rounds: int, dim_padded: int = 1, bits: int = 62
+) -> float:
     """Distributed DP's default sample rate: the candidate whose step carries the least noise per record.
 
     A round's averaged gradient carries noise ``sigma(q) * C / (q * N)`` over a union of
@@ -424,7 +439,12 @@ def distributed_sample_rate(*, target_epsilon: float, delta: float, rounds: int)
     every step whatever the table's size (the "total amount of noise" of Sander, Stock and
     Sablayrolles, ICML 2023, at fixed steps). Public facts only: epsilon, delta and the
     rounds; never the records. The model's size moves the Skellam bound by under 0.1%
-    (``s * C`` grows with it), so the candidates are ranked at one coordinate.
+    (``s * C`` grows with it), so the candidates are ranked at one coordinate; but it
+    bounds the noise: a candidate is taken only if an institution adding the whole noise
+    itself (min-honest 1, the largest share) stays in SecAgg+'s ``bits``-bit range for a
+    model of ``dim_padded`` rotated coordinates (``out_of_range_probability`` at most
+    ``MAX_OUT_OF_RANGE``, where an institution would refuse the round); if none does, the
+    candidate with the least noise (and the refusals say why).
 
     For the Gaussian, ``sigma(q) / q`` falls as ``q`` grows (subsampling amplifies
     privacy at best linearly in ``q``); the Skellam bound's subsampling constant adds
@@ -437,6 +457,7 @@ def distributed_sample_rate(*, target_epsilon: float, delta: float, rounds: int)
     from fedsilo.common.accounting import calibrate_skellam_noise
 
     scale = ddp.scale_for(dim_padded=1, max_grad_norm=1.0)
+    sigmas: dict[float, float] = {}
 
     def noise_per_record(q: float) -> float:
         try:
@@ -451,9 +472,18 @@ def distributed_sample_rate(*, target_epsilon: float, delta: float, rounds: int)
             )
         except ConfigError:  # no noise reaches the target at this rate: never chosen (if none does, the plan says so)
             return math.inf
+        sigmas[q] = sigma
         return sigma / q
 
-    return min(DISTRIBUTED_SAMPLE_RATES, key=lambda q: (noise_per_record(q), -q))
+    def fits(q: float) -> bool:
+        own = (ddp.scale_for(dim_padded=dim_padded, max_grad_norm=1.0) * sigmas[q]) ** 2  # (s sigma C)^2
+        return ddp.out_of_range_probability(variance=own, bits=bits, dim_padded=dim_padded) <= ddp.MAX_OUT_OF_RANGE
+
+    ranked = sorted(DISTRIBUTED_SAMPLE_RATES, key=lambda q: (noise_per_record(q), -q))
+    calibrated = [q for q in ranked if q in sigmas]
+    if not calibrated:
+        return ranked[0]
+    return next((q for q in calibrated if fits(q)), min(calibrated, key=lambda q: sigmas[q]))
 
 
 def config_keys(cls: type[Proposal]) -> tuple[str, ...]:

@@ -6,10 +6,12 @@ import re
 
 import pytest
 
+from fedsilo.client.institution import MAX_OUT_OF_RANGE
 from fedsilo.client.mods import GUARD_STATE, secure_round
 from fedsilo.client.policy import PrivacyPolicy
 from fedsilo.common import distributed_dp as ddp
 from fedsilo.common.accounting import calibrate_noise, calibrate_skellam_noise
+from fedsilo.common.aggregation import DistributedPlan, plan_distributed
 from fedsilo.common.errors import ConfigError
 from fedsilo.common.settings import DISTRIBUTED_SAMPLE_RATES, RunSettings
 from fedsilo.server.replies import fit_problems
@@ -77,6 +79,23 @@ def test_the_distributed_default_is_public_facts_only_and_local_mode_keeps_its_r
     assert RunSettings.from_config({**distributed, "noise-multiplier": 3.0}).sample_rate == 1.0
     assert RunSettings.from_config({**distributed, "target-epsilon": "inf"}).sample_rate == 1.0
     assert RunSettings.from_config({"num-server-rounds": 64, "local-epochs": 2}).sample_rate == 2 / 64
+
+
+def test_the_distributed_default_keeps_a_whole_noise_share_inside_secaggs_range() -> None:
+    # Prepare: 256 rounds at epsilon 2, a linear model (64 rotated coordinates) and a large one (32,768)
+    settings = RunSettings.from_config({"dp-mode": "distributed", "num-server-rounds": 256})
+    small, large = plan_distributed(settings, 62), plan_distributed(settings, 30_000)
+
+    # Execute: the chance that an institution adding the whole noise itself (min-honest 1) leaves the range
+    def out_of_range(plan: DistributedPlan, noise: float) -> float:
+        variance = (plan.scale * noise * plan.max_grad_norm) ** 2
+        return ddp.out_of_range_probability(variance=variance, bits=plan.bits, dim_padded=plan.dim_padded)
+
+    # Assert: the small model takes q = 1; the large one, whose noise at q = 1 would not fit, a smaller rate that does
+    assert small.sample_rate == 1.0 and out_of_range(small, small.noise_multiplier) <= ddp.MAX_OUT_OF_RANGE
+    assert out_of_range(large, small.noise_multiplier) > ddp.MAX_OUT_OF_RANGE
+    assert large.sample_rate < 1.0 and out_of_range(large, large.noise_multiplier) <= ddp.MAX_OUT_OF_RANGE
+    assert ddp.MAX_OUT_OF_RANGE == MAX_OUT_OF_RANGE  # the institution refuses above the same chance
 
 
 def test_eval_every_evaluates_every_k_rounds_and_the_last() -> None:
