@@ -76,7 +76,8 @@ class TrainSettings:
     grad_sample_mode: str = field(default="ghost", metadata=_key("grad-sample-mode"))
     # Distributed DP only (``dp-mode = "distributed"``: one aggregated DP-SGD step a round). Each
     # record is in a round's batch with this probability (0: ``distributed_sample_rate``, the rate
-    # whose calibrated noise per expected record is least, from epsilon, delta and the rounds). The
+    # whose calibrated noise per expected record is least and fits SecAgg+'s range, from epsilon,
+    # delta, the rounds and the model's size). The
     # coordinator steps with SGD at server-learning-rate (0: the recipe's, from public facts) and
     # server-momentum.
     sample_rate: float = field(default=0.0, metadata=_key("sample-rate"))
@@ -314,7 +315,7 @@ class Proposal:
 
     @property
     def sample_rate(self) -> float:
-        """Distributed DP's per-round sample rate for a model of one coordinate (see ``sample_rate_for``)."""
+        """Distributed DP's sample rate for a model of one coordinate, no range limit (``sample_rate_for``)."""
         return self.sample_rate_for(dim_padded=1, bits=62)
 
     def sample_rate_for(self, *, dim_padded: int, bits: int) -> float:
@@ -451,7 +452,8 @@ def distributed_sample_rate(
     1.2-1.7x at small ``q`` and up to 35x at moderate ones (1/32 to 1/2), and nothing at
     ``q = 1``, where only the Renyi-to-(epsilon, delta) conversion's 1.1x is left: for
     epsilon 0.5-8 and 8-2,048 rounds the choice is 1 (every record every round, so a
-    round costs an epoch of gradients). Pure, memoized.
+    round costs an epoch of gradients) where the range allows it (at epsilon 2, up to
+    8,192 rotated coordinates over 256 rounds), else 1/32 or 1/64. Pure, memoized.
     """
     from fedsilo.common import distributed_dp as ddp
     from fedsilo.common.accounting import calibrate_skellam_noise
