@@ -64,8 +64,7 @@ Weights = list[np.ndarray]
 # overflow, and Opacus's clipping would turn the whole update into NaN that no noise hides.
 # Distributed DP: a round is refused when the institution's own noise share could push a value out
 # of SecAgg+'s range (where it would be clamped, a non-linear step the sum would show) with a
-# larger chance than this (``fedsilo.common.distributed_dp.out_of_range_probability``).
-MAX_OUT_OF_RANGE = 1e-12
+# larger chance than ``fedsilo.common.distributed_dp.MAX_OUT_OF_RANGE`` (``out_of_range_probability``).
 # With every weight at MAX_ABS_WEIGHT and inputs in [0, 1] (what a schema encodes), the
 # worst-case per-record squared gradient norm (``worst_case_gradient``) must stay below this,
 # far under float32's maximum (3.4e38): Opacus sums squares, ghost clipping products of them.
@@ -600,10 +599,10 @@ def fit_distributed_round(
             chance := ddp.out_of_range_probability(
                 variance=share.own_variance, bits=plan.bits, dim_padded=plan.dim_padded
             )
-        ) > MAX_OUT_OF_RANGE:
+        ) > ddp.MAX_OUT_OF_RANGE:
             reason = (
                 f"{data.name} refused round {server_round}: its noise share could leave SecAgg+'s range "
-                f"(2^{plan.bits}) with probability {chance:.2g}, above {MAX_OUT_OF_RANGE:g}; raise "
+                f"(2^{plan.bits}) with probability {chance:.2g}, above {ddp.MAX_OUT_OF_RANGE:g}; raise "
                 "secagg-quantization-range or lower the noise"
             )
         else:

@@ -227,7 +227,7 @@ def plan_distributed(settings: Proposal, dim: int) -> DistributedPlan:
     dim_padded = ddp.padded_dimension(dim)
     scale = ddp.scale_for(dim_padded=dim_padded, max_grad_norm=privacy.max_grad_norm)
     l2, l1 = ddp.sensitivities(scale=scale, max_grad_norm=privacy.max_grad_norm, dim_padded=dim_padded)
-    sample_rate = settings.sample_rate
+    sample_rate = settings.sample_rate_for(dim_padded=dim_padded, bits=bits)
     if privacy.noise_multiplier > 0:
         sigma = privacy.noise_multiplier
     elif math.isfinite(privacy.target_epsilon):

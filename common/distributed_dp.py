@@ -56,6 +56,11 @@ SCALE_FACTOR = 32.0
 # The widest integer domain encode works in: sums of int64 values must not overflow.
 _MAX_BITS = 62
 
+# The largest chance of a noise share leaving SecAgg+'s range that an institution accepts
+# (fedsilo.client.institution refuses a round above it; tests/common/test_distributed_settings.py
+# checks the two agree). The default sample rate keeps under it.
+MAX_OUT_OF_RANGE = 1e-12
+
 
 def padded_dimension(dim: int) -> int:
     """The smallest power of two at least ``dim``: the length of a rotated vector.

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
+from functools import lru_cache
 from typing import Any, TypeVar
 
 from fedsilo.common.accounting import ACCOUNTANT_OF_RECORD, ACCOUNTANTS, ADD_REMOVE, NEIGHBOURING
@@ -74,9 +75,11 @@ class TrainSettings:
     # (bench/dp_overhead.json) and within 4% of "hooks" on the CNN.
     grad_sample_mode: str = field(default="ghost", metadata=_key("grad-sample-mode"))
     # Distributed DP only (``dp-mode = "distributed"``: one aggregated DP-SGD step a round). Each
-    # record is in a round's batch with this probability (0: local-epochs / num-server-rounds, at
-    # most 1, so that the run passes over the data local-epochs times in all). The coordinator
-    # steps with SGD at server-learning-rate (0: the recipe's, from public facts) and server-momentum.
+    # record is in a round's batch with this probability (0: ``distributed_sample_rate``, the rate
+    # whose calibrated noise per expected record is least and fits SecAgg+'s range, from epsilon,
+    # delta, the rounds and the model's size). The
+    # coordinator steps with SGD at server-learning-rate (0: the recipe's, from public facts) and
+    # server-momentum.
     sample_rate: float = field(default=0.0, metadata=_key("sample-rate"))
     server_learning_rate: float = field(default=0.0, metadata=_key("server-learning-rate"))
     server_momentum: float = field(default=0.9, metadata=_key("server-momentum"))
@@ -328,8 +331,35 @@ class Proposal:
 
     @property
     def sample_rate(self) -> float:
-        """Distributed DP's per-round sample rate: the setting, else local-epochs / num-server-rounds (at most 1)."""
-        return self.train.sample_rate or min(1.0, self.train.local_epochs / self.rounds)
+        """Distributed DP's sample rate for a model of one coordinate, no range limit (``sample_rate_for``)."""
+        return self.sample_rate_for(dim_padded=1, bits=62)
+
+    def sample_rate_for(self, *, dim_padded: int, bits: int) -> float:
+        """Distributed DP's per-round sample rate: the setting, else ``distributed_sample_rate``'s.
+
+        ``dim_padded`` (the rotated model's length) and ``bits`` (SecAgg+'s integer width) bound
+        how much noise an institution's share can carry (``fedsilo.common.aggregation.plan_distributed``
+        passes them). Outside distributed mode (where no round reads it): local-epochs /
+        num-server-rounds, at most 1.
+        """
+        if self.train.sample_rate:
+            return self.train.sample_rate
+        if not self.distributed:
+            return min(1.0, self.train.local_epochs / self.rounds)
+        privacy = self.privacy
+        if privacy.noise_multiplier > 0 or not math.isfinite(privacy.target_epsilon):
+            return 1.0  # nothing to calibrate: every record every round, the least noise per record
+        from fedsilo.common.secure_evaluation import evaluation_events
+
+        return distributed_sample_rate(
+            target_epsilon=privacy.target_epsilon,
+            delta=privacy.delta,
+            rounds=self.rounds,
+            dim_padded=dim_padded,
+            bits=bits,
+            neighbouring=privacy.neighbouring,
+            alongside=evaluation_events(self),
+        )
 
     def evaluates(self, server_round: int) -> bool:
         """Whether the global model is evaluated after ``server_round`` (every eval-every rounds, and the last)."""
@@ -409,6 +439,84 @@ class RunSettings(Proposal):
         if self.simulated:
             config.update({k: v for k, v in self.to_config().items() if k in SIMULATED_KEYS})
         return config
+
+
+# The sample rates distributed DP's default chooses among: 1, 1/2, ..., 1/1024.
+DISTRIBUTED_SAMPLE_RATES = tuple(2.0**-k for k in range(11))
+
+
+@lru_cache(maxsize=64)
+def distributed_sample_rate(
+    *,
+    target_epsilon: float,
+    delta: float,
+    rounds: int,
+    dim_padded: int = 1,
+    bits: int = 62,
+    neighbouring: str = "add-remove",
+    alongside: tuple[Any, ...] = (),
+) -> float:
+    """Distributed DP's default sample rate: the candidate whose step carries the least noise per record.
+
+    A round's averaged gradient carries noise ``sigma(q) * C / (q * N)`` over a union of
+    ``N`` records, where ``sigma(q)`` is the noise multiplier the Skellam accountant
+    (``fedsilo.common.accounting.calibrate_skellam_noise``: Agarwal et al. Cor. 3.6 under
+    Zhu and Wang's Poisson-subsampling bound) needs for ``rounds`` rounds at rate ``q`` to
+    spend ``target_epsilon``. ``N`` is the same for every ``q``, so the rate of
+    ``DISTRIBUTED_SAMPLE_RATES`` with the least ``sigma(q) / q`` gives the least noise in
+    every step whatever the table's size (the "total amount of noise" of Sander, Stock and
+    Sablayrolles, ICML 2023, at fixed steps). Public facts only: epsilon, delta and the
+    rounds; never the records. The model's size moves the Skellam bound by under 0.1%
+    (``s * C`` grows with it), so the candidates are ranked at one coordinate; but it
+    bounds the noise: a candidate is taken only if an institution adding the whole noise
+    itself (min-honest 1, the largest share) stays in SecAgg+'s ``bits``-bit range for a
+    model of ``dim_padded`` rotated coordinates (``out_of_range_probability`` at most
+    ``MAX_OUT_OF_RANGE``, where an institution would refuse the round); if none does, the
+    candidate with the least noise (and the refusals say why). ``neighbouring`` and
+    ``alongside`` (the planned secure evaluations' events) are the calibration's, so the
+    range check sees the noise the run will carry (replace-one doubles it at ``q = 1``).
+
+    For the Gaussian, ``sigma(q) / q`` falls as ``q`` grows (subsampling amplifies
+    privacy at best linearly in ``q``); the Skellam bound's subsampling constant adds
+    1.2-1.7x at small ``q`` and up to 35x at moderate ones (1/32 to 1/2), and nothing at
+    ``q = 1``, where only the Renyi-to-(epsilon, delta) conversion's 1.1x is left: for
+    epsilon 0.5-8 and 8-2,048 rounds the choice is 1 (every record every round, so a
+    round costs an epoch of gradients) where the range allows it (at epsilon 2, up to
+    8,192 rotated coordinates over 256 rounds), else 1/32 or 1/64. Pure, memoized.
+    """
+    from fedsilo.common import distributed_dp as ddp
+    from fedsilo.common.accounting import calibrate_skellam_noise
+
+    scale = ddp.scale_for(dim_padded=1, max_grad_norm=1.0)
+    sigmas: dict[float, float] = {}
+
+    def noise_per_record(q: float) -> float:
+        try:
+            sigma = calibrate_skellam_noise(
+                target_epsilon=target_epsilon,
+                delta=delta,
+                sample_rate=q,
+                steps=rounds,
+                scale=scale,
+                max_grad_norm=1.0,
+                dim_padded=1,
+                neighbouring=neighbouring,
+                alongside=alongside,
+            )
+        except ConfigError:  # no noise reaches the target at this rate: never chosen (if none does, the plan says so)
+            return math.inf
+        sigmas[q] = sigma
+        return sigma / q
+
+    def fits(q: float) -> bool:
+        own = (ddp.scale_for(dim_padded=dim_padded, max_grad_norm=1.0) * sigmas[q]) ** 2  # (s sigma C)^2
+        return ddp.out_of_range_probability(variance=own, bits=bits, dim_padded=dim_padded) <= ddp.MAX_OUT_OF_RANGE
+
+    ranked = sorted(DISTRIBUTED_SAMPLE_RATES, key=lambda q: (noise_per_record(q), -q))
+    calibrated = [q for q in ranked if q in sigmas]
+    if not calibrated:
+        return ranked[0]
+    return next((q for q in calibrated if fits(q)), min(calibrated, key=lambda q: sigmas[q]))
 
 
 def config_keys(cls: type[Proposal]) -> tuple[str, ...]:
@@ -508,6 +616,7 @@ LOCAL_KEYS = tuple(k for k in RunSettings().to_config() if k not in Proposal().t
 SIMULATED_KEYS = ("schema-path", "state-root", "simulation-policy")
 
 __all__ = [
+    "DISTRIBUTED_SAMPLE_RATES",
     "DP_MODES",
     "LOCAL_KEYS",
     "SIMULATED_KEYS",
@@ -519,5 +628,6 @@ __all__ = [
     "TrainSettings",
     "check_keys",
     "coerce",
+    "distributed_sample_rate",
     "dp_enabled",
 ]

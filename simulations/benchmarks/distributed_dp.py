@@ -12,19 +12,22 @@ held-out records; the same scores on the union of those records are in the JSON)
 - ``local``: ``dp-mode = "local"``, every setting at its default (8 rounds): each
   institution adds the full noise to its own update;
 - ``distributed``: ``dp-mode = "distributed"``, one aggregated DP-SGD step a round, with
-  as many rounds as the pooled recipe's steps and its sample rate (so the same epochs
-  over the union), evaluated once at the end, SecAgg+'s reconstruction threshold 1.0 (no
-  dropout allowed) and each institution's policy (``simulation-policy``) counting on
-  ``min-honest`` = all the institutions (the shares sum to exactly the central noise),
-  half of them, and 1 (each adds the full noise itself). ``--sample-rates`` sweeps the
-  sample rate, keeping sample rate x rounds (the epochs) the pooled recipe's, with
-  min-honest = all the institutions after the first (``--min-honest`` chooses); a rate
-  needing more than ``--train-max-rounds`` rounds is accounted but not trained (a run's
-  bookkeeping grows with the rounds already done, so its time grows about as rounds squared);
+  as many rounds as the pooled recipe's steps (``--rounds`` to choose) and the default
+  sample rate (``sample-rate = 0``: ``fedsilo.common.settings.distributed_sample_rate``),
+  evaluated once at the end, SecAgg+'s reconstruction threshold 1.0 (no dropout allowed)
+  and each institution's policy (``simulation-policy``) counting on ``min-honest`` = all
+  the institutions (the shares sum to exactly the central noise), half of them, and 1
+  (each adds the full noise itself). ``--sample-rates`` sweeps given sample rates
+  ("default" is the default's), keeping sample rate x rounds (the epochs) the pooled
+  recipe's, with min-honest = all the institutions after the first (``--min-honest``
+  chooses); a rate needing more than ``--train-max-rounds`` rounds is accounted but not
+  trained (a run's bookkeeping grows with the rounds already done, so its time grows
+  about as rounds squared);
 - ``distributed, Gaussian-equivalent noise``: a diagnostic, not a private configuration:
-  the distributed pipeline with the noise fixed at the pooled recipe's Gaussian (PLD)
-  noise multiplier (policy max-epsilon 100), to show whether the pipeline itself matches
-  pooled when the noise is the same; its epsilon is what the Skellam accountant charges.
+  the first distributed configuration with the noise fixed at what the Gaussian (PLD)
+  needs for the target at its sample rate and rounds (policy max-epsilon 100), to show
+  what the Skellam accounting's extra noise costs; its epsilon is what the Skellam
+  accountant charges for that noise.
 
 For every distributed configuration it also prints the noise multiplier the Skellam
 accountant needs for the target (``fedsilo.common.aggregation.plan_distributed``: RDP of
@@ -36,9 +39,12 @@ mechanism, mostly the subsampling bound's constant (3 on every term of order >= 
 costs more the larger the sample rate.
 
 A benchmark: it prints figures and writes JSON; it never fails on an accuracy or a time.
-Runs are seeded (``--seeds``); one federation runs at a time, on one torch thread.
+Runs are seeded (``--seeds``); one federation runs at a time, on one torch thread. It also
+prints (and writes as ``summary``) each configuration's mean, standard deviation and range
+over the seeds, and its mean gap to pooled. A dataset may be a CSV or Parquet file, with
+``--schema-path`` naming its schema.
 
-    python -m fedsilo.simulations.benchmarks.distributed_dp --out bench/distributed_dp.json
+    python -m fedsilo.simulations.benchmarks.distributed_dp --seeds 42,43,44 --out bench/distributed_dp.json
     python -m fedsilo.simulations.benchmarks.distributed_dp --datasets german-credit \\
         --sample-rates 0.0625,0.03125,0.02,0.01,0.005 --min-honest 4 --skip-local \\
         --skip-gaussian-equivalent --train-max-rounds 800 --out bench/distributed_dp_sample_rates.json
@@ -69,6 +75,8 @@ from fedsilo.simulations.inprocess import run_inprocess
 from fedsilo.simulations.runner import simulated
 
 SCORES = ("accuracy", "auc")
+DEFAULT = "default"  # in --sample-rates: the settings' default rate (sample-rate = 0)
+DEFAULT_METHOD = "distributed, default sample rate"
 GAUSSIAN_EQUIVALENT = "distributed, Gaussian-equivalent noise"
 DIAGNOSTIC_MAX_EPSILON = 100.0  # the diagnostic row's policy budget: its noise is not calibrated to the target
 
@@ -83,6 +91,7 @@ def base_settings(args: argparse.Namespace, dataset: str, seed: int, out_dir: st
             "delta": args.delta,
             "seed": seed,
             "out-dir": out_dir,
+            "schema-path": getattr(args, "schema_path", ""),
         }
     )
 
@@ -242,10 +251,11 @@ def dataset_rows(args: argparse.Namespace, dataset: str, seed: int, scratch: Pat
     if not args.skip_local:
         rows.append(run_federated("local", settings, members))
         _progress(rows[-1])
-    rates = [float(q) for q in args.sample_rates.split(",")] if args.sample_rates else [recipe.sample_rate]
+    rates = [0.0 if q == DEFAULT else float(q) for q in args.sample_rates.split(",")]
     noise = []
     for q in rates:
-        rounds = max(1, round(epochs / q))
+        # The default rate (0) runs the pooled recipe's steps (or --rounds) as rounds; a given rate, its epochs.
+        rounds = (args.rounds or recipe.planned_steps) if q == 0 else max(1, round(epochs / q))
         distributed = settings.with_overrides(
             {
                 "dp-mode": "distributed",
@@ -257,23 +267,25 @@ def dataset_rows(args: argparse.Namespace, dataset: str, seed: int, scratch: Pat
         )
         comparison = noise_comparison(distributed, members)
         noise.append(comparison)
+        rate, label = comparison["sample_rate"], " (default)" if q == 0 else ""
         print(
-            f"  q {q:.4g}, {rounds} rounds: Skellam noise {comparison['skellam_noise_multiplier']:.3f}, "
+            f"  q {rate:.4g}{label}, {rounds} rounds: Skellam noise {comparison['skellam_noise_multiplier']:.3f}, "
             f"Gaussian (PLD) {comparison['gaussian_pld_noise_multiplier']:.3f}, ratio {comparison['ratio']:.2f}; "
             f"Skellam epsilon at the Gaussian noise {comparison['skellam_epsilon_at_gaussian_noise']:.3f}",
             flush=True,
         )
         if rounds > args.train_max_rounds:
-            print(f"  q {q:.4g}: {rounds} rounds is above --train-max-rounds; accounted only, not trained", flush=True)
+            print(f"  q {rate:.4g}: {rounds} rounds is above --train-max-rounds; accounted, not trained", flush=True)
             continue
         honest = [int(h) for h in args.min_honest.split(",")] if args.min_honest else None
         if honest is None:
             honest = honest_counts(n) if q == rates[0] else [n]
+        method = DEFAULT_METHOD if q == 0 else "distributed"
         for h in honest:
-            rows.append(run_federated("distributed", distributed, members, min_honest=h))
+            rows.append(run_federated(method, distributed, members, min_honest=h))
             _progress(rows[-1])
         if q == rates[0] and not args.skip_gaussian_equivalent:
-            fixed = distributed.with_overrides({"noise-multiplier": recipe.noise_multiplier})
+            fixed = distributed.with_overrides({"noise-multiplier": comparison["gaussian_pld_noise_multiplier"]})
             rows.append(run_federated(GAUSSIAN_EQUIVALENT, fixed, members, min_honest=n))
             _progress(rows[-1])
     for row in rows:
@@ -293,6 +305,65 @@ def dataset_rows(args: argparse.Namespace, dataset: str, seed: int, scratch: Pat
         "noise": noise,
         "rows": rows,
     }
+
+
+def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each configuration's scores and seconds over the seeds: mean, standard deviation, range, and gap to pooled.
+
+    A configuration is a dataset, method, min-honest, sample rate and rounds; its gap to pooled
+    is the mean over seeds of its score minus the same seed's pooled score (paired).
+    """
+    pooled = {(r["dataset"], r["seed"]): r for res in results for r in res["rows"] if r["method"] == "pooled"}
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for res in results:
+        for r in res["rows"]:
+            groups.setdefault((r["dataset"], r["method"], r["min_honest"], r["sample_rate"], r["rounds"]), []).append(r)
+    out = []
+    for (dataset, method, honest, rate, rounds), rows in groups.items():
+        entry: dict[str, Any] = {
+            "dataset": dataset,
+            "method": method,
+            "min_honest": honest,
+            "sample_rate": rate,
+            "rounds": rounds,
+            "seeds": [r["seed"] for r in rows],
+        }
+        for key in (*SCORES, "seconds"):
+            values = np.array([r[key] for r in rows if key in r], dtype=float)
+            if not values.size:
+                continue
+            entry[key] = {
+                "mean": float(values.mean()),
+                "std": float(values.std(ddof=1)) if values.size > 1 else 0.0,
+                "min": float(values.min()),
+                "max": float(values.max()),
+                "per_seed": values.tolist(),
+            }
+            if key in SCORES:
+                paired = [(r[key], pooled.get((dataset, r["seed"]), {}).get(key)) for r in rows if key in r]
+                gaps = [ours - theirs for ours, theirs in paired if theirs is not None]
+                if gaps:
+                    entry[f"{key}_gap_to_pooled"] = {"mean": float(np.mean(gaps)), "min": min(gaps), "max": max(gaps)}
+        out.append(entry)
+    return out
+
+
+def _summary_line(e: dict[str, Any]) -> str:
+    def stat(key: str) -> str:
+        if key not in e:
+            return f"{'-':>30}"
+        v = e[key]
+        return f"{v['mean']:.3f} +-{v['std']:.3f} [{v['min']:.3f},{v['max']:.3f}]".rjust(30)
+
+    def gap(key: str) -> str:
+        g = e.get(f"{key}_gap_to_pooled")
+        return f"{'-':>8}" if g is None else f"{g['mean']:>+8.3f}"
+
+    return (
+        f"{e['dataset'][:14]:<15}{e['method']:<40}{_cell(e['min_honest'], 'd', 4)}{_cell(e['sample_rate'], '.4f', 8)}"
+        f"{e['rounds']:>7d}{stat('accuracy')}{gap('accuracy')}{stat('auc')}{gap('auc')}"
+        f"{e['seconds']['mean']:>8.1f}"
+    )
 
 
 def _progress(row: dict[str, Any]) -> None:
@@ -321,16 +392,24 @@ def _line(r: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (``argv``: None for ``sys.argv``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", default="german-credit,breast-cancer")
+    parser.add_argument("--datasets", default="german-credit,breast-cancer", help="Built-ins or CSV/Parquet files.")
     parser.add_argument("--institutions", type=int, default=4)
     parser.add_argument("--epsilon", type=float, default=2.0)
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--seeds", default="42", help="Comma-separated run seeds (42: the settings' default).")
     parser.add_argument(
         "--sample-rates",
-        default="",
-        help="Distributed sample rates, comma-separated ('': the pooled recipe's); rounds = pooled epochs / q.",
+        default=DEFAULT,
+        help="Distributed sample rates, comma-separated: 'default' (sample-rate = 0, the settings' rule, over "
+        "--rounds rounds) or a rate q (over pooled epochs / q rounds).",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="Rounds of a distributed run at the default sample rate (0: the pooled recipe's steps).",
+    )
+    parser.add_argument("--schema-path", default="", help="The schema of a CSV/Parquet dataset.")
     parser.add_argument(
         "--min-honest",
         default="",
@@ -380,6 +459,14 @@ def main(argv: list[str] | None = None) -> None:
                 f"{c['gaussian_pld_noise_multiplier']:>14.3f}{c['ratio']:>7.2f}"
                 f"{c['skellam_epsilon_at_gaussian_noise']:>24.3f}"
             )
+    summary = summarize(results)
+    print(f"\nover seeds {args.seeds}: mean +-sd [min,max]; gap: mean paired difference to pooled")
+    print(
+        f"{'dataset':<15}{'method':<40}{'h':>4}{'q':>8}{'rounds':>7}{'accuracy':>30}{'gap':>8}{'AUC':>30}{'gap':>8}"
+        f"{'s/run':>8}"
+    )
+    for entry in summary:
+        print(_summary_line(entry))
     print(f"\ntotal wall time {wall:.0f} s")
     emit(
         {
@@ -393,6 +480,7 @@ def main(argv: list[str] | None = None) -> None:
             "scores": "accuracy and auc: each institution's held-out records, weighted by their count "
             "(report final_metrics); 'union': the same on the union of the held-out records",
             "results": results,
+            "summary": summary,
             "wall_s": wall,
             "machine": machine(load_average_1m_at_start=at_start["load_average_1m"]),
         },

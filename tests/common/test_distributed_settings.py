@@ -8,8 +8,11 @@ import pytest
 
 from fedsilo.client.mods import GUARD_STATE, secure_round
 from fedsilo.client.policy import PrivacyPolicy
+from fedsilo.common import distributed_dp as ddp
+from fedsilo.common.accounting import calibrate_noise, calibrate_skellam_noise
+from fedsilo.common.aggregation import DistributedPlan, plan_distributed
 from fedsilo.common.errors import ConfigError
-from fedsilo.common.settings import RunSettings
+from fedsilo.common.settings import DISTRIBUTED_SAMPLE_RATES, RunSettings
 from fedsilo.server.replies import fit_problems
 from fedsilo.simulations.sweep_spec import parse_sweep
 
@@ -31,6 +34,97 @@ def test_the_sample_rate_is_the_setting_else_epochs_over_rounds() -> None:
     with pytest.raises(ConfigError, match="'sample-rate' must be in"):
         RunSettings.from_config({"sample-rate": 1.5})
 
+
+def _noise_per_record(*, sample_rate: float, epsilon: float, rounds: int, dim: int = 62) -> float:
+    """The Skellam accountant's noise for this rate, over the expected batch (in units of C / records)."""
+    dim_padded = ddp.padded_dimension(dim)
+    sigma = calibrate_skellam_noise(
+        target_epsilon=epsilon,
+        delta=1e-5,
+        sample_rate=sample_rate,
+        steps=rounds,
+        scale=ddp.scale_for(dim_padded=dim_padded, max_grad_norm=1.0),
+        max_grad_norm=1.0,
+        dim_padded=dim_padded,
+    )
+    return sigma / sample_rate
+
+
+@pytest.mark.parametrize(("epsilon", "rounds"), [(2.0, 256), (8.0, 64)])
+def test_the_distributed_default_rate_carries_the_least_noise_per_record(epsilon: float, rounds: int) -> None:
+    # Prepare: a distributed proposal that leaves sample-rate at 0
+    settings = RunSettings.from_config(
+        {"dp-mode": "distributed", "num-server-rounds": rounds, "local-epochs": 2, "target-epsilon": epsilon}
+    )
+    epochs_over_rounds = settings.train.local_epochs / rounds  # the old default
+    # Execute
+    rate = settings.sample_rate
+    # Assert: a candidate, not the old rule, and no rate a person might pick (the old rule's, pooled's 1/16,
+    # the small ones) gives a step less noise per record, at a real model's size
+    assert rate in DISTRIBUTED_SAMPLE_RATES and rate != epochs_over_rounds
+    ours = _noise_per_record(sample_rate=rate, epsilon=epsilon, rounds=rounds)
+    for other in (epochs_over_rounds, 1 / 16, 1 / 32, 1 / 64, 1 / 256):
+        assert ours <= _noise_per_record(sample_rate=other, epsilon=epsilon, rounds=rounds)
+    # and the Skellam accounting's price over the Gaussian (PLD) is small there
+    gaussian = calibrate_noise(target_epsilon=epsilon, delta=1e-5, sample_rate=rate, steps=rounds)
+    assert ours * rate / gaussian < 1.2
+
+
+def test_the_distributed_default_is_public_facts_only_and_local_mode_keeps_its_rule() -> None:
+    distributed = {"dp-mode": "distributed", "num-server-rounds": 64}
+    rates = {RunSettings.from_config({**distributed, "dataset": d}).sample_rate for d in ("german-credit", "digits")}
+    assert len(rates) == 1  # the table never enters it
+    assert RunSettings.from_config({**distributed, "sample-rate": 0.3}).sample_rate == 0.3
+    assert RunSettings.from_config({**distributed, "noise-multiplier": 3.0}).sample_rate == 1.0
+    assert RunSettings.from_config({**distributed, "target-epsilon": "inf"}).sample_rate == 1.0
+    assert RunSettings.from_config({"num-server-rounds": 64, "local-epochs": 2}).sample_rate == 2 / 64
+
+
+def test_the_distributed_default_keeps_a_whole_noise_share_inside_secaggs_range() -> None:
+    # Prepare: 256 rounds at epsilon 2, a linear model (64 rotated coordinates) and a large one (32,768)
+    settings = RunSettings.from_config({"dp-mode": "distributed", "num-server-rounds": 256})
+    small, large = plan_distributed(settings, 62), plan_distributed(settings, 30_000)
+
+    # Execute: the chance that an institution adding the whole noise itself (min-honest 1) leaves the range
+    def out_of_range(plan: DistributedPlan, noise: float) -> float:
+        variance = (plan.scale * noise * plan.max_grad_norm) ** 2
+        return ddp.out_of_range_probability(variance=variance, bits=plan.bits, dim_padded=plan.dim_padded)
+
+    # Assert: the small model takes q = 1; the large one, whose noise at q = 1 would not fit, a smaller rate that does
+    assert small.sample_rate == 1.0 and out_of_range(small, small.noise_multiplier) <= ddp.MAX_OUT_OF_RANGE
+    assert out_of_range(large, small.noise_multiplier) > ddp.MAX_OUT_OF_RANGE
+    assert large.sample_rate < 1.0 and out_of_range(large, large.noise_multiplier) <= ddp.MAX_OUT_OF_RANGE
+
+
+
+@pytest.mark.parametrize("extra", [{}, {"secure-evaluation": True}], ids=["training", "with-secure-evaluation"])
+def test_the_default_rate_fits_the_noise_the_runs_own_relation_calibrates(extra: dict[str, object]) -> None:
+    # A model of 4,000 parameters: at q = 1 the add/remove noise fits SecAgg+'s range, the replace-one
+    # noise (about twice as large) does not; the rule must rank with the relation the run calibrates for
+    def plan(relation: str) -> DistributedPlan:
+        config = {"dp-mode": "distributed", "num-server-rounds": 256, "neighbouring": relation, **extra}
+        return plan_distributed(RunSettings.from_config(config), 4_000)
+
+    def out_of_range(p: DistributedPlan, noise: float) -> float:
+        variance = (p.scale * noise * p.max_grad_norm) ** 2
+        return ddp.out_of_range_probability(variance=variance, bits=p.bits, dim_padded=p.dim_padded)
+
+    add_remove, replace_one = plan("add-remove"), plan("replace-one")
+    assert add_remove.sample_rate == 1.0
+    assert out_of_range(add_remove, add_remove.noise_multiplier) <= ddp.MAX_OUT_OF_RANGE
+    whole_batch_replace_one = calibrate_skellam_noise(
+        target_epsilon=2.0,
+        delta=1e-5,
+        sample_rate=1.0,
+        steps=256,
+        scale=replace_one.scale,
+        max_grad_norm=replace_one.max_grad_norm,
+        dim_padded=replace_one.dim_padded,
+        neighbouring="replace-one",
+    )
+    assert out_of_range(replace_one, whole_batch_replace_one) > ddp.MAX_OUT_OF_RANGE  # q = 1 would be refused
+    assert replace_one.sample_rate < 1.0
+    assert out_of_range(replace_one, replace_one.noise_multiplier) <= ddp.MAX_OUT_OF_RANGE
 
 def test_eval_every_evaluates_every_k_rounds_and_the_last() -> None:
     settings = RunSettings.from_config({"num-server-rounds": 7, "eval-every": 3})

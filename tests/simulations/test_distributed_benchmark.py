@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import pytest
+
 from fedsilo.simulations.baselines import federation_members
 from fedsilo.simulations.benchmarks import distributed_dp as bench
 from fedsilo.simulations.runner import simulated
@@ -15,8 +17,8 @@ INSTITUTIONS = 4
 def test_defaults_and_honest_counts() -> None:
     args = bench.parse_args([])
     assert (args.datasets, args.institutions, args.epsilon, args.delta) == ("german-credit,breast-cancer", 4, 2.0, 1e-5)
-    assert (args.seeds, args.sample_rates, args.min_honest, args.reconstruction_threshold) == ("42", "", "", 1.0)
-    assert (args.train_max_rounds, args.out) == (1000, None)
+    assert (args.seeds, args.sample_rates, args.min_honest, args.reconstruction_threshold) == ("42", "default", "", 1.0)
+    assert (args.train_max_rounds, args.rounds, args.schema_path, args.out) == (1000, 0, "", None)
     assert bench.honest_counts(4) == [4, 2, 1]
     assert bench.honest_counts(5) == [5, 2, 1]
     assert bench.honest_counts(2) == [2, 1]
@@ -58,3 +60,20 @@ def test_a_tiny_distributed_run_makes_a_row(tmp_path: Path) -> None:
     diagnostic = bench.run_federated(bench.GAUSSIAN_EQUIVALENT, fixed, members, min_honest=INSTITUTIONS)
     assert diagnostic["noise_multiplier"] == 1.0 and diagnostic["refusals"] == 0
     assert len(bench._line(row)) == len(bench.HEADER)
+
+
+def test_the_summary_pairs_each_seed_with_its_pooled_run() -> None:
+    def row(method: str, seed: int, auc: float) -> dict[str, object]:
+        common = {"min_honest": None, "sample_rate": 1.0, "rounds": 8, "accuracy": auc, "seconds": 1.0}
+        return {"method": method, "dataset": "d", "seed": seed, "auc": auc, **common}
+
+    results = [
+        {"rows": [row("pooled", 1, 0.70), row("distributed", 1, 0.72)]},
+        {"rows": [row("pooled", 2, 0.60), row("distributed", 2, 0.59)]},
+    ]
+    summary = {e["method"]: e for e in bench.summarize(results)}
+    assert summary["distributed"]["auc"]["mean"] == pytest.approx(0.655)
+    assert summary["distributed"]["auc"]["per_seed"] == [0.72, 0.59]
+    assert summary["distributed"]["auc_gap_to_pooled"]["mean"] == pytest.approx(0.005)
+    assert summary["pooled"]["auc_gap_to_pooled"]["mean"] == 0.0
+    assert len(bench._summary_line(summary["distributed"])) > 0
