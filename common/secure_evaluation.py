@@ -33,6 +33,7 @@ from fedsilo.common.settings import Proposal
 
 MECHANISM = "secure-evaluation"  # the ledger's name for one evaluation's release
 EVAL_EPSILON_FRACTION = 0.1  # of target-epsilon, reserved for the planned evaluations
+MAX_SECURE_EVALUATIONS = 8  # models scored in a run at most (``evaluated_round``), the latest always
 # Two classes: bins of the score logit(P(class 1)), their edges public: 0 (P = 0.5, so accuracy
 # at threshold 0.5 follows) and +-0.05, 0.2, 0.8, 3.2 (each 4 times the last), so that a model
 # whose scores crowd near 0.5 (early, or very noisy) is still ranked across several bins.
@@ -68,12 +69,19 @@ def evaluated_round(settings: Proposal, server_round: int) -> int | None:
 
     The institution scores the model it receives, the global model after round
     ``server_round - 1``, when ``eval-every`` evaluates that round. The last round's model
-    has no later fit round: its figure is not measured (the figures lag one round).
+    has no later fit round: its figure is not measured (the figures lag one round). At most
+    ``MAX_SECURE_EVALUATIONS`` models are scored, the latest one always: the count noise
+    grows with the square root of the evaluations (their epsilon share is fixed), so a
+    distributed run of 256 rounds scores every 32nd model, the 255th last, not all 255.
     """
     if not settings.secure_evaluation or server_round < 2 or server_round > settings.rounds:
         return None
-    previous = server_round - 1
-    return previous if previous % settings.eval_every == 0 else None
+    previous, every = server_round - 1, settings.eval_every
+    if previous % every:
+        return None
+    candidates = (settings.rounds - 1) // every  # the models eval-every evaluates before the last
+    stride = math.ceil(candidates / MAX_SECURE_EVALUATIONS)
+    return previous if (candidates - previous // every) % stride == 0 else None
 
 
 def cells(num_classes: int) -> int:

@@ -140,6 +140,11 @@ def test_evaluations_are_planned_from_public_facts_and_lag_one_round() -> None:
     # Fit round r scores the model of round r - 1 when eval-every evaluates it: rounds 3 and 5 (models 2, 4).
     assert [seval.evaluated_round(on, r) for r in range(1, 7)] == [None, None, 2, None, 4, None]
     assert seval.planned_evaluations(on) == 2
+    # A long run scores at most MAX_SECURE_EVALUATIONS models, evenly spaced, the latest one always.
+    long = Proposal(rounds=256, secure_evaluation=True)
+    scored = [m for r in range(1, 257) if (m := seval.evaluated_round(long, r)) is not None]
+    assert scored == list(range(255 - 32 * 7, 256, 32)) and seval.planned_evaluations(long) == 8
+    assert seval.evaluated_round(long, 256) == 255
 
 
 def test_calibrated_runs_spend_their_target_with_secure_evaluation_on() -> None:
