@@ -697,8 +697,10 @@ def secure_counts(
     ``min-honest`` counts on (``noise_share``), without it (local DP) the whole variance,
     because a refusal there weighs 0 and adds nothing to the sum. Its counts enter only if
     its policy's ``secure-evaluation`` allows, the evaluation fits its budget composed with
-    ``spent`` (the ledgers' events, this round's training included) and its held-out set
-    reaches ``min-eval-records``; otherwise zero counts with the same noise. The evaluation is
+    ``spent`` (the ledgers' events, this round's training included) and the run's planned
+    evaluations at this noise spend at most ``EVAL_EPSILON_FRACTION`` of its budget;
+    otherwise zero counts with the same noise (``min-eval-records`` does not apply: the
+    counts are noised and booked). The evaluation is
     booked (the returned ``entry``, to append before the vector leaves) whenever its policy
     takes part and the budget allows, so whether it booked shows nothing about its records.
     Nothing is added outside SecAgg+, and a zero weight ratio (a local-DP refusal) sends zeros.
@@ -719,11 +721,12 @@ def secure_counts(
     zeros = np.zeros(size, dtype=np.float64)
     if not secure_aggregation or weight <= 0:
         return CountRelease(zeros, None, {})
-    if problem := seval.range_problem(
-        variance=share.own_variance, records=len(data.test_y), quantization_range=secagg.quantization_range
-    ):
+    if problem := seval.range_problem(variance=plan.variance, records=0, quantization_range=secagg.quantization_range):
+        # The whole planned noise would not fit: a public condition, the same at every institution,
+        # so all send zeros and none counts on a share that another could not send.
         return CountRelease(zeros, None, {"secure-evaluation": f"withheld: {problem}"})
     delta = policy.accounting_delta(settings)
+    relation = policy.accounting_relation(settings)
     entry = LedgerEntry(
         run_id=run_id,
         round=server_round,
@@ -743,20 +746,38 @@ def secure_counts(
         sample=sample,
         threshold=threshold,
     )
+    # The run's evaluations together may spend at most EVAL_EPSILON_FRACTION of the institution's own
+    # budget, whatever target-epsilon the coordinator proposed to calibrate their noise.
+    planned = replace(entry.event(), steps=plan.evaluations)
     status = "booked"
     if model is None:
         status, booked = "withheld: the round was refused", None
     elif not policy.secure_evaluation:
         status, booked = "withheld: its policy's secure-evaluation is false", None
-    elif epsilon_spent(
-        [*spent, entry.event()], delta=delta, neighbouring=policy.accounting_relation(settings)
-    ) > policy.budget(settings) * (1 + 1e-9):
+    elif epsilon_spent([planned], delta=delta, neighbouring=relation) > seval.EVAL_EPSILON_FRACTION * policy.budget(
+        settings
+    ) * (1 + 1e-9):
+        status = (
+            f"refused: the run's {plan.evaluations} planned evaluations at this noise would spend more than "
+            f"{seval.EVAL_EPSILON_FRACTION:g} of its privacy budget"
+        )
+        booked = None
+    elif epsilon_spent([*spent, entry.event()], delta=delta, neighbouring=relation) > policy.budget(settings) * (
+        1 + 1e-9
+    ):
         status, booked = "refused: it would take the institution past its privacy budget", None
     else:
         booked = entry
     values = np.zeros(size, dtype=np.int64)
-    if booked is not None and model is not None and len(data.test_y) >= policy.min_eval_records:
+    # The counts are noised and booked: no held-out size gates them (a threshold on it would make one
+    # record's presence switch every count, far past the sensitivity of 1 booked).
+    if booked is not None and model is not None:
         values = seval.counts(predict_proba(model, data.test_x), data.test_y, data.schema.num_classes)
+        if seval.range_problem(
+            variance=share.own_variance, records=len(data.test_y), quantization_range=secagg.quantization_range
+        ):
+            values = np.zeros(size, dtype=np.int64)  # counts that could not pass unclamped: zero, the noise still goes
+            status = "withheld: its held-out counts with their noise could leave SecAgg+'s range"
     seed = np.random.SeedSequence([_round_seed(data, settings, server_round), 0x5EC])  # apart from training's
     noisy = seval.noisy(values, variance=share.own_variance, rng=np.random.default_rng(seed))
     floats = seval.to_secagg_floats(

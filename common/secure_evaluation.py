@@ -164,12 +164,15 @@ def noisy(values: np.ndarray, *, variance: float, rng: np.random.Generator) -> n
 
 
 def range_problem(*, variance: float, records: int, quantization_range: int) -> str | None:
-    """Why counts with noise of ``variance`` could leave SecAgg+'s range (None: they cannot, but negligibly)."""
+    """Why counts with noise of ``variance`` could leave SecAgg+'s range (None: they cannot, but negligibly).
+
+    ``records`` is 0 to check the noise alone. The reason names no figure of the records.
+    """
     reach = TAIL_SDS * math.sqrt(variance) + records
     if reach >= offset(quantization_range):
+        what = "its noise share" if records == 0 else "its held-out counts with their noise"
         return (
-            f"its noisy evaluation counts could reach {reach:.3g}, beyond the +-{offset(quantization_range)} "
-            "they have inside SecAgg+'s range; "
+            f"{what} could leave the +-{offset(quantization_range)} the counts have inside SecAgg+'s range; "
             "raise secagg-quantization-range or target-epsilon"
         )
     return None

@@ -323,6 +323,20 @@ class Proposal:
                 "'secure-evaluation' = true needs 'secure-aggregation' = true: the institutions' counts are "
                 "protected only inside the secure sum"
             )
+        if self.secure_evaluation and self.privacy.noise_multiplier > 0:
+            raise ConfigError(
+                "'secure-evaluation' = true takes a tenth of 'target-epsilon' for its noise, and a fixed "
+                f"'noise-multiplier' ({self.privacy.noise_multiplier:g}) leaves the target unused: set "
+                "noise-multiplier = 0 and target-epsilon, or turn secure-evaluation off"
+            )
+        if self.secure_evaluation:
+            from fedsilo.common.distributed_dp import _secagg_problems
+
+            if problems := _secagg_problems(self.secagg.clipping_range, self.secagg.quantization_range):
+                raise ConfigError(
+                    "'secure-evaluation' = true needs integer counts to pass through SecAgg+ exactly: "
+                    + "; ".join(problems)
+                )
 
     @property
     def distributed(self) -> bool:

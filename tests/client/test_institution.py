@@ -218,7 +218,6 @@ def sides(inputs: np.ndarray, labels: np.ndarray, settings: RunSettings, key: by
     return {**out, **{np.append(x, y).tobytes(): True for x, y in zip(test_x, test_y, strict=True)}}
 
 
-
 @pytest.mark.parametrize(
     ("overrides", "secure"),
     [({}, True), ({}, False), ({"dp-mode": "distributed"}, True)],
@@ -233,6 +232,7 @@ def test_the_shipped_cnn_is_accepted_in_every_mode(overrides: dict[str, str], se
     assert bound == settings.secagg.clipping_range
     assert weights_problem([], settings, schema, bound=bound) is None
     assert "use a smaller model" in str(weights_problem([], settings, schema, bound=MAX_ABS_WEIGHT))
+
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_adding_one_record_moves_no_other_record_between_train_and_held_out(seed: int) -> None:

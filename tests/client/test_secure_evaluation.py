@@ -132,3 +132,35 @@ def test_a_refused_distributed_round_sends_zero_counts_with_its_noise_share(tmp_
     assert PrivacyLedger.for_dataset(tmp_path, data.fingerprint).entries == ()
     noise = sent_counts(second, DISTRIBUTED)
     assert np.any(noise != 0) and abs(float(noise.sum())) < len(data.test_y) / 2
+
+
+def test_a_large_proposed_target_cannot_buy_a_sharp_evaluation(tmp_path: Path) -> None:
+    # A coordinator proposing a large target-epsilon calibrates the counts' noise to a tenth of it; the
+    # institution lets a run's evaluations spend at most a tenth of its own budget, whatever the target.
+    plan = seval.evaluation_plan(LOCAL.proposal)
+    assert plan is not None
+    planned = epsilon_spent([replace(plan.event, steps=plan.evaluations)], delta=1e-5)
+    # A budget that training fits but whose tenth the planned evaluations exceed; and a larger one.
+    modest = institution(tmp_path / "modest", LOCAL, max_epsilon=9 * planned)
+    generous = institution(tmp_path / "generous", LOCAL, max_epsilon=11 * planned)
+    _, refused = rounds(modest, LOCAL, 2)
+    _, booked = rounds(generous, LOCAL, 2)
+    assert "planned evaluations" in str(refused.metrics["secure-evaluation"]) and "refused" not in refused.metrics
+    assert [e.mechanism for e in PrivacyLedger.for_dataset(tmp_path / "modest", modest.fingerprint).entries] == [
+        "gaussian",
+        "gaussian",
+    ]
+    assert np.any(sent_counts(refused, LOCAL) != 0)  # its noise still goes, with zero counts
+    assert booked.metrics["secure-evaluation"] == "booked"
+
+
+def test_no_held_out_size_gates_the_counts(tmp_path: Path) -> None:
+    # A threshold on the held-out set's size would let one record switch every count from zero to its
+    # value, far past the sensitivity of 1 the ledger books; the noised counts are sent at any size.
+    loose = RunSettings.from_config({**BASE, "target-epsilon": 2000.0})  # noise far below one count
+    plan = seval.evaluation_plan(loose.proposal)
+    assert plan is not None and np.sqrt(plan.variance) < 0.2
+    data = institution(tmp_path, loose, min_eval_records=10**6, max_epsilon=1e6)
+    _, second = rounds(data, loose, 2)
+    assert second.metrics["secure-evaluation"] == "booked"
+    assert abs(int(sent_counts(second, loose).sum()) - len(data.test_y)) <= 2 and len(data.test_y) > 20

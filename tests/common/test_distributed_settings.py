@@ -96,7 +96,6 @@ def test_the_distributed_default_keeps_a_whole_noise_share_inside_secaggs_range(
     assert large.sample_rate < 1.0 and out_of_range(large, large.noise_multiplier) <= ddp.MAX_OUT_OF_RANGE
 
 
-
 @pytest.mark.parametrize("extra", [{}, {"secure-evaluation": True}], ids=["training", "with-secure-evaluation"])
 def test_the_default_rate_fits_the_noise_the_runs_own_relation_calibrates(extra: dict[str, object]) -> None:
     # A model of 4,000 parameters: at q = 1 the add/remove noise fits SecAgg+'s range, the replace-one
@@ -125,6 +124,7 @@ def test_the_default_rate_fits_the_noise_the_runs_own_relation_calibrates(extra:
     assert out_of_range(replace_one, whole_batch_replace_one) > ddp.MAX_OUT_OF_RANGE  # q = 1 would be refused
     assert replace_one.sample_rate < 1.0
     assert out_of_range(replace_one, replace_one.noise_multiplier) <= ddp.MAX_OUT_OF_RANGE
+
 
 def test_eval_every_evaluates_every_k_rounds_and_the_last() -> None:
     settings = RunSettings.from_config({"num-server-rounds": 7, "eval-every": 3})

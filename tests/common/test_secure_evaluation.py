@@ -14,7 +14,8 @@ from fedsilo.client.mods import seeded_global_numpy
 from fedsilo.common import secure_evaluation as seval
 from fedsilo.common.accounting import DPSGDEvent, epsilon_spent, skellam_event
 from fedsilo.common.aggregation import plan_distributed
-from fedsilo.common.settings import Proposal, SecAggSettings
+from fedsilo.common.errors import ConfigError
+from fedsilo.common.settings import Proposal, RunSettings, SecAggSettings
 from fedsilo.common.training import plan_round
 from fedsilo.server.aggregation import secaggplus_client_vector, secaggplus_unmasked_aggregate
 
@@ -185,3 +186,12 @@ def test_calibrated_runs_spend_their_target_with_secure_evaluation_on() -> None:
     # Without the evaluations' reserve, training alone would have had less noise.
     bare = plan_round(num_examples=400, train=proposal.train, privacy=proposal.privacy, planned_rounds=proposal.rounds)
     assert bare.noise_multiplier < rounds.noise_multiplier
+
+
+def test_a_proposal_whose_evaluation_could_not_hold_is_refused_before_any_round() -> None:
+    # A fixed noise multiplier leaves target-epsilon unused, so the counts' tenth of it would be
+    # whatever the coordinator wrote; and counts pass SecAgg+ exactly only with powers of two.
+    with pytest.raises(ConfigError, match="noise-multiplier"):
+        RunSettings.from_config({"secure-evaluation": True, "noise-multiplier": 5.0, "target-epsilon": 200.0})
+    with pytest.raises(ConfigError, match="power of two"):
+        RunSettings.from_config({"secure-evaluation": True, "secagg-clipping-range": 3.0})

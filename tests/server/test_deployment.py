@@ -181,7 +181,9 @@ def test_two_secure_rounds_survive_a_superlink_restart_and_resume(deployment: di
         (ledger_file,) = (deployment["root"] / inst["name"] / "state" / "ledgers").glob("*.json")
         ledger = PrivacyLedger.for_dataset(ledger_file.parent.parent, ledger_file.stem)
         this_run = [e.event() for e in ledger.entries if e.run_id == run_dir.name]
-        assert inst["epsilon"] == pytest.approx(epsilon_spent(this_run, delta=inst["delta"]), rel=1e-12)
+        assert inst["neighbouring"] == "replace-one"  # a deployed institution's default: its count is public
+        spent = epsilon_spent(this_run, delta=inst["delta"], neighbouring=inst["neighbouring"])
+        assert inst["epsilon"] == pytest.approx(spent, rel=1e-12)
         assert [e.round for e in ledger.entries if e.round == 1] == [1]  # the completed round was not repeated
         assert {e.round for e in ledger.entries} == {1, 2}
         assert inst["epsilon"] <= 10.0
@@ -414,6 +416,8 @@ def test_distributed_dp_runs_over_real_secagg_with_each_banks_noise_share(deploy
         assert all(e.own_variance == pytest.approx(e.variance) for e in skellam)
         # The bank reports this run's share; its ledger also holds the earlier runs of this file.
         this_run = [e.event() for e in ledger.entries if e.run_id == run_dir.name]
-        assert inst["epsilon"] == pytest.approx(epsilon_spent(this_run, delta=inst["delta"]), rel=1e-12)
+        assert inst["neighbouring"] == "replace-one"  # a deployed institution's default: its count is public
+        spent = epsilon_spent(this_run, delta=inst["delta"], neighbouring=inst["neighbouring"])
+        assert inst["epsilon"] == pytest.approx(spent, rel=1e-12)
     first, final = torch.load(run_dir / "checkpoints" / "round-0001.pt"), torch.load(run_dir / "model.pt")
     assert any(not torch.equal(first[k], final[k]) for k in final)  # the steps moved the model
