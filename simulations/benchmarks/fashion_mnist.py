@@ -81,6 +81,9 @@ def _settings(args: argparse.Namespace, partition: str, epsilon: float, activati
             "test-fraction": args.test_fraction,
             "secagg-max-weight": 60000.0,  # above any institution's record count
             "seed": args.seed,
+            "noise-multiplier": args.noise_multiplier,
+            # A fixed noise spends what it spends: the diagnostic must not stop at the target.
+            **({"max-epsilon": 1e3} if args.noise_multiplier > 0 else {}),
             **distributed,
         }
     )
@@ -139,6 +142,12 @@ def main() -> None:
     parser.add_argument("--min-honest", type=int, default=10, help="Distributed: honest institutions counted on.")
     parser.add_argument("--sample-rate", type=float, default=0.034, help="Distributed: each round's sample rate.")
     parser.add_argument("--epochs", type=float, default=40.0, help="Distributed: passes over the data in all.")
+    parser.add_argument(
+        "--noise-multiplier",
+        type=float,
+        default=0.0,
+        help="A fixed noise multiplier instead of one calibrated to the target (a diagnostic: 0 calibrates).",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="Federations run at once (one core each).")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
