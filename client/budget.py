@@ -67,7 +67,7 @@ def _budget_row(ledger: PrivacyLedger, delta: float, relation: str) -> dict[str,
         runs.append(
             {
                 "run_id": run_id,
-                "rounds": len(own),
+                "rounds": len({e.round for e in own}),  # a round with its secure evaluation is one round
                 "epsilon": epsilon_spent([e.event() for e in own], delta=delta, neighbouring=relation),
                 "epsilon_after": epsilon_spent(
                     [e.event() for e in ledger.entries[: last + 1]], delta=delta, neighbouring=relation

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedsilo.client.budget import budget_summary
 from fedsilo.client.institution import FitOutcome, InstitutionData, fit_round
 from fedsilo.client.policy import PrivacyPolicy
 from fedsilo.common import secure_evaluation as seval
@@ -164,3 +165,11 @@ def test_no_held_out_size_gates_the_counts(tmp_path: Path) -> None:
     _, second = rounds(data, loose, 2)
     assert second.metrics["secure-evaluation"] == "booked"
     assert abs(int(sent_counts(second, loose).sum()) - len(data.test_y)) <= 2 and len(data.test_y) > 20
+
+
+def test_the_budget_counts_a_round_with_its_evaluation_once(tmp_path: Path) -> None:
+    data = institution(tmp_path, LOCAL)
+    rounds(data, LOCAL, 3)
+    (row,) = budget_summary(tmp_path)["datasets"]
+    (run,) = row["runs"]
+    assert run["rounds"] == 3  # three trained rounds, two of them with a secure evaluation: five ledger entries
