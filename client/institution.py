@@ -537,13 +537,16 @@ def fit_distributed_round(
     )
     rng = np.random.default_rng(_round_seed(data, settings, server_round))
     base: dict[str, bool | int | float | str] = {"institution": data.name, "delta": delta, "neighbouring": relation}
-    if (mismatch := schema_problem(data, settings)) is not None:  # before any model is built
-        # Still its noise share, with zero signal: the sum's noise must not depend on who refused.
+
+    def refusal(reason: str, ledgers: Sequence[PrivacyLedger]) -> FitOutcome:
+        """A refused round still sends its noise shares, with zero signal and zero counts.
+
+        The sum's noise must not depend on who refused.
+        """
         zeros = [np.zeros(np.shape(w), dtype=np.float64) for w in weights]
-        noise_only = NoiseInput(share.own_variance, rng)
-        share_only = query.prepare(zeros, records=0, server_round=server_round, noise=noise_only)
-        spent_here = run_epsilon(PrivacyLedger.all(data.state_dir), run_id, delta=delta, neighbouring=relation)
-        why = f"{data.name} refused round {server_round}: {mismatch}"
+        share_only = query.prepare(
+            zeros, records=0, server_round=server_round, noise=NoiseInput(share.own_variance, rng)
+        )
         counts_only = secure_counts(
             data,
             None,
@@ -557,7 +560,11 @@ def fit_distributed_round(
         )
         vector = [*share_only.vector, *([counts_only.floats] if counts_only is not None else [])]
         extra = counts_only.metrics if counts_only is not None else {}
-        return FitOutcome(vector, share_only.weight, {**base, **extra, "epsilon": spent_here, "refused": why})
+        spent_here = run_epsilon(ledgers, run_id, delta=delta, neighbouring=relation)
+        return FitOutcome(vector, share_only.weight, {**base, **extra, "epsilon": spent_here, "refused": reason})
+
+    if (mismatch := schema_problem(data, settings)) is not None:  # before any model is built
+        return refusal(f"{data.name} refused round {server_round}: {mismatch}", PrivacyLedger.all(data.state_dir))
     with PrivacyLedger.locked(data.state_dir, data.fingerprint) as ledger:  # check, train, record
         entry = LedgerEntry(
             run_id=run_id,
@@ -607,26 +614,9 @@ def fit_distributed_round(
             )
         else:
             reason = policy_or_budget_reason(data.name, server_round, violations, after=after, budget=budget)
-        noise = NoiseInput(share.own_variance, rng)
         if reason is not None:
-            zeros = [np.zeros(np.shape(w), dtype=np.float64) for w in weights]
-            refusal = query.prepare(zeros, records=0, server_round=server_round, noise=noise)
-            spent_here = run_epsilon(ledgers, run_id, delta=delta, neighbouring=relation)
-            # Its counts' noise share still goes, with zero counts: the sum's noise must not depend on who refused.
-            counts_share = secure_counts(
-                data,
-                None,
-                settings,
-                server_round=server_round,
-                run_id=run_id,
-                spent=[],
-                weight=refusal.weight,
-                secure_aggregation=secure_aggregation,
-                secure_round=(sample, threshold),
-            )
-            vector = [*refusal.vector, *([counts_share.floats] if counts_share is not None else [])]
-            extra = counts_share.metrics if counts_share is not None else {}
-            return FitOutcome(vector, refusal.weight, {**base, **extra, "epsilon": spent_here, "refused": reason})
+            return refusal(reason, ledgers)
+        noise = NoiseInput(share.own_variance, rng)
         evaluated = _received_model(data, settings, weights, server_round)  # the received model, scored before the step
         model = _model_with(data, settings, weights)
         gradient_sum, _ = clipped_gradient_sum(

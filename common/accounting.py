@@ -648,8 +648,8 @@ def calibrate_skellam_noise(
     if problems:
         raise ConfigError(" ".join(problems))
 
-    def epsilon_of(sigma: float) -> float:
-        event = skellam_event(
+    def event_of(sigma: float) -> SkellamEvent:
+        return skellam_event(
             noise_multiplier=sigma,
             sample_rate=sample_rate,
             steps=steps,
@@ -657,21 +657,13 @@ def calibrate_skellam_noise(
             max_grad_norm=max_grad_norm,
             dim_padded=dim_padded,
         )
-        return epsilon_spent([event], delta=delta, neighbouring=neighbouring)
+
+    def epsilon_of(sigma: float) -> float:
+        return epsilon_spent([event_of(sigma)], delta=delta, neighbouring=neighbouring)
 
     if alongside:
         return _calibrate_alongside(
-            lambda sigma: [
-                skellam_event(
-                    noise_multiplier=sigma,
-                    sample_rate=sample_rate,
-                    steps=steps,
-                    scale=scale,
-                    max_grad_norm=max_grad_norm,
-                    dim_padded=dim_padded,
-                ),
-                *alongside,
-            ],
+            lambda sigma: [event_of(sigma), *alongside],
             target_epsilon=target_epsilon,
             delta=delta,
             neighbouring=neighbouring,
