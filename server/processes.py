@@ -378,39 +378,48 @@ def drive_run(fed: Federation, *, verbose: bool, say: Callable[[str], None], war
 
     signal.signal(signal.SIGTERM, interrupted)
     argv = [executable("flwr"), "run", str(fed.app_dir), "fedsilo", "--stream"]
+    # Unbuffered: Flower prints the stream with print(), which a pipe would hold back in blocks.
+    env = {**flower_env(fed.flwr_home), "PYTHONUNBUFFERED": "1"}
     run_id = None
-    with subprocess.Popen(
-        argv,
-        cwd=fed.root,
-        env=flower_env(fed.flwr_home),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=die_with_parent(),
-    ) as flower:
-        assert flower.stdout is not None
-        try:
-            shown = ""
-            for line in flower.stdout:
-                if run_id is None and (started := re.search(r"Successfully started run (\d+)", line)):
-                    run_id = started.group(1)
-                if verbose:
-                    sys.stdout.write(line)
-                elif "[fedsilo]" in line or "ERROR" in line:
-                    text = line.split("[fedsilo] ")[-1]
-                    if text != shown:  # Flower logs each line through two handlers
-                        sys.stdout.write(text)
-                    shown = text
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            stop_process(flower, timeout=5)
-            # The stream is only a view: the run itself goes on until stopped. A Ctrl-C can come
-            # before the stream has shown the run's id; the caller holds the federation's run
-            # lock (``run_slot``), so the runs active on the SuperLink then are its own.
+    try:
+        with subprocess.Popen(
+            argv,
+            cwd=fed.root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            preexec_fn=die_with_parent(),
+        ) as flower:
+            assert flower.stdout is not None
             try:
-                for active in [run_id] if run_id is not None else active_runs(fed):
-                    stop_run(fed, active, timeout=60)
-                    say(f"stopped Flower run {active}")
-            except FedsiloError as err:
-                warn(str(err))
-            raise
+                shown = ""
+                for line in flower.stdout:
+                    if run_id is None and (started := re.search(r"Successfully started run (\d+)", line)):
+                        run_id = started.group(1)
+                    if verbose:
+                        sys.stdout.write(line)
+                    elif "[fedsilo]" in line or "ERROR" in line:
+                        text = line.split("[fedsilo] ")[-1]
+                        if text != shown:  # Flower logs each line through two handlers
+                            sys.stdout.write(text)
+                        shown = text
+                    sys.stdout.flush()
+            except KeyboardInterrupt:
+                stop_process(flower, timeout=5)
+                raise
+    except KeyboardInterrupt:
+        # Wherever the Ctrl-C came (streaming, or waiting for the stream's process to end), the
+        # stream is only a view: the run itself goes on until stopped. It can come before the
+        # stream has shown the run's id; the caller holds the federation's run lock (``run_slot``),
+        # so the runs active on the SuperLink then are its own.
+        try:
+            active = [run_id] if run_id is not None else active_runs(fed)
+            for each in active:
+                stop_run(fed, each, timeout=60)
+                say(f"stopped Flower run {each}")
+            if not active:
+                say("no Flower run was active on the SuperLink")
+        except FedsiloError as err:
+            warn(str(err))
+        raise

@@ -373,6 +373,8 @@ def test_ctrl_c_on_run_stops_the_flower_run_and_one_run_drives_at_a_time(deploym
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
     first = procs.start("interrupted-run", [server, "run", str(fed), "--rounds", "50"], env=env, ctrl_c=True)
     wait_for("the run to start", lambda: bool(active_runs(federation)), 120)
+    # Its progress streams as it comes (not held back in a pipe's buffer), and it is mid-run.
+    wait_for("the run's first round", lambda: "round 1/50" in procs.log("interrupted-run"), 180)
     second = cli(server, "run", str(fed), "--rounds", "1")
     assert second.returncode == 2 and "is driving a run" in second.stdout, second.stdout + second.stderr
     first.send_signal(signal.SIGINT)  # what Ctrl-C sends
@@ -382,8 +384,9 @@ def test_ctrl_c_on_run_stops_the_flower_run_and_one_run_drives_at_a_time(deploym
         first.send_signal(signal.SIGABRT)
         time.sleep(2)
         raise AssertionError("run did not exit after Ctrl-C:\n" + procs.log("interrupted-run")) from None
-    assert first.returncode == 130, procs.log("interrupted-run")
-    assert "stopped Flower run" in procs.log("interrupted-run") and "--resume" in procs.log("interrupted-run")
+    log = procs.log("interrupted-run")
+    assert first.returncode == 130, log
+    assert "stopped Flower run" in log and "--resume" in log, log + "\nSuperLink:\n" + procs.log("server")[-3000:]
     wait_for("the Flower run to stop", lambda: not active_runs(federation), 60)
 
 
