@@ -15,6 +15,9 @@ was the coordinator's largest cost (about 10 s a round at 50 institutions). The
 coordinator receives the same shares as before and recovers the same secrets:
 nothing about what it learns changes.
 
+A node that drops out or refuses before sharing its keys leaves the round to the others
+(Flower would halt the round at unmasking; ``share_keys_stage``).
+
 After unmasking it warns in the run log when the aggregate comes near SecAgg+'s
 clipping range (``fedsilo.server.aggregation.clipping_warning``): the institutions keep
 their weights inside it, which Flower would otherwise clip without a word.
@@ -83,6 +86,19 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
             return super().setup_stage(grid, context, state)
         finally:
             self.num_shares = configured
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        if not super().share_keys_stage(grid, context, state):
+            return False
+        # Flower 1.41 keeps every node it sent the setup to in ``sampled_node_ids``, and its
+        # unmask stage then asks for the secrets of each one not active by then, also of a node
+        # that dropped out (or refused) before sharing its keys: no one holds shares of it, so
+        # the round halted ("Not enough shares to recover secret"), and every institution would
+        # refuse to reveal secrets of a node that never shared keys with it. From here on the
+        # round is the nodes that shared their keys; one that drops out later is recovered as
+        # SecAgg+ intends.
+        state.sampled_node_ids = set(state.active_node_ids)
+        return True
 
     def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         if not super().collect_masked_vectors_stage(grid, context, state):

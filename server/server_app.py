@@ -119,7 +119,7 @@ def build_server_app(
         first_round = directory.last_round + 1
         log(INFO, "[fedsilo] run directory %s, rounds %s to %s", directory.path, first_round, settings.rounds)
         started = time.monotonic()
-        ResumableWorkflow(fit_workflow, first_round=first_round)(grid, legacy)
+        ResumableWorkflow(fit_workflow, first_round=first_round, reply_timeout=settings.secagg.timeout)(grid, legacy)
         coordinator.finish(time.monotonic() - started)
 
     return app

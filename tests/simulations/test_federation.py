@@ -21,7 +21,10 @@ import torch
 from fedsilo.common.accounting import DPSGDEvent, epsilon_spent
 from fedsilo.common.datasets import load_builtin
 from fedsilo.common.ledger import PrivacyLedger
-from tests.simulations.conftest import INSTITUTIONS, ROUNDS
+from fedsilo.common.settings import RunSettings
+from fedsilo.server.server_app import build_server_app
+from fedsilo.simulations.runner import run_federation
+from tests.simulations.conftest import INSTITUTIONS, ROUNDS, SpyStrategy
 
 pytestmark = pytest.mark.simulation
 
@@ -148,3 +151,37 @@ def test_institutions_leave_by_their_own_policy_while_the_federation_goes_on(run
         ("2", "2"),
     ]
     assert all(0 < float(r["accuracy"]) <= 1 for r in rows)  # hospital-4 withholds its metrics; the others report
+
+
+def drops_out_at_the_setup(msg: Any, ctx: Any, call_next: Any) -> Any:
+    """hospital-2 (partition 1) fails every SecAgg+ setup, as a refusing or crashed institution does."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    if int(ctx.node_config["partition-id"]) == 1 and configs is not None and configs.get(Key.STAGE) == Stage.SETUP:
+        raise RuntimeError("hospital-2 drops out at the SecAgg+ setup")
+    return call_next(msg, ctx)
+
+
+def test_an_institution_that_drops_out_at_the_secagg_setup_leaves_the_round_to_the_others(tmp_path: Path) -> None:
+    # Prepare: four hospitals, hospital-2 failing every SecAgg+ setup. Flower 1.41 asked, at unmasking,
+    # for the secrets of the node that never shared keys: no one held them, so the round halted
+    # ("Not enough shares to recover secret"), and each institution would refuse to reveal them.
+    from flwr.clientapp import ClientApp
+
+    from fedsilo.client.client_app import client_fn
+    from fedsilo.client.mods import secure_aggregation_mod
+
+    client_app = ClientApp(client_fn=client_fn, mods=[drops_out_at_the_setup, secure_aggregation_mod])
+    settings = RunSettings().with_overrides({"num-server-rounds": 2, "seed": 7, "out-dir": str(tmp_path)})
+    SpyStrategy.seen = []
+    # Execute
+    report = run_federation(
+        settings, institutions=4, server_app=build_server_app(strategy_cls=SpyStrategy), client_app=client_app
+    )
+    # Assert: both rounds were unmasked from the three others (hospital-2 never replied, so it is not in the report)
+    assert [len(replies) for replies in SpyStrategy.seen] == [3, 3]
+    assert report["rounds_completed"] == 2 and [r["institutions_trained"] for r in report["rounds"]] == [3, 3]
+    by_name = {i["name"]: i for i in report["institutions"]}
+    assert sorted(by_name) == ["hospital-1", "hospital-3", "hospital-4"]
+    assert all([e["round"] for e in by_name[name]["ledger"]] == [1, 2] for name in by_name)
