@@ -456,11 +456,15 @@ def subsampled_rdp(orders: Iterable[int], rdp_of: Callable[[int], float], sample
     (``phi(1/X) = -phi(X)/X``), so it is ``>= 0`` on ``[1/X, 1]``. The same argument as
     Mironov, Talwar and Zhang's for the sampled Gaussian ("Renyi Differential Privacy of
     the Sampled Gaussian Mechanism", 2019, whose integer-order formula this is when
-    ``eps(l) = l / (2 sigma^2)``; tested against Opacus's), and Zhu and Wang's exact
-    formula for symmetric mechanisms ("Poisson Subsampled Renyi Differential Privacy",
-    ICML 2019). Their general bound, for any mechanism, multiplies the terms ``l >= 3``
-    by 3 (what fedsilo used before: 1.3x the Gaussian's noise at ``q = 0.034``); it is not
-    needed here. Tested by exact enumeration of the subsampled Skellam in both directions.
+    ``eps(l) = l / (2 sigma^2)``; tested against Opacus's). Zhu and Wang ("Poisson
+    Subsampled Renyi Differential Privacy", ICML 2019) give this formula as a lower bound
+    for any mechanism, exact for the Gaussian and Laplace mechanisms and tight under the
+    conditions of their Thm. 8; their general upper bound, for any mechanism, multiplies
+    the terms ``l >= 3`` by 3 (what fedsilo used before: 1.3x the Gaussian's noise at
+    ``q = 0.034``), which the argument above makes unnecessary here. Tested by exact
+    enumeration of the subsampled Skellam in both directions. The argument covers the
+    Skellam sum as ``fedsilo.common.distributed_dp.encode`` builds it except for a share
+    clamped at SecAgg+'s range, which ``MAX_OUT_OF_RANGE`` makes negligible (see there).
     """
     import numpy as np
     from scipy.special import gammaln, logsumexp

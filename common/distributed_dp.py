@@ -58,8 +58,15 @@ _MAX_BITS = 62
 
 # The largest chance of a noise share leaving SecAgg+'s range that an institution accepts
 # (fedsilo.client.institution refuses a round above it; tests/common/test_distributed_settings.py
-# checks the two agree). The default sample rate keeps under it.
-MAX_OUT_OF_RANGE = 1e-12
+# checks the two agree). The default sample rate keeps under it. A clamped value is the one
+# step that is not a shift of the Skellam sum, so the accounting holds for the mechanism
+# without it; the two differ with at most this chance a round, which adds at most
+# rounds * MAX_OUT_OF_RANGE * (1 + e^epsilon) to delta (the total-variation argument):
+# under 1e-16 for a million rounds at epsilon 18. (At 1e-12, as before, up to 6e-6 for 2,048
+# rounds at epsilon 8: not negligible against delta 1e-5.) The headroom it costs is small: the
+# Skellam tail falls as exp(-t^2 / (2 Lam)), so 1e-30 needs about 1.6x the standard deviations
+# of 1e-12 inside the 2^(b-2) a share has, about two-thirds of a bit.
+MAX_OUT_OF_RANGE = 1e-30
 
 
 def padded_dimension(dim: int) -> int:
