@@ -493,7 +493,7 @@ def distributed_sample_rate(
 
     For the Gaussian, ``sigma(q) / q`` falls as ``q`` grows (subsampling amplifies
     privacy at best linearly in ``q``), and the Skellam accounting keeps that order (it
-    costs 1.09-1.11x the Gaussian's PLD noise at every rate): for epsilon 0.5-8 and
+    costs 1.08-1.11x the Gaussian's PLD noise at every rate): for epsilon 0.5-8 and
     8-2,048 rounds the choice is 1 (every record every round, so a round costs an epoch
     of gradients) where the range allows it (at epsilon 2, up to 4,096 rotated
     coordinates over 256 rounds), else the largest rate that fits (``sigma(q) / q`` is

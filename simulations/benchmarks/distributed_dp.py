@@ -36,7 +36,7 @@ Agarwal et al. Cor. 3.6 under the binomial Poisson-subsampling bound of
 needs for the same sample rate, steps and epsilon
 (``fedsilo.common.accounting.calibrate_noise``), their ratio, and the epsilon the Skellam
 accountant charges for the Gaussian's noise: the price of sound accounting for the Skellam
-mechanism, 1.09-1.11x at every sample rate (the RDP-to-(epsilon, delta) conversion and the
+mechanism, 1.08-1.11x at every sample rate (the RDP-to-(epsilon, delta) conversion and the
 rounding's 3%).
 
 A benchmark: it prints figures and writes JSON; it never fails on an accuracy or a time.
