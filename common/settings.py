@@ -20,6 +20,7 @@ policy files) are coerced once (``coerce``) and their keys checked once
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -503,11 +504,10 @@ def distributed_sample_rate(
     from fedsilo.common.accounting import calibrate_skellam_noise
 
     scale = ddp.scale_for(dim_padded=1, max_grad_norm=1.0)
-    sigmas: dict[float, float] = {}
-
-    def noise_per_record(q: float) -> float:
-        try:
-            sigma = calibrate_skellam_noise(
+    sigmas: dict[float, float] = {}  # the calibrated candidates: a rate no noise brings to the target is left out
+    for q in DISTRIBUTED_SAMPLE_RATES:
+        with contextlib.suppress(ConfigError):  # if none calibrates, the plan says so
+            sigmas[q] = calibrate_skellam_noise(
                 target_epsilon=target_epsilon,
                 delta=delta,
                 sample_rate=q,
@@ -518,20 +518,15 @@ def distributed_sample_rate(
                 neighbouring=neighbouring,
                 alongside=alongside,
             )
-        except ConfigError:  # no noise reaches the target at this rate: never chosen (if none does, the plan says so)
-            return math.inf
-        sigmas[q] = sigma
-        return sigma / q
+    if not sigmas:
+        return DISTRIBUTED_SAMPLE_RATES[0]
 
     def fits(q: float) -> bool:
         own = (ddp.scale_for(dim_padded=dim_padded, max_grad_norm=1.0) * sigmas[q]) ** 2  # (s sigma C)^2
         return ddp.out_of_range_probability(variance=own, bits=bits, dim_padded=dim_padded) <= ddp.MAX_OUT_OF_RANGE
 
-    ranked = sorted(DISTRIBUTED_SAMPLE_RATES, key=lambda q: (noise_per_record(q), -q))
-    calibrated = [q for q in ranked if q in sigmas]
-    if not calibrated:
-        return ranked[0]
-    return next((q for q in calibrated if fits(q)), min(calibrated, key=lambda q: sigmas[q]))
+    ranked = sorted(sigmas, key=lambda q: (sigmas[q] / q, -q))  # least noise per expected record first
+    return next((q for q in ranked if fits(q)), min(ranked, key=sigmas.__getitem__))
 
 
 def config_keys(cls: type[Proposal]) -> tuple[str, ...]:
